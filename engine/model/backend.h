@@ -1,0 +1,54 @@
+// The compute interface the Llama decoder is written against.
+//
+// A backend executes the decoder's operators on buffers it understands. The
+// CPU backend works on host fp32 buffers; a CUDA backend implements the same
+// calls on device buffers. The model (llama_model.cc) only sequences calls.
+//
+// Shapes: activations [n_tokens, width] row-major; weights [out, in].
+// Thread safety: a backend instance is used by one forward pass at a time.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "engine/model/config.h"
+#include "engine/model/weights.h"
+
+namespace nibble {
+
+class ThreadPool;
+
+// Attention over a contiguous per-layer KV cache.
+struct AttentionArgs {
+  const float* q;        // [n_tokens, n_heads * head_dim], RoPE applied
+  const float* k_cache;  // [>= pos0 + n_tokens, kv_dim] for this layer
+  const float* v_cache;  // same layout as k_cache
+  float* out;            // [n_tokens, n_heads * head_dim]
+  int n_tokens;
+  int pos0;              // position of the first query token
+  int n_heads, n_kv_heads, head_dim;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual int n_threads() const = 0;
+
+  // y = x W^T for n_tokens rows of x.
+  virtual void MatMul(const HostTensor& w, const float* x, int n_tokens, float* y) = 0;
+  // Row-wise RMSNorm of n_tokens rows of width dim.
+  virtual void RmsNorm(const float* x, const float* weight, int n_tokens, int dim, float eps, float* out) = 0;
+  // RoPE on n_tokens rows, row t at position pos0 + t, n_heads heads per row.
+  virtual void Rope(float* x, int n_tokens, int pos0, int n_heads, const ModelConfig& c) = 0;
+  // Causal attention of the query rows over cache positions [0, pos0 + t].
+  virtual void Attention(const AttentionArgs& a) = 0;
+  // gate = silu(gate) * up, element-wise over n values.
+  virtual void SwiGLU(float* gate, const float* up, int64_t n) = 0;
+};
+
+// The fp32 CPU backend (kernels/cpu), multi-threaded over n_threads (<= 0: all cores).
+std::unique_ptr<Backend> MakeCpuBackend(int n_threads);
+
+}  // namespace nibble

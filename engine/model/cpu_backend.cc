@@ -1,0 +1,75 @@
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "engine/model/backend.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace nibble {
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int n_threads) : pool_(n_threads) {}
+
+  std::string name() const override { return std::string("cpu-") + cpu::ActiveIsa(); }
+  int n_threads() const override { return pool_.size(); }
+
+  void MatMul(const HostTensor& w, const float* x, int n_tokens, float* y) override {
+    cpu::MatMulF32(w.data.data(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
+  }
+
+  void RmsNorm(const float* x, const float* weight, int n_tokens, int dim, float eps, float* out) override {
+    for (int t = 0; t < n_tokens; ++t) cpu::RmsNorm(x + int64_t{t} * dim, weight, dim, eps, out + int64_t{t} * dim);
+  }
+
+  void Rope(float* x, int n_tokens, int pos0, int n_heads, const ModelConfig& c) override {
+    const int64_t width = int64_t{n_heads} * c.head_dim;
+    for (int t = 0; t < n_tokens; ++t)
+      cpu::Rope(x + t * width, n_heads, c.head_dim, c.rope_dim, pos0 + t, c.rope_theta, c.rope_style);
+  }
+
+  void Attention(const AttentionArgs& a) override {
+    const int total = a.pos0 + a.n_tokens;
+    if (static_cast<int>(scores_.size()) < pool_.size() * total) scores_.resize(size_t(pool_.size()) * total);
+    const int group = a.n_heads / a.n_kv_heads;
+    const int64_t q_width = int64_t{a.n_heads} * a.head_dim;
+    const int64_t kv_width = int64_t{a.n_kv_heads} * a.head_dim;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(a.head_dim));
+    const int64_t work = int64_t{a.n_tokens} * a.n_heads;
+    pool_.ParallelFor(work, 1, [&](int thread, int64_t b, int64_t e) {
+      float* att = scores_.data() + int64_t{thread} * total;
+      for (int64_t i = b; i < e; ++i) {
+        const int t = static_cast<int>(i / a.n_heads), h = static_cast<int>(i % a.n_heads);
+        const int kvh = h / group;
+        const int n_keys = a.pos0 + t + 1;
+        const float* q = a.q + t * q_width + int64_t{h} * a.head_dim;
+        for (int p = 0; p < n_keys; ++p)
+          att[p] = cpu::DotF32(q, a.k_cache + p * kv_width + int64_t{kvh} * a.head_dim, a.head_dim) * scale;
+        cpu::Softmax(att, n_keys);
+        float* o = a.out + t * q_width + int64_t{h} * a.head_dim;
+        std::fill(o, o + a.head_dim, 0.0f);
+        for (int p = 0; p < n_keys; ++p) {
+          const float* v = a.v_cache + p * kv_width + int64_t{kvh} * a.head_dim;
+          const float w = att[p];
+          for (int d = 0; d < a.head_dim; ++d) o[d] += w * v[d];
+        }
+      }
+    });
+  }
+
+  void SwiGLU(float* gate, const float* up, int64_t n) override {
+    pool_.ParallelFor(n, 1024, [&](int, int64_t b, int64_t e) { cpu::SwiGLU(gate + b, up + b, e - b); });
+  }
+
+ private:
+  ThreadPool pool_;
+  std::vector<float> scores_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> MakeCpuBackend(int n_threads) { return std::make_unique<CpuBackend>(n_threads); }
+
+}  // namespace nibble

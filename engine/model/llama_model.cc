@@ -1,0 +1,113 @@
+#include "engine/model/llama_model.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace nibble {
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(LoadedModel model, int n_threads) {
+  if (auto s = model.config.Validate(model.source_path); !s.ok()) return s;
+  if (auto s = model.weights.Validate(model.config, model.source_path); !s.ok()) return s;
+  auto backend = MakeCpuBackend(n_threads);
+  return std::unique_ptr<LlamaModel>(new LlamaModel(std::move(model), std::move(backend)));
+}
+
+LlamaModel::LlamaModel(LoadedModel m, std::unique_ptr<Backend> backend)
+    : m_(std::move(m)), backend_(std::move(backend)) {}
+
+std::unique_ptr<KVCache> LlamaModel::NewKVCache(int capacity) const {
+  if (capacity <= 0) capacity = m_.config.max_seq_len;
+  return std::make_unique<KVCache>(m_.config, capacity);
+}
+
+void LlamaModel::EnsureScratch(int n) {
+  if (n <= scratch_tokens_) return;
+  const ModelConfig& c = m_.config;
+  const size_t t = static_cast<size_t>(n);
+  x_.resize(t * c.dim);
+  xb_.resize(t * std::max(c.dim, c.q_dim()));
+  q_.resize(t * c.q_dim());
+  k_.resize(t * c.kv_dim());
+  v_.resize(t * c.kv_dim());
+  att_.resize(t * c.q_dim());
+  h1_.resize(t * c.hidden_dim);
+  h3_.resize(t * c.hidden_dim);
+  scratch_tokens_ = n;
+}
+
+absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, int pos, KVCache* cache,
+                                 std::span<float> logits, bool all_logits) {
+  const ModelConfig& c = m_.config;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n == 0) return absl::InvalidArgumentError("Forward: no tokens");
+  if (pos < 0 || pos + n > cache->capacity()) {
+    return absl::OutOfRangeError(absl::StrCat("Forward: positions [", pos, ", ", pos + n,
+                                              ") exceed the KV cache capacity ", cache->capacity()));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
+      return absl::InvalidArgumentError(absl::StrCat("Forward: token id ", tokens[i], " at index ", i,
+                                                     " is outside the vocabulary [0, ", c.vocab_size, ")"));
+  }
+  const size_t need = static_cast<size_t>(all_logits ? n : 1) * c.vocab_size;
+  if (logits.size() < need)
+    return absl::InvalidArgumentError(absl::StrCat("Forward: logits buffer holds ", logits.size(),
+                                                   " floats, need ", need));
+  for (int64_t b = 0; b < n; b += kMaxBatch) {
+    const int len = static_cast<int>(std::min<int64_t>(kMaxBatch, n - b));
+    const bool last_chunk = b + len == n;
+    float* out = all_logits ? logits.data() + b * c.vocab_size : (last_chunk ? logits.data() : nullptr);
+    ForwardBatch(tokens.data() + b, len, pos + static_cast<int>(b), cache, out, all_logits);
+  }
+  return absl::OkStatus();
+}
+
+void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* cache, float* logits,
+                              bool all_logits) {
+  const ModelConfig& c = m_.config;
+  const ModelWeights& w = m_.weights;
+  Backend& be = *backend_;
+  EnsureScratch(n);
+  const int dim = c.dim, qd = c.q_dim(), kvd = c.kv_dim(), hid = c.hidden_dim;
+
+  for (int t = 0; t < n; ++t)
+    std::memcpy(&x_[size_t(t) * dim], &w.tok_embeddings.data[size_t(tokens[t]) * dim], dim * sizeof(float));
+
+  for (int l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& lw = w.layers[l];
+    // Attention block.
+    be.RmsNorm(x_.data(), lw.attn_norm.data.data(), n, dim, c.norm_eps, xb_.data());
+    be.MatMul(lw.wq, xb_.data(), n, q_.data());
+    be.MatMul(lw.wk, xb_.data(), n, k_.data());
+    be.MatMul(lw.wv, xb_.data(), n, v_.data());
+    be.Rope(q_.data(), n, pos, c.n_heads, c);
+    be.Rope(k_.data(), n, pos, c.n_kv_heads, c);
+    float* kc = cache->k(l);
+    float* vc = cache->v(l);
+    std::memcpy(kc + size_t(pos) * kvd, k_.data(), size_t(n) * kvd * sizeof(float));
+    std::memcpy(vc + size_t(pos) * kvd, v_.data(), size_t(n) * kvd * sizeof(float));
+    be.Attention({q_.data(), kc, vc, att_.data(), n, pos, c.n_heads, c.n_kv_heads, c.head_dim});
+    be.MatMul(lw.wo, att_.data(), n, xb_.data());
+    for (size_t i = 0; i < size_t(n) * dim; ++i) x_[i] += xb_[i];
+    // Feed-forward block.
+    be.RmsNorm(x_.data(), lw.ffn_norm.data.data(), n, dim, c.norm_eps, xb_.data());
+    be.MatMul(lw.w_gate, xb_.data(), n, h1_.data());
+    be.MatMul(lw.w_up, xb_.data(), n, h3_.data());
+    be.SwiGLU(h1_.data(), h3_.data(), int64_t{n} * hid);
+    be.MatMul(lw.w_down, h1_.data(), n, xb_.data());
+    for (size_t i = 0; i < size_t(n) * dim; ++i) x_[i] += xb_[i];
+  }
+  if (logits == nullptr) return;
+  const HostTensor& head = c.tied_embeddings ? w.tok_embeddings : w.output;
+  if (all_logits) {
+    be.RmsNorm(x_.data(), w.final_norm.data.data(), n, dim, c.norm_eps, xb_.data());
+    be.MatMul(head, xb_.data(), n, logits);
+  } else {
+    be.RmsNorm(x_.data() + size_t(n - 1) * dim, w.final_norm.data.data(), 1, dim, c.norm_eps, xb_.data());
+    be.MatMul(head, xb_.data(), 1, logits);
+  }
+}
+
+}  // namespace nibble

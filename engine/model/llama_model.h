@@ -1,0 +1,54 @@
+// The Llama-family decoder (Llama 1/2/3, SmolLM, TinyLlama, llama2.c models):
+// RMSNorm, RoPE (interleaved or rotate-half), grouped-query attention, SwiGLU
+// FFN, tied or separate output head. Written once against Backend.
+//
+// Thread safety: Forward() uses per-model scratch buffers and must not be
+// called concurrently on one LlamaModel. Read-only accessors are safe.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model/backend.h"
+#include "engine/model/kv_cache.h"
+#include "engine/model/loaded_model.h"
+
+namespace nibble {
+
+class LlamaModel {
+ public:
+  // Takes ownership of the loaded weights. n_threads <= 0 uses every core.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Create(LoadedModel model, int n_threads = 0);
+
+  const ModelConfig& config() const { return m_.config; }
+  const LoadedModel& loaded() const { return m_; }
+  Backend& backend() { return *backend_; }
+
+  // A cache for one sequence of up to `capacity` tokens (<= max_seq_len by default).
+  std::unique_ptr<KVCache> NewKVCache(int capacity = 0) const;
+
+  // Runs tokens at positions [pos, pos + tokens.size()); the cache must hold
+  // positions [0, pos). Writes vocab_size logits for the last token into
+  // `logits`, or tokens.size() * vocab_size (row per token) if all_logits.
+  // Errors: OUT_OF_RANGE past the cache, INVALID_ARGUMENT for a bad token id.
+  absl::Status Forward(std::span<const int32_t> tokens, int pos, KVCache* cache, std::span<float> logits,
+                       bool all_logits = false);
+
+  // Largest number of tokens evaluated in one batch (prefill is chunked).
+  static constexpr int kMaxBatch = 256;
+
+ private:
+  LlamaModel(LoadedModel m, std::unique_ptr<Backend> backend);
+  void EnsureScratch(int n);
+  void ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* cache, float* logits, bool all_logits);
+
+  LoadedModel m_;
+  std::unique_ptr<Backend> backend_;
+  int scratch_tokens_ = 0;
+  std::vector<float> x_, xb_, q_, k_, v_, att_, h1_, h3_, last_;
+};
+
+}  // namespace nibble

@@ -1,0 +1,51 @@
+#include "engine/model/weights.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/model/config.h"
+
+namespace nibble {
+namespace {
+
+absl::Status Expect(const HostTensor& t, std::vector<int64_t> shape, const std::string& source,
+                    const std::string& what) {
+  if (t.shape != shape || t.data.size() != static_cast<size_t>(t.numel())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": tensor ", t.name.empty() ? what : t.name, " has shape [", absl::StrJoin(t.shape, ", "),
+        "] (", t.data.size(), " values), expected [", absl::StrJoin(shape, ", "), "]"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ModelWeights::Validate(const ModelConfig& c, const std::string& source) const {
+  const int64_t dim = c.dim, hid = c.hidden_dim, q = c.q_dim(), kv = c.kv_dim(), vocab = c.vocab_size;
+  if (auto s = Expect(tok_embeddings, {vocab, dim}, source, "token_embd"); !s.ok()) return s;
+  if (auto s = Expect(final_norm, {dim}, source, "output_norm"); !s.ok()) return s;
+  if (!c.tied_embeddings) {
+    if (auto s = Expect(output, {vocab, dim}, source, "output"); !s.ok()) return s;
+  }
+  if (layers.size() != static_cast<size_t>(c.n_layers)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": has ", layers.size(), " layers, config says ", c.n_layers));
+  }
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const LayerWeights& l = layers[i];
+    const std::string p = absl::StrCat("layer ", i, " ");
+    for (auto [t, shape, n] : {std::tuple{&l.attn_norm, std::vector<int64_t>{dim}, "attn_norm"},
+                               std::tuple{&l.ffn_norm, std::vector<int64_t>{dim}, "ffn_norm"},
+                               std::tuple{&l.wq, std::vector<int64_t>{q, dim}, "wq"},
+                               std::tuple{&l.wk, std::vector<int64_t>{kv, dim}, "wk"},
+                               std::tuple{&l.wv, std::vector<int64_t>{kv, dim}, "wv"},
+                               std::tuple{&l.wo, std::vector<int64_t>{dim, q}, "wo"},
+                               std::tuple{&l.w_gate, std::vector<int64_t>{hid, dim}, "w_gate"},
+                               std::tuple{&l.w_up, std::vector<int64_t>{hid, dim}, "w_up"},
+                               std::tuple{&l.w_down, std::vector<int64_t>{dim, hid}, "w_down"}}) {
+      if (auto s = Expect(*t, shape, source, p + n); !s.ok()) return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace nibble

@@ -1,0 +1,51 @@
+// fp32 CPU operators of the Llama decoder: the reference path.
+//
+// Each op has a scalar `*Ref` version that defines its numerics; optimized
+// variants (AVX2 / AVX-512, chosen at run time) must agree with it within the
+// tolerances named in ops_test.cc. Shapes: activations are [n_tokens, width]
+// row-major; weights [out, in] row-major (y = W x).
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+#include "kernels/common/rope_style.h"
+
+namespace nibble {
+
+class ThreadPool;
+
+namespace cpu {
+
+// y[t, r] = sum_c w[r, c] * x[t, c]   for t < n_tokens, r < rows.
+// Parallel over rows on `pool` (may be null for single-threaded).
+void MatMulF32(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+               ThreadPool* pool);
+void MatMulF32Ref(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y);
+
+// Dot product of two fp32 vectors (dispatched).
+float DotF32(const float* a, const float* b, int64_t n);
+
+// out = x * rsqrt(mean(x^2) + eps) * weight, one row of n values (out may alias x).
+void RmsNorm(const float* x, const float* weight, int64_t n, float eps, float* out);
+
+// Rotates the first rope_dim dims of each of n_heads heads (stride head_dim) of
+// `v` for position `pos`, in the given pairing convention.
+void Rope(float* v, int n_heads, int head_dim, int rope_dim, int pos, float theta, RopeStyle style);
+
+// In-place softmax over n values (max-subtracted).
+void Softmax(float* x, int64_t n);
+
+// gate[i] = silu(gate[i]) * up[i].
+void SwiGLU(float* gate, const float* up, int64_t n);
+
+// Which SIMD level the dispatched kernels use: "avx512", "avx2" or "scalar".
+// NIBBLE_FORCE_ISA=scalar|avx2|avx512 in the environment caps it (for tests).
+const char* ActiveIsa();
+
+// Tests: run the dispatched kernels at `isa` ("scalar", "avx2", "avx512"; ""
+// restores the default). Returns false if this CPU lacks it.
+bool ForceIsaForTesting(std::string_view isa);
+
+}  // namespace cpu
+}  // namespace nibble

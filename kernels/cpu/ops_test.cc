@@ -1,0 +1,105 @@
+#include "kernels/cpu/ops.h"
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace nibble::cpu {
+namespace {
+
+// fp32 dot products of length n with values in [-1, 1]: reassociation error is
+// bounded by ~n * eps * sum|a_i b_i|; we allow that relative to the magnitude sum.
+constexpr float kF32AccumRel = 4 * 1.1920929e-07f;
+
+std::vector<float> Random(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+class IsaTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override {
+    if (!ForceIsaForTesting(GetParam())) GTEST_SKIP() << "CPU lacks " << GetParam();
+  }
+  void TearDown() override { ForceIsaForTesting(""); }
+};
+
+TEST_P(IsaTest, MatMulMatchesReferenceAtOddSizes) {
+  ThreadPool pool(2);
+  for (int rows : {1, 3, 17, 64, 129}) {
+    for (int cols : {1, 7, 16, 33, 172, 1025}) {
+      for (int tokens : {1, 3, 4, 9}) {
+        auto w = Random(size_t(rows) * cols, rows * 131 + cols);
+        auto x = Random(size_t(tokens) * cols, cols * 7 + tokens);
+        std::vector<float> y(size_t(tokens) * rows), ref(y.size());
+        MatMulF32(w.data(), rows, cols, x.data(), tokens, y.data(), &pool);
+        MatMulF32Ref(w.data(), rows, cols, x.data(), tokens, ref.data());
+        for (int t = 0; t < tokens; ++t) {
+          for (int r = 0; r < rows; ++r) {
+            float mag = 0;
+            for (int c = 0; c < cols; ++c) mag += std::fabs(w[size_t(r) * cols + c] * x[size_t(t) * cols + c]);
+            ASSERT_NEAR(y[size_t(t) * rows + r], ref[size_t(t) * rows + r], kF32AccumRel * cols * mag + 1e-30f)
+                << GetParam() << " rows=" << rows << " cols=" << cols << " tokens=" << tokens;
+          }
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, IsaTest, ::testing::Values("scalar", "avx2", "avx512"));
+
+TEST(OpsTest, RopeInterleavedRotatesAdjacentPairs) {
+  // Head of 4 dims at position 1, theta 10000: pair 0 rotates by 1 rad, pair 1 by 0.01 rad.
+  std::vector<float> v = {1, 0, 0, 1};
+  Rope(v.data(), 1, 4, 4, 1, 10000.0f, RopeStyle::kInterleaved);
+  EXPECT_NEAR(v[0], std::cos(1.0f), 1e-6);
+  EXPECT_NEAR(v[1], std::sin(1.0f), 1e-6);
+  EXPECT_NEAR(v[2], -std::sin(0.01f), 1e-6);
+  EXPECT_NEAR(v[3], std::cos(0.01f), 1e-6);
+}
+
+TEST(OpsTest, RopeHalfPairsIWithIPlusHalf) {
+  std::vector<float> v = {1, 0, 0, 1};  // pairs (0,2) and (1,3)
+  Rope(v.data(), 1, 4, 4, 1, 10000.0f, RopeStyle::kHalf);
+  EXPECT_NEAR(v[0], std::cos(1.0f), 1e-6);
+  EXPECT_NEAR(v[2], std::sin(1.0f), 1e-6);
+  EXPECT_NEAR(v[1], -std::sin(0.01f), 1e-6);
+  EXPECT_NEAR(v[3], std::cos(0.01f), 1e-6);
+}
+
+TEST(OpsTest, RmsNormSoftmaxSwiGLU) {
+  std::vector<float> x = {3, 4}, w = {1, 2}, out(2);
+  RmsNorm(x.data(), w.data(), 2, 0.0f, out.data());
+  const float inv = 1.0f / std::sqrt(12.5f);
+  EXPECT_NEAR(out[0], 3 * inv, 1e-6);
+  EXPECT_NEAR(out[1], 8 * inv, 1e-6);
+  std::vector<float> s = {-2.0f, -2.0f + std::log(3.0f)};
+  Softmax(s.data(), 2);
+  EXPECT_NEAR(s[0], 0.25, 1e-6);
+  EXPECT_NEAR(s[1], 0.75, 1e-6);
+  std::vector<float> g = {0, 2}, u = {5, 3};
+  SwiGLU(g.data(), u.data(), 2);
+  EXPECT_NEAR(g[0], 0, 1e-7);
+  EXPECT_NEAR(g[1], 2 / (1 + std::exp(-2.0f)) * 3, 1e-5);
+}
+
+TEST(ThreadPoolTest, ParallelForCoversRangeOnce) {
+  ThreadPool pool(2);
+  for (int64_t n : {1, 2, 15, 16, 17, 1000}) {
+    std::vector<int> hits(n, 0);
+    pool.ParallelFor(n, 4, [&](int, int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[i]++;
+    });
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i], 1) << "n=" << n << " i=" << i;
+  }
+}
+
+}  // namespace
+}  // namespace nibble::cpu

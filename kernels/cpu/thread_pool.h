@@ -1,0 +1,53 @@
+// A fixed-size pool of worker threads for data-parallel kernels.
+//
+// Goals: low-latency fork/join for the hundreds of small parallel regions a
+// decode step runs (workers spin briefly, then sleep on an atomic wait), no
+// allocation per region. Non-goals: task graphs, work stealing, nesting.
+//
+// Thread safety: ParallelFor may be called from one thread at a time (the
+// owner); calls must not nest.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <thread>
+#include <vector>
+
+namespace nibble {
+
+class ThreadPool {
+ public:
+  // n_threads <= 0 picks the number of hardware threads. The calling thread
+  // is one of the n_threads, so n_threads - 1 workers are started.
+  explicit ThreadPool(int n_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return n_threads_; }
+
+  // Calls fn(thread_index, begin, end) over [0, n) split into size() contiguous
+  // ranges (aligned to `grain` items so threads never share a cache line of
+  // output when grain is chosen for it). Returns when all ranges are done.
+  void ParallelFor(int64_t n, int64_t grain,
+                   const std::function<void(int thread, int64_t begin, int64_t end)>& fn);
+
+  // Calls fn(thread_index) once on every thread.
+  void RunOnAll(const std::function<void(int thread)>& fn);
+
+ private:
+  void WorkerLoop(int index);
+
+  int n_threads_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* job_ = nullptr;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
+};
+
+// Hardware threads available to this process (sched affinity aware).
+int DefaultThreadCount();
+
+}  // namespace nibble

@@ -1,0 +1,85 @@
+// End-to-end: the nibble-generate binary against llama2.c's published greedy
+// output for stories260K (../shared/models/stories260K/reference-greedy.txt,
+// produced by upstream run.c: -t 0 -n 256 -i "Once upon a time").
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "engine/runtime/engine.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace nibble {
+namespace {
+
+struct RunResult {
+  int exit_code;
+  std::string out;
+};
+
+RunResult Run(const std::string& cmd) {
+  RunResult r{-1, ""};
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  const int st = pclose(p);
+  r.exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+TEST(GenerateE2E, Stories260KGreedyMatchesLlama2c) {
+  const std::string model = testing::Stories260KModel(), tok = testing::Stories260KTokenizer();
+  std::string reference = ReadFile(testing::SharedDir() + "/models/stories260K/reference-greedy.txt");
+  ASSERT_FALSE(reference.empty());
+  // run.c ends its output with one "\n" of its own.
+  ASSERT_EQ(reference.back(), '\n');
+  reference.pop_back();
+
+  // run.c's 256 steps print 256 tokens after BOS: the prompt's pieces, then the rest.
+  auto engine = OpenEngine(model, {.tokenizer_path = tok}, 1);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto ids = engine->tokenizer->Encode("Once upon a time", {.add_bos = true});
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  ASSERT_EQ((*ids)[0], engine->tokenizer->bos_id());
+  const int n = 256 - (static_cast<int>(ids->size()) - 1);
+
+  for (int threads : {1, 2}) {
+    RunResult r = Run(testing::BinDir() + "/nibble-generate -m " + model + " --tokenizer " + tok +
+                      " -p \"Once upon a time\" --temp 0 -t " + std::to_string(threads) + " -n " +
+                      std::to_string(n) + " 2>/dev/null");
+    EXPECT_EQ(r.exit_code, 0);
+    EXPECT_EQ(r.out, reference) << "threads=" << threads;
+  }
+}
+
+TEST(GenerateE2E, BadInputsFailCleanly) {
+  const std::string tok = testing::Stories260KTokenizer();
+  // Missing model, missing tokenizer, wrong magic: non-zero exit, message names the path.
+  const std::string bogus = testing::WriteTempFile("bogus.bin", std::string(64, 'x'));
+  for (const std::string& args :
+       {std::string("-m /nonexistent/model.gguf -p hi"),
+        "-m " + testing::Stories260KModel() + " --tokenizer /nonexistent/tok.bin -p hi",
+        "-m " + bogus + " --tokenizer " + tok + " -p hi"}) {
+    RunResult r = Run(testing::BinDir() + "/nibble-generate " + args + " -n 4 2>&1");
+    EXPECT_NE(r.exit_code, 0) << args;
+    EXPECT_NE(r.out.find("error:"), std::string::npos) << r.out;
+    EXPECT_TRUE(r.out.find("/nonexistent/") != std::string::npos || r.out.find(bogus) != std::string::npos)
+        << r.out;
+  }
+}
+
+}  // namespace
+}  // namespace nibble
