@@ -124,7 +124,7 @@ int main(int argc, char** argv) {
       doc = absl::StripAsciiWhitespace(doc);
       if (doc.empty()) continue;
       if (max_docs > 0 && docs >= max_docs) break;
-      auto t = tok.Encode(doc, {.add_bos = true});
+      auto t = tok.Encode(std::string_view(doc.data(), doc.size()), {.add_bos = true});
       if (!t.ok()) return fail(t.status());
       std::vector<int32_t> ids = *std::move(t);
       if (ids.empty() || ids[0] != tok.bos_id()) ids.insert(ids.begin(), tok.bos_id());

@@ -95,7 +95,9 @@ int main(int argc, char** argv) {
     fprintf(stderr, "warning: generation capped at the model's context of %d tokens\n", cfg.max_seq_len);
   }
 
+  // stdout: the prompt, then the generated text (with --chat, separated by a newline).
   fputs(prompt.c_str(), stdout);
+  if (chat) fputc('\n', stdout);
   fflush(stdout);
 
   auto cache = model.NewKVCache(static_cast<int>(limit));

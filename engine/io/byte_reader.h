@@ -58,16 +58,19 @@ class ByteReader {
   }
 
   absl::Status Error(std::string_view what) const {
-    return absl::InvalidArgumentError(absl::StrCat(file_, ": ", what, " (at byte offset ", pos_, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(Av(file_), ": ", Av(what), " (at byte offset ", pos_, ")"));
   }
 
   absl::Status Truncated(std::string_view what, uint64_t need) const {
-    return absl::DataLossError(absl::StrCat(file_, ": truncated or corrupt file: reading ", what,
+    return absl::DataLossError(absl::StrCat(Av(file_), ": truncated or corrupt file: reading ", Av(what),
                                             " needs ", need, " bytes at offset ", pos_, " but the file has ",
                                             size_, " bytes"));
   }
 
  private:
+  // Debian's abseil is built with its own string_view type (ABSL_OPTION_USE_STD_STRING_VIEW 0).
+  static absl::string_view Av(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+
   const uint8_t* data_;
   size_t size_;
   size_t pos_ = 0;

@@ -12,8 +12,8 @@
 #include <memory>
 #include <string>
 
-#include "engine/model/config.h"
-#include "engine/model/weights.h"
+#include "engine/core/config.h"
+#include "engine/core/weights.h"
 
 namespace nibble {
 

@@ -14,7 +14,7 @@
 #include "absl/status/statusor.h"
 #include "engine/model/backend.h"
 #include "engine/model/kv_cache.h"
-#include "engine/model/loaded_model.h"
+#include "engine/core/loaded_model.h"
 
 namespace nibble {
 

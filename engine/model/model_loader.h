@@ -11,7 +11,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "engine/model/loaded_model.h"
+#include "engine/core/loaded_model.h"
 
 namespace nibble {
 

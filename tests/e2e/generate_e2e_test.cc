@@ -21,7 +21,7 @@ struct RunResult {
   std::string out;
 };
 
-RunResult Run(const std::string& cmd) {
+RunResult RunCommand(const std::string& cmd) {
   RunResult r{-1, ""};
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -57,7 +57,7 @@ TEST(GenerateE2E, Stories260KGreedyMatchesLlama2c) {
   const int n = 256 - (static_cast<int>(ids->size()) - 1);
 
   for (int threads : {1, 2}) {
-    RunResult r = Run(testing::BinDir() + "/nibble-generate -m " + model + " --tokenizer " + tok +
+    RunResult r = RunCommand(testing::BinDir() + "/nibble-generate -m " + model + " --tokenizer " + tok +
                       " -p \"Once upon a time\" --temp 0 -t " + std::to_string(threads) + " -n " +
                       std::to_string(n) + " 2>/dev/null");
     EXPECT_EQ(r.exit_code, 0);
@@ -73,7 +73,7 @@ TEST(GenerateE2E, BadInputsFailCleanly) {
        {std::string("-m /nonexistent/model.gguf -p hi"),
         "-m " + testing::Stories260KModel() + " --tokenizer /nonexistent/tok.bin -p hi",
         "-m " + bogus + " --tokenizer " + tok + " -p hi"}) {
-    RunResult r = Run(testing::BinDir() + "/nibble-generate " + args + " -n 4 2>&1");
+    RunResult r = RunCommand(testing::BinDir() + "/nibble-generate " + args + " -n 4 2>&1");
     EXPECT_NE(r.exit_code, 0) << args;
     EXPECT_NE(r.out.find("error:"), std::string::npos) << r.out;
     EXPECT_TRUE(r.out.find("/nonexistent/") != std::string::npos || r.out.find(bogus) != std::string::npos)

@@ -5,8 +5,8 @@
 #include <map>
 #include <string>
 
-#include "engine/model/config.h"
-#include "engine/model/weights.h"
+#include "engine/core/config.h"
+#include "engine/core/weights.h"
 #include "engine/tokenizer/vocab.h"
 
 namespace nibble {

@@ -1,11 +1,11 @@
-#include "engine/model/config.h"
+#include "engine/core/config.h"
 
 #include "absl/strings/str_cat.h"
 
 namespace nibble {
 
 absl::Status ModelConfig::Validate(const std::string& source) const {
-  auto bad = [&](std::string_view what) {
+  auto bad = [&](absl::string_view what) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": invalid model config: ", what));
   };
   constexpr int kMax = 1 << 20;

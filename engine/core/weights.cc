@@ -1,8 +1,8 @@
-#include "engine/model/weights.h"
+#include "engine/core/weights.h"
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "engine/model/config.h"
+#include "engine/core/config.h"
 
 namespace nibble {
 namespace {
