@@ -33,10 +33,12 @@ def main():
     ap.add_argument("-o", "--output", default="-")
     args = ap.parse_args()
 
-    from llama_cpp import Llama, llama_cpp as C
+    from llama_cpp import llama_cpp as C
+    sys.path.insert(0, __import__("os").path.dirname(__file__))
+    from llamacpp_util import open_llama
 
-    llm = Llama(model_path=args.model, n_ctx=args.ctx, n_batch=args.ctx, n_ubatch=args.ctx,
-                logits_all=True, n_threads=args.threads, verbose=False)
+    llm = open_llama(args.model, n_ctx=args.ctx, n_batch=args.ctx, n_ubatch=args.ctx,
+                     logits_all=True, n_threads=args.threads)
     vocab = C.llama_model_get_vocab(llm.model) if hasattr(C, "llama_model_get_vocab") else None
     add_bos = bool(C.llama_vocab_get_add_bos(vocab)) if vocab is not None else llm._model.add_bos_token()
     bos = llm.token_bos()
