@@ -3,13 +3,17 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/core/config.h"
+#include "engine/core/quant_tensor.h"
 
 namespace nibble {
 namespace {
 
 absl::Status Expect(const HostTensor& t, std::vector<int64_t> shape, const std::string& source,
                     const std::string& what) {
-  if (t.shape != shape || t.data.size() != static_cast<size_t>(t.numel())) {
+  const bool values_ok = t.quant != nullptr ? (t.shape.size() == 2 && t.quant->rows == t.rows() &&
+                                                t.quant->cols == t.cols())
+                                             : t.data.size() == static_cast<size_t>(t.numel());
+  if (t.shape != shape || !values_ok) {
     return absl::InvalidArgumentError(absl::StrCat(
         source, ": tensor ", t.name.empty() ? what : t.name, " has shape [", absl::StrJoin(t.shape, ", "),
         "] (", t.data.size(), " values), expected [", absl::StrJoin(shape, ", "), "]"));

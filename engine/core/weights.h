@@ -2,11 +2,12 @@
 //
 // Convention: a linear layer's weight is [out_features, in_features] row-major
 // (GGUF ne = {in, out}; HF/PyTorch nn.Linear layout), y = W x.
-// Readers dequantize to fp32 here; quantized formats (issue: quantizer) carry
-// their packed data beside this in later revisions.
+// Readers of foreign formats dequantize to fp32; nibble's own model file carries
+// packed matrices in `quant` (engine/core/quant_tensor.h).
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -14,10 +15,14 @@
 
 namespace nibble {
 
+struct QuantTensor;
+
 struct HostTensor {
   std::string name;
   std::vector<int64_t> shape;  // outermost first: {rows, cols} for matrices
-  std::vector<float> data;
+  std::vector<float> data;     // fp32 values; empty when `quant` holds the matrix
+  // Set for quantized matrices (engine/core/quant_tensor.h); `data` is then empty.
+  std::shared_ptr<const QuantTensor> quant;
 
   int64_t numel() const {
     int64_t n = 1;
@@ -26,7 +31,8 @@ struct HostTensor {
   }
   int64_t rows() const { return shape.empty() ? 0 : shape[0]; }
   int64_t cols() const { return shape.size() < 2 ? 0 : shape[1]; }
-  bool empty() const { return data.empty(); }
+  bool empty() const { return data.empty() && quant == nullptr; }
+  bool is_quantized() const { return quant != nullptr; }
 };
 
 struct LayerWeights {

@@ -79,6 +79,7 @@ void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* ca
     const LayerWeights& lw = w.layers[l];
     // Attention block.
     be.RmsNorm(x_.data(), lw.attn_norm.data.data(), n, dim, c.norm_eps, xb_.data());
+    if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnIn, xb_.data(), n, dim);
     be.MatMul(lw.wq, xb_.data(), n, q_.data());
     be.MatMul(lw.wk, xb_.data(), n, k_.data());
     be.MatMul(lw.wv, xb_.data(), n, v_.data());
@@ -89,13 +90,16 @@ void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* ca
     std::memcpy(kc + size_t(pos) * kvd, k_.data(), size_t(n) * kvd * sizeof(float));
     std::memcpy(vc + size_t(pos) * kvd, v_.data(), size_t(n) * kvd * sizeof(float));
     be.Attention({q_.data(), kc, vc, att_.data(), n, pos, c.n_heads, c.n_kv_heads, c.head_dim});
+    if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnOut, att_.data(), n, qd);
     be.MatMul(lw.wo, att_.data(), n, xb_.data());
     for (size_t i = 0; i < size_t(n) * dim; ++i) x_[i] += xb_[i];
     // Feed-forward block.
     be.RmsNorm(x_.data(), lw.ffn_norm.data.data(), n, dim, c.norm_eps, xb_.data());
+    if (observer_) observer_->OnLinearInput(l, LinearInput::kFfnIn, xb_.data(), n, dim);
     be.MatMul(lw.w_gate, xb_.data(), n, h1_.data());
     be.MatMul(lw.w_up, xb_.data(), n, h3_.data());
     be.SwiGLU(h1_.data(), h3_.data(), int64_t{n} * hid);
+    if (observer_) observer_->OnLinearInput(l, LinearInput::kFfnMid, h1_.data(), n, hid);
     be.MatMul(lw.w_down, h1_.data(), n, xb_.data());
     for (size_t i = 0; i < size_t(n) * dim; ++i) x_[i] += xb_[i];
   }

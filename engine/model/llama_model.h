@@ -18,6 +18,22 @@
 
 namespace nibble {
 
+// Which linear layer of a block an activation feeds (calibration hooks).
+enum class LinearInput {
+  kAttnIn,   // normalized input of wq, wk, wv   [n_tokens, dim]
+  kAttnOut,  // attention output, input of wo    [n_tokens, q_dim]
+  kFfnIn,    // normalized input of w_gate, w_up [n_tokens, dim]
+  kFfnMid,   // silu(gate) * up, input of w_down [n_tokens, hidden_dim]
+};
+
+// Receives the inputs of every linear layer during Forward() (for GPTQ-style
+// calibration). Called on the forwarding thread; `x` is valid only during the call.
+class ActivationObserver {
+ public:
+  virtual ~ActivationObserver() = default;
+  virtual void OnLinearInput(int layer, LinearInput which, const float* x, int n_tokens, int width) = 0;
+};
+
 class LlamaModel {
  public:
   // Takes ownership of the loaded weights. n_threads <= 0 uses every core.
@@ -37,6 +53,9 @@ class LlamaModel {
   absl::Status Forward(std::span<const int32_t> tokens, int pos, KVCache* cache, std::span<float> logits,
                        bool all_logits = false);
 
+  // Installs (or with nullptr removes) a calibration observer. Not owned.
+  void SetObserver(ActivationObserver* observer) { observer_ = observer; }
+
   // Largest number of tokens evaluated in one batch (prefill is chunked).
   static constexpr int kMaxBatch = 256;
 
@@ -47,6 +66,7 @@ class LlamaModel {
 
   LoadedModel m_;
   std::unique_ptr<Backend> backend_;
+  ActivationObserver* observer_ = nullptr;
   int scratch_tokens_ = 0;
   std::vector<float> x_, xb_, q_, k_, v_, att_, h1_, h3_, last_;
 };

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "engine/runtime/engine.h"
 #include "gtest/gtest.h"
@@ -78,6 +79,36 @@ TEST(GenerateE2E, BadInputsFailCleanly) {
     EXPECT_NE(r.out.find("error:"), std::string::npos) << r.out;
     EXPECT_TRUE(r.out.find("/nonexistent/") != std::string::npos || r.out.find(bogus) != std::string::npos)
         << r.out;
+  }
+}
+
+// Truncated copies of real model files, cut at many points, through the CLI:
+// every run must end with exit code 1 and an error naming the file (a crash
+// would show as a signal, a hang as the ctest timeout).
+TEST(GenerateE2E, TruncatedModelFilesFailCleanly) {
+  struct Case {
+    std::string path, tokenizer_flag;
+  };
+  std::vector<Case> cases = {{testing::Stories260KModel(), " --tokenizer " + testing::Stories260KTokenizer()}};
+  if (auto smol = testing::SmolLM2Gguf()) cases.push_back({*smol, ""});
+  const std::string dir = testing::MakeTempDir("nibble_trunc_");
+  for (const Case& c : cases) {
+    const std::string full = ReadFile(c.path);
+    ASSERT_FALSE(full.empty());
+    // Dense cuts through the header/metadata region, then spread through the data.
+    std::vector<size_t> cuts;
+    for (size_t k = 1; k < 4096 && k < full.size(); k = k * 3 / 2 + 1) cuts.push_back(k);
+    for (int i = 1; i < 12; ++i) cuts.push_back(full.size() / 12 * i);
+    cuts.push_back(full.size() - 1);
+    for (size_t cut : cuts) {
+      const std::string path = dir + "/cut_" + std::to_string(cut) + ".bin";
+      std::ofstream(path, std::ios::binary).write(full.data(), static_cast<std::streamsize>(cut));
+      RunResult r = RunCommand(testing::BinDir() + "/nibble-generate -m " + path + c.tokenizer_flag +
+                               " -p hi -n 1 2>&1");
+      EXPECT_EQ(r.exit_code, 1) << c.path << " cut at " << cut << ": " << r.out;
+      EXPECT_NE(r.out.find(path), std::string::npos) << "error should name the file: " << r.out;
+      std::remove(path.c_str());
+    }
   }
 }
 

@@ -1,0 +1,94 @@
+// nibble's packed weight formats: one descriptor type, one registry.
+//
+// Goals: every quantized weight format is described by a `Format` value with a
+// stable stored name (written into model files, never renamed), a fixed block
+// layout per group of `group` consecutive input columns of one row, and scalar
+// reference kernels (quantize / dequantize / dot) that define its numerics.
+// SIMD and CUDA kernels are tested against these references. Tests, the
+// quantizer, the model file and docs iterate AllFormats().
+// Non-goals: speed (kernels/cpu has the fast paths); activation quantization.
+//
+// Row layout: a row of `cols` weights is ceil(cols / group) blocks of
+// BlockBytes() each; the last block of a row whose cols is not a multiple of
+// group is stored whole with its unused weights packed as zero codes (so odd
+// sizes such as 172 are handled, not rejected). Blocks are byte-aligned and
+// little-endian; scales are IEEE fp16.
+//
+// Outliers / salient weights (GWQ, SpQR, PB-LLM) are not part of a Format:
+// they live in a sparse side-car attached to a quantized tensor
+// (engine/core/quant_tensor.h) and override the packed values they cover.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kernels/common/fp16.h"
+
+namespace nibble::fmt {
+
+enum class Kind : uint8_t {
+  // Group-wise integer, `bits` in {2, 3, 4, 8}. Asymmetric: w = d * q + m,
+  // q in [0, 2^bits - 1], fp16 d and m per group. Symmetric: w = d * (q - 2^(bits-1)),
+  // fp16 d per group.
+  kInt = 1,
+  // Ternary {-a, 0, +a} per group (Hyperspherical Quantization): threshold and a
+  // chosen to maximise cosine similarity with the fp weights. 2-bit codes.
+  kTernary = 2,
+  // Binary {-a, +a} per group with fp16 a (sign bits) — PB-LLM's non-salient part.
+  kBinary = 3,
+  // Per group binary or ternary, chosen by an error-vs-bits criterion (Smart
+  // Quantization). Every block reserves room for ternary codes; the bits-per-weight
+  // accounting counts the group's actual depth (see BitsPerWeight).
+  kBinTern = 4,
+};
+
+struct Format {
+  Kind kind = Kind::kInt;
+  uint8_t bits = 4;      // code bits per weight (kTernary: 2, kBinary: 1, kBinTern: 2 reserved)
+  uint16_t group = 64;   // weights per group (32, 64, 128)
+  bool symmetric = false;
+
+  // Stable names: "int4_g64" (asym), "int4_g64_sym", "ternary_g64", "binary_g128", "bintern_g64".
+  std::string Name() const;
+  static std::optional<Format> Parse(std::string_view name);
+
+  // Bytes of one packed group (scales + codes).
+  int64_t BlockBytes() const;
+  int64_t BlocksPerRow(int64_t cols) const { return (cols + group - 1) / group; }
+  int64_t RowBytes(int64_t cols) const { return BlocksPerRow(cols) * BlockBytes(); }
+  // Storage bits per weight for a [rows, cols] tensor, counting every scale/zero
+  // byte and the padding of a partial last group.
+  double BitsPerWeight(int64_t cols) const;
+
+  friend bool operator==(const Format&, const Format&) = default;
+};
+
+// Every supported format, in a stable order.
+const std::vector<Format>& AllFormats();
+
+// Per-group parameters a quantizer fits and then applies column by column (GPTQ).
+struct GroupParams {
+  float scale = 0.0f;  // d (kInt), a (kTernary/kBinary/kBinTern)
+  float zero = 0.0f;   // m (kInt asym); threshold (kTernary); 0/1 = binary/ternary (kBinTern)
+};
+
+// Fits one group's parameters to n <= group weights, minimising the
+// importance-weighted squared error (importance may be null = all ones), with
+// a clipping/scale search for kInt. The scale is rounded to fp16 exactly as stored.
+GroupParams FitGroupRef(const Format& f, const float* w, int n, const float* importance);
+
+// The value `w` becomes after quantization with `p` (fake quantization).
+float QuantizeValueRef(const Format& f, const GroupParams& p, float w);
+
+// Packs n <= group weights with params p into one block (BlockBytes() bytes).
+void PackGroupRef(const Format& f, const GroupParams& p, const float* w, int n, uint8_t* block);
+
+// One row: quantize (fit + pack every group), dequantize, and dot with x.
+void QuantizeRowRef(const Format& f, const float* w, int64_t cols, const float* importance, uint8_t* out);
+void DequantizeRowRef(const Format& f, const uint8_t* row, int64_t cols, float* out);
+float DotRowRef(const Format& f, const uint8_t* row, const float* x, int64_t cols);
+
+}  // namespace nibble::fmt
