@@ -2,6 +2,7 @@
 #include <cmath>
 #include <vector>
 
+#include "engine/core/quant_tensor.h"
 #include "engine/model/backend.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
@@ -17,7 +18,26 @@ class CpuBackend final : public Backend {
   int n_threads() const override { return pool_.size(); }
 
   void MatMul(const HostTensor& w, const float* x, int n_tokens, float* y) override {
+    if (w.quant != nullptr) {
+      QuantMatMul(*w.quant, x, n_tokens, y);
+      return;
+    }
     cpu::MatMulF32(w.data.data(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
+  }
+
+  // Reference path for packed weights: each thread dequantizes one row at a time
+  // (side-car applied) into L1-resident scratch and dots it with every token.
+  // The fused SIMD kernels of the engine-speed issue replace this.
+  void QuantMatMul(const QuantTensor& q, const float* x, int n_tokens, float* y) {
+    const int64_t rows = q.rows, cols = q.cols;
+    if (static_cast<int64_t>(row_scratch_.size()) < pool_.size() * cols) row_scratch_.resize(pool_.size() * cols);
+    pool_.ParallelFor(rows, 16, [&](int thread, int64_t b, int64_t e) {
+      float* row = row_scratch_.data() + thread * cols;
+      for (int64_t r = b; r < e; ++r) {
+        q.DequantizeRow(r, row);
+        for (int t = 0; t < n_tokens; ++t) y[int64_t{t} * rows + r] = cpu::DotF32(row, x + int64_t{t} * cols, cols);
+      }
+    });
   }
 
   void RmsNorm(const float* x, const float* weight, int n_tokens, int dim, float eps, float* out) override {
@@ -66,6 +86,7 @@ class CpuBackend final : public Backend {
  private:
   ThreadPool pool_;
   std::vector<float> scores_;
+  std::vector<float> row_scratch_;
 };
 
 }  // namespace

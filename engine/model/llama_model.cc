@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/quant_tensor.h"
 
 namespace nibble {
 
@@ -72,8 +73,13 @@ void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* ca
   EnsureScratch(n);
   const int dim = c.dim, qd = c.q_dim(), kvd = c.kv_dim(), hid = c.hidden_dim;
 
-  for (int t = 0; t < n; ++t)
-    std::memcpy(&x_[size_t(t) * dim], &w.tok_embeddings.data[size_t(tokens[t]) * dim], dim * sizeof(float));
+  for (int t = 0; t < n; ++t) {
+    if (w.tok_embeddings.quant != nullptr) {
+      w.tok_embeddings.quant->DequantizeRow(tokens[t], &x_[size_t(t) * dim]);
+    } else {
+      std::memcpy(&x_[size_t(t) * dim], &w.tok_embeddings.data[size_t(tokens[t]) * dim], dim * sizeof(float));
+    }
+  }
 
   for (int l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];

@@ -8,6 +8,7 @@
 #include "engine/io/gguf_model.h"
 #include "engine/io/hf_model.h"
 #include "engine/io/llama2c.h"
+#include "engine/io/nibble_file.h"
 #include "engine/tokenizer/llama2c_vocab.h"
 
 namespace nibble {
@@ -15,7 +16,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-enum class Format { kGguf, kHf, kLlama2c, kUnknown };
+enum class Format { kGguf, kHf, kLlama2c, kNibble, kUnknown };
 
 absl::StatusOr<Format> Detect(const std::string& path) {
   std::error_code ec;
@@ -27,6 +28,7 @@ absl::StatusOr<Format> Detect(const std::string& path) {
   in.read(reinterpret_cast<char*>(head), sizeof(head));
   const auto got = static_cast<size_t>(in.gcount());
   if (got >= 4 && std::string_view(reinterpret_cast<char*>(head), 4) == "GGUF") return Format::kGguf;
+  if (io::LooksLikeNibbleFile(head, got)) return Format::kNibble;
   if (io::LooksLikeLlama2c(head, got)) return Format::kLlama2c;
   return Format::kUnknown;
 }
@@ -74,10 +76,11 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& path, const LoadOptions
     case Format::kGguf: m = io::LoadGgufModel(path); break;
     case Format::kHf: m = io::LoadHfModel(path); break;
     case Format::kLlama2c: m = io::LoadLlama2cModel(path); break;
+    case Format::kNibble: m = io::LoadNibbleFile(path); break;
     case Format::kUnknown:
       return absl::InvalidArgumentError(absl::StrCat(
-          path, ": unrecognised model format (expected a GGUF file, a llama2.c .bin checkpoint, or an HF "
-                "directory with config.json and *.safetensors)"));
+          path, ": unrecognised model format (expected a nibble model file, a GGUF file, a llama2.c .bin "
+                "checkpoint, or an HF directory with config.json and *.safetensors)"));
   }
   if (!m.ok()) return m.status();
   std::string tok = opts.tokenizer_path;

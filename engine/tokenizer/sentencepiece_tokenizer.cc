@@ -20,7 +20,18 @@ namespace {
 
 constexpr std::string_view kSpaceMark = "\xE2\x96\x81";  // U+2581 "▁"
 
-absl::StatusOr<std::unique_ptr<internal::SpProcessor>> LoadSp(const std::string& path) {
+absl::StatusOr<std::unique_ptr<internal::SpProcessor>> LoadSp(const std::string& path,
+                                                              const std::string& bytes = "") {
+  if (!bytes.empty()) {
+    std::string error;
+    auto sp = internal::SpProcessor::LoadFromBytes(bytes, &error);
+    if (sp == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path.empty() ? "embedded SentencePiece model" : path, ": not a valid SentencePiece model (",
+                       error, ")"));
+    }
+    return sp;
+  }
   if (path.empty()) {
     return absl::InvalidArgumentError("SentencePiece vocabulary: no .model path given");
   }
@@ -120,6 +131,7 @@ absl::Status ReadSentencePieceVocab(const std::string& path, VocabSpec* out) {
   VocabSpec v;
   v.kind = TokenizerKind::kSentencePieceModel;
   v.sp_model_path = path;
+  v.sp_model_bytes = (*sp)->Serialized();
   if (absl::Status s = FillFromModel(**sp, path, &v); !s.ok()) return s;
   v.add_bos = v.bos_id >= 0;
   v.strip_space_after_bos = true;
@@ -130,8 +142,9 @@ absl::Status ReadSentencePieceVocab(const std::string& path, VocabSpec* out) {
 namespace internal {
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> CreateSentencePieceTokenizer(VocabSpec spec) {
-  auto sp = LoadSp(spec.sp_model_path);
+  auto sp = LoadSp(spec.sp_model_path, spec.sp_model_bytes);
   if (!sp.ok()) return sp.status();
+  if (spec.sp_model_bytes.empty()) spec.sp_model_bytes = (*sp)->Serialized();
   if (spec.tokens.empty()) {
     // Only kind + path given (e.g. a --tokenizer .model): take the rest from the model.
     if (absl::Status s = FillFromModel(**sp, spec.sp_model_path, &spec); !s.ok()) return s;

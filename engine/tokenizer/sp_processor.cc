@@ -26,6 +26,22 @@ std::unique_ptr<SpProcessor> SpProcessor::Load(const std::string& path, std::str
   return std::unique_ptr<SpProcessor>(new SpProcessor(std::move(impl)));
 }
 
+std::unique_ptr<SpProcessor> SpProcessor::LoadFromBytes(const std::string& bytes, std::string* error) {
+  auto impl = std::make_unique<Impl>();
+  const sentencepiece::util::Status s = impl->sp.LoadFromSerializedProto(bytes);
+  if (!s.ok()) {
+    *error = s.ToString();
+    return nullptr;
+  }
+  if (impl->sp.GetPieceSize() <= 0) {
+    *error = "the model has no pieces";
+    return nullptr;
+  }
+  return std::unique_ptr<SpProcessor>(new SpProcessor(std::move(impl)));
+}
+
+std::string SpProcessor::Serialized() const { return impl_->sp.serialized_model_proto(); }
+
 bool SpProcessor::Encode(std::string_view text, std::vector<int>* ids, std::string* error) const {
   const sentencepiece::util::Status s = impl_->sp.Encode(text, ids);
   if (!s.ok()) {

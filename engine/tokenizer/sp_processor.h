@@ -22,6 +22,10 @@ class SpProcessor {
   // Loads a SentencePiece .model file. On failure returns nullptr and sets
   // `error` (without the path; the caller adds it).
   static std::unique_ptr<SpProcessor> Load(const std::string& path, std::string* error);
+  // Same from the serialized ModelProto bytes of a .model file.
+  static std::unique_ptr<SpProcessor> LoadFromBytes(const std::string& bytes, std::string* error);
+  // The serialized ModelProto (to embed the model in another file).
+  std::string Serialized() const;
   ~SpProcessor();
 
   // Text -> ids (the model's normaliser, dummy prefix and byte fallback apply).

@@ -39,7 +39,8 @@ struct VocabSpec {
   std::vector<TokenType> token_types;     // may be empty (all normal)
   std::vector<std::string> merges;        // kGpt2Bpe: "a b" ranked, first = highest priority
   std::string pre;                        // kGpt2Bpe pre-tokenizer name (GGUF tokenizer.ggml.pre)
-  std::string sp_model_path;              // kSentencePieceModel
+  std::string sp_model_path;              // kSentencePieceModel: the .model file, or
+  std::string sp_model_bytes;             // ... its serialized bytes (embedded in nibble files)
   int32_t bos_id = -1;
   int32_t eos_id = -1;
   int32_t unk_id = -1;

@@ -10,9 +10,10 @@
 //
 // Row layout: a row of `cols` weights is ceil(cols / group) blocks of
 // BlockBytes() each; the last block of a row whose cols is not a multiple of
-// group is stored whole with its unused weights packed as zero codes (so odd
-// sizes such as 172 are handled, not rejected). Blocks are byte-aligned and
-// little-endian; scales are IEEE fp16.
+// group is stored whole with its unused weights packed as the code the value
+// 0.0 gets (the code nearest zero), so odd sizes such as 172 are handled, not
+// rejected. Blocks are byte-aligned and little-endian; scales are IEEE fp16.
+// Byte layouts: kernels/formats/blocks.h and docs/FORMATS.md.
 //
 // Outliers / salient weights (GWQ, SpQR, PB-LLM) are not part of a Format:
 // they live in a sparse side-car attached to a quantized tensor
@@ -40,8 +41,8 @@ enum class Kind : uint8_t {
   // Binary {-a, +a} per group with fp16 a (sign bits) — PB-LLM's non-salient part.
   kBinary = 3,
   // Per group binary or ternary, chosen by an error-vs-bits criterion (Smart
-  // Quantization). Every block reserves room for ternary codes; the bits-per-weight
-  // accounting counts the group's actual depth (see BitsPerWeight).
+  // Quantization). Every block reserves room for ternary codes: BitsPerWeight
+  // reports that storage, EffectiveBitsRef the groups' actual depth.
   kBinTern = 4,
 };
 
@@ -66,19 +67,35 @@ struct Format {
   friend bool operator==(const Format&, const Format&) = default;
 };
 
-// Every supported format, in a stable order.
+// Every supported format, in a stable order (docs/FORMATS.md, "Names").
+// A Format not in this list (only constructible by hand; Parse never returns
+// one) has BlockBytes() == 0 and the group/row *Ref functions below leave
+// their output untouched / return 0 for it; QuantizeValueRef (called per
+// weight, so unchecked) and BlocksPerRow (group > 0) REQUIRE a listed format.
 const std::vector<Format>& AllFormats();
 
 // Per-group parameters a quantizer fits and then applies column by column (GPTQ).
 struct GroupParams {
   float scale = 0.0f;  // d (kInt), a (kTernary/kBinary/kBinTern)
   float zero = 0.0f;   // m (kInt asym); threshold (kTernary); 0/1 = binary/ternary (kBinTern)
+  // kTernary codes |w| > threshold as sign(w) * a; kBinTern's ternary groups
+  // use the nearest level (threshold a / 2). Scale and m are rounded to fp16
+  // wherever they are used, so any values are accepted.
 };
 
 // Fits one group's parameters to n <= group weights, minimising the
 // importance-weighted squared error (importance may be null = all ones), with
 // a clipping/scale search for kInt. The scale is rounded to fp16 exactly as stored.
 GroupParams FitGroupRef(const Format& f, const float* w, int n, const float* importance);
+
+// kBinTern's decision rule: a group is stored ternary iff
+// err_binary - err_ternary > lambda * err_binary (importance-weighted squared
+// errors with the stored fp16 scales), i.e. the extra bit per weight must cut
+// the error by more than the fraction lambda. Default 0.25.
+inline constexpr float kBinTernLambda = 0.25f;
+// As above with an explicit lambda (used by kBinTern only; others ignore it).
+GroupParams FitGroupRef(const Format& f, const float* w, int n, const float* importance,
+                        float bintern_lambda);
 
 // The value `w` becomes after quantization with `p` (fake quantization).
 float QuantizeValueRef(const Format& f, const GroupParams& p, float w);
@@ -88,7 +105,20 @@ void PackGroupRef(const Format& f, const GroupParams& p, const float* w, int n, 
 
 // One row: quantize (fit + pack every group), dequantize, and dot with x.
 void QuantizeRowRef(const Format& f, const float* w, int64_t cols, const float* importance, uint8_t* out);
+void QuantizeRowRef(const Format& f, const float* w, int64_t cols, const float* importance, uint8_t* out,
+                    float bintern_lambda);
 void DequantizeRowRef(const Format& f, const uint8_t* row, int64_t cols, float* out);
+// Order of the fp32 arithmetic (SIMD kernels are tested against it with an
+// accumulation tolerance): per group, acc_g = sum_i value_i * x_i in index
+// order starting from 0; the result is sum_g acc_g in group order from 0.
 float DotRowRef(const Format& f, const uint8_t* row, const float* x, int64_t cols);
+
+// Information bits per weight of one packed row (denominator: cols, like
+// BitsPerWeight). kBinTern counts each group as 16 (scale) + 1 (flag) +
+// group * (1 if binary else 2) bits, i.e. what a variable-length encoding of
+// the same row would take; every other format returns BitsPerWeight(cols)
+// (its storage is already exact). REQUIRES: row holds RowBytes(cols) bytes
+// (may be null for formats other than kBinTern).
+double EffectiveBitsRef(const Format& f, const uint8_t* row, int64_t cols);
 
 }  // namespace nibble::fmt

@@ -1,0 +1,233 @@
+#include "quantizers/gptq.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "quantizers/linalg.h"
+#include "quantizers/parallel.h"
+
+namespace nibble {
+namespace {
+
+constexpr int64_t kRowBlock = 16;  // rows quantized together (share each U row load)
+constexpr int kDampRetries = 4;    // extra attempts, damping x10 each
+
+// Per-thread buffers for one row block.
+struct Scratch {
+  std::vector<float> w;    // [kRowBlock, cols] current weights, processing order
+  std::vector<float> atq;  // [kRowBlock, cols] weight at quantization time, original order
+  std::vector<float> q;    // [kRowBlock, cols] chosen value, original order
+  std::vector<float> err;  // [kRowBlock, block_size] scaled errors of the current block
+  std::vector<float> gbuf;
+  std::vector<fmt::GroupParams> params;  // [kRowBlock, n_groups]
+  std::vector<uint8_t> fitted;           // [n_groups]
+};
+
+// One GPTQ column sweep over a block of rows (see gptq.h for the algorithm).
+struct Sweep {
+  Sweep(const HostTensor& w, const GptqFactor& factor, const fmt::Format& f, const GptqOptions& opts)
+      : w(w), factor(factor), f(f), opts(opts) {}
+
+  const HostTensor& w;
+  const GptqFactor& factor;
+  const fmt::Format& f;
+  const GptqOptions& opts;
+  int64_t cols = 0, group = 0, n_groups = 0, bsz = 0, row_bytes = 0;
+  std::vector<int32_t> pos;  // pos[original column] = processing index
+  uint8_t* bytes = nullptr;
+  float* chosen = nullptr;
+
+  void Run(int64_t r0, int64_t R, Scratch* s) const {
+    if (s->w.empty()) {
+      s->w.resize(kRowBlock * cols);
+      s->atq.resize(kRowBlock * cols);
+      s->q.resize(kRowBlock * cols);
+      s->err.resize(kRowBlock * bsz);
+      s->gbuf.resize(group);
+      s->params.resize(kRowBlock * n_groups);
+      s->fitted.resize(n_groups);
+    }
+    const float* U = factor.u.data();
+    for (int64_t r = 0; r < R; ++r) {
+      const float* src = w.data.data() + (r0 + r) * cols;
+      for (int64_t k = 0; k < cols; ++k) {
+        const int32_t j = factor.order[k];
+        s->w[r * cols + k] = factor.dead[j] ? 0.0f : src[j];
+      }
+    }
+    std::fill(s->fitted.begin(), s->fitted.end(), 0);
+    for (int64_t i1 = 0; i1 < cols; i1 += bsz) {
+      const int64_t i2 = std::min(cols, i1 + bsz);
+      for (int64_t i = i1; i < i2; ++i) {
+        const int32_t j = factor.order[i];
+        const int64_t g = j / group;
+        if (!s->fitted[g]) FitGroup(g, i1, i2, i, R, s);
+        const float* ui = U + i * cols;
+        const float d = ui[i];
+        for (int64_t r = 0; r < R; ++r) {
+          float* wr = s->w.data() + r * cols;
+          const float x = wr[i];
+          const float q = fmt::QuantizeValueRef(f, s->params[r * n_groups + g], x);
+          s->atq[r * cols + j] = x;
+          s->q[r * cols + j] = q;
+          const float e = (x - q) / d;
+          s->err[r * bsz + (i - i1)] = e;
+          Axpy(wr + i + 1, -e, ui + i + 1, i2 - i - 1);
+        }
+      }
+      if (i2 < cols) {  // lazy batch: the rest of every row at once
+        for (int64_t k = i1; k < i2; ++k) {
+          const float* uk = U + k * cols + i2;
+          for (int64_t r = 0; r < R; ++r)
+            Axpy(s->w.data() + r * cols + i2, -s->err[r * bsz + (k - i1)], uk, cols - i2);
+        }
+      }
+    }
+    const int64_t block_bytes = f.BlockBytes();
+    for (int64_t r = 0; r < R; ++r) {
+      uint8_t* dst = bytes + (r0 + r) * row_bytes;
+      for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t gs = g * group, gn = std::min(group, cols - gs);
+        fmt::PackGroupRef(f, s->params[r * n_groups + g], s->atq.data() + r * cols + gs, static_cast<int>(gn),
+                          dst + g * block_bytes);
+      }
+      if (chosen != nullptr) std::copy_n(s->q.data() + r * cols, cols, chosen + (r0 + r) * cols);
+    }
+  }
+
+  // Fits group g's params for every row when its first column (processing
+  // index i, in block [i1, i2)) is reached, on the group's current values:
+  // columns beyond the block still miss this block's updates from [i1, i).
+  void FitGroup(int64_t g, int64_t i1, int64_t i2, int64_t i, int64_t R, Scratch* s) const {
+    const float* U = factor.u.data();
+    const float* imp = opts.weighted_fit ? factor.importance.data() : nullptr;
+    const int64_t gs = g * group, gn = std::min(group, cols - gs);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* wr = s->w.data() + r * cols;
+      const float* er = s->err.data() + r * bsz;
+      for (int64_t c = 0; c < gn; ++c) {
+        const int64_t p = pos[gs + c];
+        float v = wr[p];
+        if (p >= i2)
+          for (int64_t k = i1; k < i; ++k) v -= er[k - i1] * U[k * cols + p];
+        s->gbuf[c] = v;
+      }
+      s->params[r * n_groups + g] = fmt::FitGroupRef(f, s->gbuf.data(), static_cast<int>(gn),
+                                                     imp != nullptr ? imp + gs : nullptr, opts.bintern_lambda);
+    }
+    s->fitted[g] = 1;
+  }
+};
+
+}  // namespace
+
+absl::StatusOr<GptqFactor> FactorHessian(const Hessian& h, const GptqOptions& opts) {
+  if (auto s = h.Validate("FactorHessian"); !s.ok()) return s;
+  if (!(opts.percdamp >= 0.0) || !std::isfinite(opts.percdamp))
+    return absl::InvalidArgumentError(absl::StrCat("FactorHessian: percdamp ", opts.percdamp, " is not >= 0"));
+  const int64_t n = h.dim;
+  GptqFactor f;
+  f.cols = n;
+  f.dead.assign(n, 0);
+  std::vector<double> a(h.h.begin(), h.h.end());
+  std::vector<double> raw_diag(n);
+  for (int64_t i = 0; i < n; ++i) {
+    raw_diag[i] = a[i * n + i];
+    if (raw_diag[i] < 0.0)
+      return absl::InvalidArgumentError(
+          absl::StrCat("FactorHessian: diagonal entry ", i, " is negative (", raw_diag[i], ")"));
+    if (raw_diag[i] == 0.0) {  // input i was always zero: its column cannot matter
+      f.dead[i] = 1;
+      for (int64_t j = 0; j < n; ++j) a[i * n + j] = a[j * n + i] = 0.0;
+      a[i * n + i] = 1.0;
+    }
+  }
+  double mean = 0.0;
+  for (int64_t i = 0; i < n; ++i) mean += a[i * n + i];
+  mean /= static_cast<double>(n);
+
+  f.order.resize(n);
+  std::iota(f.order.begin(), f.order.end(), 0);
+  if (opts.act_order) {
+    std::stable_sort(f.order.begin(), f.order.end(),
+                     [&](int32_t x, int32_t y) { return a[x * n + x] > a[y * n + y]; });
+  }
+  std::vector<double> p(static_cast<size_t>(n * n));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) p[i * n + j] = a[int64_t{f.order[i]} * n + f.order[j]];
+
+  std::vector<double> u, work;
+  double damp = opts.percdamp * mean;
+  bool ok = false;
+  for (int attempt = 0; attempt <= kDampRetries && !ok; ++attempt) {
+    if (attempt > 0) damp = std::max(damp, 1e-6 * mean) * 10.0;
+    work = p;
+    for (int64_t i = 0; i < n; ++i) work[i * n + i] += damp;
+    ok = InverseCholeskyUpper(work, n, &u, opts.n_threads);
+  }
+  if (!ok)
+    return absl::FailedPreconditionError(absl::StrCat("FactorHessian: the ", n, " x ", n,
+                                                      " Hessian is not positive definite even with damping ", damp));
+  f.damp = damp;
+  f.u.assign(u.begin(), u.end());
+  f.importance.resize(n);
+  for (int64_t i = 0; i < n; ++i) f.importance[i] = static_cast<float>(raw_diag[i] + damp);
+  return f;
+}
+
+absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const Hessian& h, const fmt::Format& f,
+                                         const GptqOptions& opts, std::vector<float>* chosen) {
+  if (h.dim != w.cols())
+    return absl::InvalidArgumentError(absl::StrCat("GptqQuantize: Hessian dim ", h.dim, " does not match '", w.name,
+                                                   "' with ", w.cols(), " columns"));
+  auto factor = FactorHessian(h, opts);
+  if (!factor.ok()) return factor.status();
+  return GptqQuantize(w, *factor, f, opts, chosen);
+}
+
+absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const GptqFactor& factor, const fmt::Format& f,
+                                         const GptqOptions& opts, std::vector<float>* chosen) {
+  if (auto s = CheckMatrix(w, "GptqQuantize"); !s.ok()) return s;
+  if (auto s = CheckFormat(f, "GptqQuantize"); !s.ok()) return s;
+  const int64_t rows = w.rows(), cols = w.cols();
+  if (factor.cols != cols || factor.u.size() != static_cast<size_t>(cols * cols) ||
+      factor.order.size() != static_cast<size_t>(cols) || factor.dead.size() != static_cast<size_t>(cols) ||
+      factor.importance.size() != static_cast<size_t>(cols))
+    return absl::InvalidArgumentError(absl::StrCat("GptqQuantize: factor for ", factor.cols,
+                                                   " columns does not fit '", w.name, "' with ", cols, " columns"));
+  if (opts.block_size < 1)
+    return absl::InvalidArgumentError(absl::StrCat("GptqQuantize: block_size ", opts.block_size, " < 1"));
+  Sweep sw(w, factor, f, opts);
+  sw.cols = cols;
+  sw.group = f.group;
+  sw.n_groups = f.BlocksPerRow(cols);
+  sw.bsz = opts.block_size;
+  sw.row_bytes = f.RowBytes(cols);
+  sw.pos.assign(cols, -1);
+  for (int64_t k = 0; k < cols; ++k) {
+    const int32_t j = factor.order[k];
+    if (j < 0 || j >= cols || sw.pos[j] >= 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat("GptqQuantize: factor order is not a permutation (entry ", k, ")"));
+    sw.pos[j] = static_cast<int32_t>(k);
+  }
+  std::vector<uint8_t> bytes(static_cast<size_t>(rows * sw.row_bytes));
+  if (chosen != nullptr) chosen->assign(static_cast<size_t>(rows * cols), 0.0f);
+  sw.bytes = bytes.data();
+  sw.chosen = chosen != nullptr ? chosen->data() : nullptr;
+
+  const int max_threads = ResolveThreads(opts.n_threads);
+  std::vector<Scratch> scratch(static_cast<size_t>(max_threads));
+  // Work: the column sweep (~cols^2 multiply-adds per row) plus the group fits.
+  const double work = static_cast<double>(rows) * cols * (cols + 50.0);
+  ParallelItems((rows + kRowBlock - 1) / kRowBlock, max_threads, work, [&](int thread, int64_t blk) {
+    const int64_t r0 = blk * kRowBlock;
+    sw.Run(r0, std::min(kRowBlock, rows - r0), &scratch[thread]);
+  });
+  return MakeOwnedQuantTensor(rows, cols, f, std::move(bytes));
+}
+
+}  // namespace nibble

@@ -1,0 +1,79 @@
+// GPTQ (Frantar et al., 2022): quantize a weight matrix column by column,
+// compensating each column's rounding error on the not-yet-quantized columns
+// through the inverse calibration Hessian, for every group-wise fmt::Format.
+//
+// Algorithm (per row; rows are independent given H and run in parallel):
+//   1. Dead inputs (H_ii == 0): H_ii := 1 and the weight column := 0.
+//   2. act_order: process columns by descending diag(H) (stable); otherwise in order.
+//   3. Damping: H += percdamp * mean(diag H) * I (retried x10, up to 4 times,
+//      if H is still not positive definite).
+//   4. U = upper Cholesky factor of H^-1 (in processing order).
+//   5. Columns in blocks of `block_size` (lazy batch updates): for column i,
+//      q = Q(w_i); err = (w_i - q) / U_ii; w_j -= err * U_ij for the later
+//      columns of the block; the rest of the row is updated once per block.
+// Groups are always the packed layout's groups: `group` consecutive columns
+// in the ORIGINAL order. A group's parameters are fitted (fmt::FitGroupRef)
+// when the first of its columns is processed, on the CURRENT error-
+// compensated values of all its columns (pending lazy updates of the current
+// block are applied to the copies used for fitting, so the fit is exact, not
+// stale as in the reference code). With act_order this is the reference's
+// "static groups" idea done lazily: a group's later columns keep the params
+// fitted at its first processed column. Every value is then fake-quantized
+// with fmt::QuantizeValueRef and finally packed with fmt::PackGroupRef from
+// the very values that were quantized, with the same params, so the packed
+// tensor decodes to exactly what GPTQ chose.
+//
+// Non-goals: activation quantization; sequential (layer-by-layer recalibrated)
+// quantization, which the caller can build on these functions.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/core/quant_tensor.h"
+#include "engine/core/weights.h"
+#include "kernels/formats/format.h"
+#include "quantizers/hessian.h"
+#include "quantizers/quant_error.h"
+#include "quantizers/rtn.h"
+
+namespace nibble {
+
+struct GptqOptions {
+  double percdamp = 0.01;  // damping as a fraction of mean(diag H)
+  bool act_order = false;  // process columns by descending diag(H)
+  int block_size = 128;    // lazy-batch width in columns (>= 1)
+  // Pass diag(H) + damp of the group's columns as importance to FitGroupRef
+  // (so the per-group clip search minimises the diagonal part of the output
+  // error); false passes none (plain weight error).
+  bool weighted_fit = true;
+  float bintern_lambda = fmt::kBinTernLambda;  // kBinTern's binary/ternary rule
+  int n_threads = 0;       // <= 0: all cores
+};
+
+// What GPTQ needs from H, shared by every weight that reads the same input
+// (wq/wk/wv; w_gate/w_up): factor once, quantize many.
+struct GptqFactor {
+  int64_t cols = 0;
+  std::vector<int32_t> order;   // order[k]: original column processed k-th
+  std::vector<float> u;         // [cols, cols] upper: (H + damp I)^-1 = U^T U, processing order
+  std::vector<uint8_t> dead;    // [cols] by original column: H_ii was 0
+  std::vector<float> importance;  // [cols] original order: diag(H) + damp (dead: damp)
+  double damp = 0.0;            // damping actually added to the diagonal
+};
+
+// Errors: INVALID_ARGUMENT for a malformed/non-finite H, FAILED_PRECONDITION if
+// H stays indefinite after all damping retries.
+absl::StatusOr<GptqFactor> FactorHessian(const Hessian& h, const GptqOptions& opts);
+
+// Quantizes w ([rows, cols] fp32, unquantized) to one-segment QuantTensor in
+// format f. If `chosen` is not null it receives the [rows, cols] values GPTQ
+// selected (what the packed tensor decodes to). Errors name w.name.
+absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const GptqFactor& factor, const fmt::Format& f,
+                                         const GptqOptions& opts, std::vector<float>* chosen = nullptr);
+absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const Hessian& h, const fmt::Format& f,
+                                         const GptqOptions& opts, std::vector<float>* chosen = nullptr);
+
+}  // namespace nibble

@@ -1,0 +1,172 @@
+#include "quantizers/model_quantizer.h"
+
+#include <chrono>
+#include <cmath>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "engine/core/quant_tensor.h"
+#include "engine/model/llama_model.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "quantizers/calibration.h"
+#include "quantizers/quant_error.h"
+#include "quantizers/rtn.h"
+
+namespace nibble {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }
+
+struct Job {
+  HostTensor* tensor;
+  std::string name;
+  fmt::Format format;
+  const Hessian* hessian;  // null: no calibration statistics for this tensor
+  bool linear;
+};
+
+}  // namespace
+
+absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfig& cfg,
+                                             const QuantizeProgress& progress) {
+  const auto t0 = Clock::now();
+  if (cfg.method != "rtn" && cfg.method != "gptq") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown quantization method '", cfg.method, "' (supported: rtn, gptq)"));
+  }
+  if (cfg.method == "gptq" && cfg.calib_path.empty()) {
+    return absl::InvalidArgumentError("method gptq needs calibration text (--calib FILE)");
+  }
+  QuantizeReport report;
+  report.method = cfg.method;
+  report.format = cfg.format.Name();
+
+  // Calibration: run the full-precision model over the calibration text once,
+  // collecting the Hessian of every linear layer's input.
+  std::optional<CalibrationStats> stats;
+  if (!cfg.calib_path.empty()) {
+    const auto tc = Clock::now();
+    auto tok = CreateTokenizer(m->vocab);
+    if (!tok.ok()) return tok.status();
+    auto model = LlamaModel::Create(*m, cfg.n_threads);
+    if (!model.ok()) return model.status();
+    CalibrateOptions copts;
+    copts.n_tokens = cfg.calib_tokens;
+    copts.ctx = cfg.calib_ctx;
+    copts.collector.n_threads = cfg.n_threads;
+    auto s = Calibrate(**model, **tok, cfg.calib_path, copts);
+    if (!s.ok()) return s.status();
+    stats = *std::move(s);
+    report.calib_tokens = stats->n_tokens;
+    report.calib_seconds = Seconds(tc);
+  }
+
+  std::vector<Job> jobs;
+  for (int l = 0; l < m->config.n_layers; ++l) {
+    for (LinearWeight w : kAllLinearWeights) {
+      const Hessian* h = stats ? stats->Get(l, w) : nullptr;
+      jobs.push_back({&MutableWeightOf(m->weights.layers[l], w), absl::StrCat("blk.", l, ".", LinearWeightName(w)),
+                      cfg.format, h, true});
+    }
+  }
+  if (cfg.embed_format) {
+    jobs.push_back({&m->weights.tok_embeddings, "token_embd", *cfg.embed_format, nullptr, false});
+  }
+  if (!m->config.tied_embeddings) {
+    std::optional<fmt::Format> f = cfg.output_format ? cfg.output_format : cfg.embed_format;
+    if (f) jobs.push_back({&m->weights.output, "output", *f, nullptr, false});
+  }
+
+  std::unique_ptr<GptqFactor> factor;  // reused by matrices that share an input (q/k/v, gate/up)
+  const Hessian* factored = nullptr;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    Job& j = jobs[i];
+    if (progress) progress(static_cast<int>(i), static_cast<int>(jobs.size()), j.name);
+    const auto tt = Clock::now();
+    HostTensor& w = *j.tensor;
+    absl::StatusOr<QuantTensor> q;
+    if (cfg.method == "gptq" && j.hessian != nullptr) {
+      if (factored != j.hessian) {
+        auto f = FactorHessian(*j.hessian, cfg.gptq);
+        if (!f.ok()) return absl::Status(f.status().code(), absl::StrCat(j.name, ": ", f.status().message()));
+        factor = std::make_unique<GptqFactor>(*std::move(f));
+        factored = j.hessian;
+      }
+      GptqOptions go = cfg.gptq;
+      go.n_threads = cfg.n_threads;
+      q = GptqQuantize(w, *factor, j.format, go);
+    } else {
+      RtnOptions ro;
+      ro.n_threads = cfg.n_threads;
+      std::span<const float> importance;
+      if (j.hessian != nullptr) importance = j.hessian->mean_sq;
+      q = RtnQuantize(w, importance, j.format, ro);
+    }
+    if (!q.ok()) return absl::Status(q.status().code(), absl::StrCat(j.name, ": ", q.status().message()));
+    TensorReport tr;
+    tr.name = j.name;
+    tr.format = j.format.Name();
+    tr.rows = w.rows();
+    tr.cols = w.cols();
+    tr.bpw = q->BitsPerWeight();
+    auto rel = RelativeWeightError(w, *q);
+    if (!rel.ok()) return rel.status();
+    tr.rel_error = *rel;
+    if (j.hessian != nullptr) {
+      auto proxy = ProxyOutputError(w, *q, *j.hessian);
+      if (proxy.ok()) tr.proxy_error = *proxy;
+    }
+    w.quant = std::make_shared<const QuantTensor>(*std::move(q));
+    w.data.clear();
+    w.data.shrink_to_fit();
+    tr.seconds = Seconds(tt);
+    report.tensors.push_back(tr);
+  }
+  if (progress) progress(static_cast<int>(jobs.size()), static_cast<int>(jobs.size()), "");
+
+  // Bits per weight over every tensor of the model.
+  double bits_all = 0, bits_linear = 0;
+  auto account = [&](const HostTensor& t, bool linear) {
+    const double n = static_cast<double>(t.numel());
+    const double bits = t.quant ? t.quant->BitsPerWeight() * n : 32.0 * n;
+    report.params_all += t.numel();
+    bits_all += bits;
+    if (linear) {
+      report.params_linear += t.numel();
+      bits_linear += bits;
+    }
+  };
+  account(m->weights.tok_embeddings, false);
+  account(m->weights.final_norm, false);
+  if (!m->config.tied_embeddings) account(m->weights.output, false);
+  for (LayerWeights& l : m->weights.layers) {
+    account(l.attn_norm, false);
+    account(l.ffn_norm, false);
+    for (LinearWeight w : kAllLinearWeights) account(WeightOf(l, w), true);
+  }
+  report.bpw_all = bits_all / static_cast<double>(report.params_all);
+  report.bpw_linear = bits_linear / static_cast<double>(report.params_linear);
+  report.seconds = Seconds(t0);
+
+  m->metadata["quant.method"] = cfg.method;
+  m->metadata["quant.format"] = cfg.format.Name();
+  m->metadata["quant.embed_format"] = cfg.embed_format ? cfg.embed_format->Name() : "f32";
+  m->metadata["quant.bpw_all"] = absl::StrFormat("%.4f", report.bpw_all);
+  m->metadata["quant.bpw_linear"] = absl::StrFormat("%.4f", report.bpw_linear);
+  if (!cfg.calib_path.empty()) {
+    m->metadata["quant.calib_file"] = cfg.calib_path;
+    m->metadata["quant.calib_tokens"] = absl::StrCat(report.calib_tokens);
+    m->metadata["quant.calib_ctx"] = absl::StrCat(cfg.calib_ctx);
+  }
+  if (cfg.method == "gptq") {
+    m->metadata["quant.gptq.percdamp"] = absl::StrCat(cfg.gptq.percdamp);
+    m->metadata["quant.gptq.act_order"] = cfg.gptq.act_order ? "true" : "false";
+    m->metadata["quant.gptq.block_size"] = absl::StrCat(cfg.gptq.block_size);
+  }
+  return report;
+}
+
+}  // namespace nibble

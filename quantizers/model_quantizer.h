@@ -1,0 +1,67 @@
+// Whole-model quantization: turns every linear layer (and the token embedding /
+// output head) of a LoadedModel into packed QuantTensors with one method and
+// format, and reports per-tensor error and the achieved bits per weight.
+//
+// Methods: "rtn" (round-to-nearest with per-group clipping search; uses the
+// calibration Hessian's diagonal as importance when calibration text is given)
+// and "gptq" (Hessians from calibration activations of the full-precision model,
+// collected in one pass over the calibration text).
+// Non-goals here: bit allocation under a budget, BoA, DF-MPC (later revisions).
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/core/loaded_model.h"
+#include "kernels/formats/format.h"
+#include "quantizers/gptq.h"
+
+namespace nibble {
+
+struct QuantizeConfig {
+  std::string method = "rtn";  // "rtn" | "gptq"
+  fmt::Format format;          // linear layers
+  // Token embeddings (and the tied output head); nullopt keeps them fp32.
+  std::optional<fmt::Format> embed_format = fmt::Format{fmt::Kind::kInt, 8, 32, false};
+  // Separate output head, if the model has one; nullopt: same as embed_format.
+  std::optional<fmt::Format> output_format;
+  std::string calib_path;      // calibration text (required for gptq)
+  int calib_tokens = 8192;
+  int calib_ctx = 256;
+  GptqOptions gptq;
+  int n_threads = 0;
+};
+
+struct TensorReport {
+  std::string name;
+  std::string format;
+  int64_t rows = 0, cols = 0;
+  double bpw = 0;         // storage bits per weight of this tensor
+  double rel_error = 0;   // ||W - Q||_F / ||W||_F
+  double proxy_error = -1;  // tr(E H E^T) / tr(W H W^T) with the calibration Hessian; -1 if none
+  double seconds = 0;
+};
+
+struct QuantizeReport {
+  std::string method, format;
+  std::vector<TensorReport> tensors;
+  int64_t params_all = 0;     // every weight of the model, norms included
+  int64_t params_linear = 0;  // the quantized linear layers (embeddings/output excluded)
+  double bpw_all = 0;         // storage bits / params_all, every scale, zero and side-car byte counted
+  double bpw_linear = 0;
+  int64_t calib_tokens = 0;
+  double calib_seconds = 0;
+  double seconds = 0;
+};
+
+using QuantizeProgress = std::function<void(int done, int total, const std::string& tensor)>;
+
+// Quantizes `m` in place (its fp32 matrices are replaced by QuantTensors) and
+// records the settings in m->metadata. Errors name the tensor or file at fault.
+absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfig& cfg,
+                                             const QuantizeProgress& progress = nullptr);
+
+}  // namespace nibble

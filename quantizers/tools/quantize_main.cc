@@ -1,0 +1,149 @@
+// nibble-quantize: compress a checkpoint (GGUF, HF safetensors, llama2.c) into
+// a nibble model file with one of the registry's formats.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "engine/io/nibble_file.h"
+#include "engine/model/model_loader.h"
+#include "kernels/formats/format.h"
+#include "nlohmann/json.hpp"
+#include "quantizers/model_quantizer.h"
+
+namespace {
+
+int Fail(const absl::Status& s) {
+  fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+void ListFormats() {
+  printf("%-18s %-8s %5s %6s %5s  %s\n", "name", "kind", "bits", "group", "sym", "bits/weight (cols % group == 0)");
+  for (const nibble::fmt::Format& f : nibble::fmt::AllFormats()) {
+    const char* kind = f.kind == nibble::fmt::Kind::kInt       ? "int"
+                       : f.kind == nibble::fmt::Kind::kTernary ? "ternary"
+                       : f.kind == nibble::fmt::Kind::kBinary  ? "binary"
+                                                               : "bintern";
+    printf("%-18s %-8s %5d %6d %5s  %.3f\n", f.Name().c_str(), kind, f.bits, f.group, f.symmetric ? "yes" : "no",
+           f.BitsPerWeight(f.group * 16));
+  }
+}
+
+// A progress bar on a terminal, plain lines otherwise.
+class Progress {
+ public:
+  Progress() : tty_(isatty(STDERR_FILENO)) {}
+  void operator()(int done, int total, const std::string& name) {
+    if (tty_) {
+      const int width = 30, filled = total ? done * width / total : width;
+      fprintf(stderr, "\r[%s%s] %d/%d %-28s", std::string(filled, '=').c_str(),
+              std::string(width - filled, ' ').c_str(), done, total, name.c_str());
+      if (done == total) fputc('\n', stderr);
+    } else if (!name.empty()) {
+      fprintf(stderr, "quantize: %d/%d %s\n", done + 1, total, name.c_str());
+    }
+    fflush(stderr);
+  }
+
+ private:
+  bool tty_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"nibble-quantize: quantize a model into a nibble file"};
+  std::string src, tokenizer_path, out, format_name, embed_name = "int8_g32", method = "rtn", calib, report_path;
+  int calib_tokens = 8192, calib_ctx = 256, threads = 0;
+  double percdamp = 0.01;
+  bool act_order = false, list = false;
+  app.add_flag("--list-formats", list, "list the weight formats and exit");
+  app.add_option("-m,--model", src, "source model (GGUF, llama2.c .bin, HF directory)");
+  app.add_option("--tokenizer", tokenizer_path, "tokenizer file (llama2.c tok*.bin or SentencePiece .model)");
+  app.add_option("-o,--output", out, "output nibble file");
+  app.add_option("--format", format_name, "format of the linear layers (see --list-formats)");
+  app.add_option("--embed-format", embed_name, "format of token embeddings / output head, or f32")
+      ->capture_default_str();
+  app.add_option("--method", method, "rtn | gptq")->capture_default_str();
+  app.add_option("--calib", calib, "calibration text (gptq; optional for rtn: importance-weighted clipping)");
+  app.add_option("--calib-tokens", calib_tokens, "calibration tokens")->capture_default_str();
+  app.add_option("--calib-ctx", calib_ctx, "tokens per calibration chunk")->capture_default_str();
+  app.add_option("--percdamp", percdamp, "gptq: damping as a fraction of mean diag(H)")->capture_default_str();
+  app.add_flag("--act-order", act_order, "gptq: process columns by descending Hessian diagonal");
+  app.add_option("-t,--threads", threads, "CPU threads (default: all cores)");
+  app.add_option("--report", report_path, "write a JSON report (per-tensor format, bits, error, time)");
+  CLI11_PARSE(app, argc, argv);
+  if (list) {
+    ListFormats();
+    return 0;
+  }
+  if (src.empty() || out.empty() || format_name.empty()) {
+    fprintf(stderr, "error: -m MODEL, -o OUT and --format NAME are required (see --help, --list-formats)\n");
+    return 2;
+  }
+  nibble::QuantizeConfig cfg;
+  auto f = nibble::fmt::Format::Parse(format_name);
+  if (!f) return Fail(absl::InvalidArgumentError(absl::StrCat("--format: unknown format '", format_name,
+                                                              "' (see --list-formats)")));
+  cfg.format = *f;
+  if (embed_name == "f32") {
+    cfg.embed_format.reset();
+  } else {
+    auto e = nibble::fmt::Format::Parse(embed_name);
+    if (!e) return Fail(absl::InvalidArgumentError(absl::StrCat("--embed-format: unknown format '", embed_name, "'")));
+    cfg.embed_format = *e;
+  }
+  cfg.method = method;
+  cfg.calib_path = calib;
+  cfg.calib_tokens = calib_tokens;
+  cfg.calib_ctx = calib_ctx;
+  cfg.gptq.percdamp = percdamp;
+  cfg.gptq.act_order = act_order;
+  cfg.n_threads = threads;
+
+  auto m = nibble::LoadModel(src, {.tokenizer_path = tokenizer_path});
+  if (!m.ok()) return Fail(m.status());
+  fprintf(stderr, "quantize: %s (%s, %d layers, dim %d) -> %s, method %s\n", src.c_str(), m->source_format.c_str(),
+          m->config.n_layers, m->config.dim, cfg.format.Name().c_str(), method.c_str());
+  m->metadata["quant.source"] = src;
+  m->metadata["quant.source_format"] = m->source_format;
+  Progress progress;
+  auto report = nibble::QuantizeModel(&*m, cfg, [&](int d, int t, const std::string& n) { progress(d, t, n); });
+  if (!report.ok()) return Fail(report.status());
+  if (auto s = nibble::io::WriteNibbleFile(*m, out); !s.ok()) return Fail(s);
+
+  fprintf(stderr, "%-20s %-14s %11s %6s %9s %9s %7s\n", "tensor", "format", "shape", "bits", "rel.err", "proxy", "time");
+  for (const auto& t : report->tensors) {
+    fprintf(stderr, "%-20s %-14s %5lldx%-5lld %6.3f %9.5f %9.5f %6.2fs\n", t.name.c_str(), t.format.c_str(),
+            (long long)t.rows, (long long)t.cols, t.bpw, t.rel_error, t.proxy_error, t.seconds);
+  }
+  fprintf(stderr, "quantize: wrote %s: %.4f bits/weight over all %lld weights (%.4f over linear layers); %.1f s%s\n",
+          out.c_str(), report->bpw_all, (long long)report->params_all, report->bpw_linear, report->seconds,
+          report->calib_tokens ? absl::StrCat(" (calibration: ", report->calib_tokens, " tokens, ",
+                                              static_cast<int>(report->calib_seconds), " s)").c_str()
+                               : "");
+  if (!report_path.empty()) {
+    nlohmann::json j;
+    j["source"] = src;
+    j["output"] = out;
+    j["method"] = report->method;
+    j["format"] = report->format;
+    j["bpw_all"] = report->bpw_all;
+    j["bpw_linear"] = report->bpw_linear;
+    j["params_all"] = report->params_all;
+    j["calib_tokens"] = report->calib_tokens;
+    j["seconds"] = report->seconds;
+    for (const auto& t : report->tensors) {
+      j["tensors"].push_back({{"name", t.name}, {"format", t.format}, {"rows", t.rows}, {"cols", t.cols},
+                              {"bpw", t.bpw}, {"rel_error", t.rel_error}, {"proxy_error", t.proxy_error},
+                              {"seconds", t.seconds}});
+    }
+    std::ofstream(report_path) << j.dump(1) << "\n";
+  }
+  return 0;
+}
