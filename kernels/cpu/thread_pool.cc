@@ -13,6 +13,16 @@
 
 namespace nibble {
 
+// Fork/join protocol. The caller publishes a job under a new generation and
+// opens it (open_ = generation); every participant, the caller included,
+// claims chunks of the range from an atomic counter until none are left. A
+// worker announces itself in active_ BEFORE checking that the job is still
+// open; the caller closes the job (open_ = 0) and then waits for active_ to
+// drain. With sequentially consistent atomics a worker either sees the job
+// closed or is counted in active_, so a late worker (descheduled on a busy
+// machine) never runs a finished job, and the caller never waits for a worker
+// that has not started: it simply does the remaining chunks itself.
+
 int DefaultThreadCount() {
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) {
@@ -28,8 +38,8 @@ ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads > 0 ? n_threads : D
 }
 
 ThreadPool::~ThreadPool() {
-  stop_.store(true, std::memory_order_release);
-  generation_.fetch_add(1, std::memory_order_acq_rel);
+  stop_.store(true);
+  generation_.fetch_add(1);
   generation_.notify_all();
   for (auto& t : workers_) t.join();
 }
@@ -37,35 +47,48 @@ ThreadPool::~ThreadPool() {
 void ThreadPool::WorkerLoop(int index) {
   uint64_t seen = 0;
   for (;;) {
-    // Spin a little before sleeping: decode issues many short regions back to back.
-    uint64_t g = generation_.load(std::memory_order_acquire);
-    for (int spin = 0; g == seen && spin < 20000; ++spin) {
+    // Spin briefly before sleeping: decode issues many short regions back to back.
+    uint64_t g = generation_.load();
+    for (int spin = 0; g == seen && spin < 2000; ++spin) {
       NIBBLE_PAUSE();
-      g = generation_.load(std::memory_order_acquire);
+      g = generation_.load();
     }
     while (g == seen) {
-      generation_.wait(seen, std::memory_order_acquire);
-      g = generation_.load(std::memory_order_acquire);
+      generation_.wait(seen);
+      g = generation_.load();
     }
     seen = g;
-    if (stop_.load(std::memory_order_acquire)) return;
-    (*job_)(index);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    if (stop_.load()) return;
+    active_.fetch_add(1);
+    if (open_.load() == g) (*job_)(index);
+    active_.fetch_sub(1);
   }
 }
 
-void ThreadPool::RunOnAll(const std::function<void(int)>& fn) {
-  if (n_threads_ == 1) {
-    fn(0);
+void ThreadPool::RunChunks(int64_t n_chunks, const std::function<void(int, int64_t)>& chunk_fn) {
+  if (n_threads_ == 1 || n_chunks <= 1) {
+    for (int64_t c = 0; c < n_chunks; ++c) chunk_fn(0, c);
     return;
   }
-  job_ = &fn;
-  pending_.store(n_threads_ - 1, std::memory_order_release);
-  generation_.fetch_add(1, std::memory_order_acq_rel);
+  next_chunk_.store(0);
+  const std::function<void(int)> job = [&](int thread) {
+    for (int64_t c = next_chunk_.fetch_add(1); c < n_chunks; c = next_chunk_.fetch_add(1)) chunk_fn(thread, c);
+  };
+  job_ = &job;
+  const uint64_t g = generation_.fetch_add(1) + 1;
+  open_.store(g);
   generation_.notify_all();
-  fn(0);
-  while (pending_.load(std::memory_order_acquire) != 0) NIBBLE_PAUSE();
+  job(0);
+  open_.store(0);
+  while (active_.load() != 0) NIBBLE_PAUSE();
   job_ = nullptr;
+}
+
+void ThreadPool::RunOnAll(const std::function<void(int)>& fn) {
+  // Each participant runs exactly one "chunk": its own index. A worker that
+  // never wakes leaves its chunk to the caller, which runs it under index 0's
+  // scratch-free contract: fn must not assume a particular OS thread.
+  RunChunks(n_threads_, [&](int, int64_t c) { fn(static_cast<int>(c)); });
 }
 
 void ThreadPool::ParallelFor(int64_t n, int64_t grain,
@@ -73,16 +96,16 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
   const int64_t units = (n + grain - 1) / grain;
-  const int t = static_cast<int>(std::min<int64_t>(n_threads_, units));
-  if (t <= 1) {
+  // A few chunks per thread balance uneven progress without much claiming traffic.
+  const int64_t n_chunks = std::min<int64_t>(units, int64_t{n_threads_} * 4);
+  if (n_threads_ == 1 || n_chunks <= 1) {
     fn(0, 0, n);
     return;
   }
-  RunOnAll([&](int i) {
-    if (i >= t) return;
-    const int64_t ub = units * i / t, ue = units * (i + 1) / t;
+  RunChunks(n_chunks, [&](int thread, int64_t c) {
+    const int64_t ub = units * c / n_chunks, ue = units * (c + 1) / n_chunks;
     const int64_t b = ub * grain, e = std::min(n, ue * grain);
-    if (b < e) fn(i, b, e);
+    if (b < e) fn(thread, b, e);
   });
 }
 

@@ -27,23 +27,30 @@ class ThreadPool {
 
   int size() const { return n_threads_; }
 
-  // Calls fn(thread_index, begin, end) over [0, n) split into size() contiguous
-  // ranges (aligned to `grain` items so threads never share a cache line of
-  // output when grain is chosen for it). Returns when all ranges are done.
+  // Calls fn(thread_index, begin, end) over [0, n) split into contiguous chunks
+  // (multiples of `grain` items, so threads never share a cache line of output
+  // when grain is chosen for it), claimed dynamically: a thread that is late
+  // (descheduled) simply gets fewer chunks. thread_index < size() identifies
+  // the calling participant (for per-thread scratch). Returns when all are done.
   void ParallelFor(int64_t n, int64_t grain,
                    const std::function<void(int thread, int64_t begin, int64_t end)>& fn);
 
-  // Calls fn(thread_index) once on every thread.
+  // Calls fn(i) once for every i < size(), spread over the threads (a late
+  // worker's share is run by another participant).
   void RunOnAll(const std::function<void(int thread)>& fn);
 
  private:
   void WorkerLoop(int index);
+  // Runs chunk_fn(thread, c) for every c < n_chunks across the participants.
+  void RunChunks(int64_t n_chunks, const std::function<void(int thread, int64_t chunk)>& chunk_fn);
 
   int n_threads_;
   std::vector<std::thread> workers_;
   const std::function<void(int)>* job_ = nullptr;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> open_{0};     // generation of the job being run; 0: none
+  std::atomic<int> active_{0};        // workers inside (or about to check) the current job
+  std::atomic<int64_t> next_chunk_{0};
   std::atomic<bool> stop_{false};
 };
 
