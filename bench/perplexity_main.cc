@@ -13,6 +13,7 @@
 // whether both models' top-1 tokens agree (the reference must share the vocabulary).
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -50,25 +51,106 @@ struct Totals {
 
 // Evaluates `ids` with the model (and the reference) in fresh contexts and scores
 // positions [first, ids.size() - 1): logits at j predict ids[j + 1].
-absl::Status Score(nibble::LlamaModel& model, nibble::LlamaModel* ref, const std::vector<int32_t>& ids,
-                   size_t first, std::vector<float>* logits, std::vector<float>* ref_logits, Totals* t) {
+// Reference logits saved by an earlier run (--save-logits) instead of a live
+// reference model: per unit, the token ids and the fp32 logits of the scored rows.
+class LogitsFile {
+ public:
+  static constexpr char kMagic[8] = {'N', 'B', 'L', 'L', 'O', 'G', 'T', '1'};
+
+  static absl::StatusOr<LogitsFile> Create(const std::string& path, int vocab) {
+    LogitsFile f;
+    f.path_ = path;
+    f.vocab_ = vocab;
+    f.fp_ = std::fopen(path.c_str(), "wb");
+    if (f.fp_ == nullptr) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot create"));
+    std::fwrite(kMagic, 1, 8, f.fp_);
+    std::fwrite(&vocab, 4, 1, f.fp_);
+    return f;
+  }
+  static absl::StatusOr<LogitsFile> Open(const std::string& path, int vocab) {
+    LogitsFile f;
+    f.path_ = path;
+    f.vocab_ = vocab;
+    f.fp_ = std::fopen(path.c_str(), "rb");
+    if (f.fp_ == nullptr) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+    char magic[8];
+    int v = 0;
+    if (std::fread(magic, 1, 8, f.fp_) != 8 || std::memcmp(magic, kMagic, 8) != 0 || std::fread(&v, 4, 1, f.fp_) != 1)
+      return absl::InvalidArgumentError(absl::StrCat(path, ": not a nibble logits file"));
+    if (v != vocab)
+      return absl::InvalidArgumentError(absl::StrCat(path, ": saved with vocabulary ", v, ", model has ", vocab));
+    return f;
+  }
+  LogitsFile() = default;
+  LogitsFile(LogitsFile&& o) noexcept { *this = std::move(o); }
+  LogitsFile& operator=(LogitsFile&& o) noexcept {
+    std::swap(fp_, o.fp_);
+    path_ = o.path_;
+    vocab_ = o.vocab_;
+    return *this;
+  }
+  ~LogitsFile() {
+    if (fp_) std::fclose(fp_);
+  }
+
+  absl::Status Write(const std::vector<int32_t>& ids, size_t first, const float* rows) {
+    const uint32_t n = static_cast<uint32_t>(ids.size()), f = static_cast<uint32_t>(first);
+    std::fwrite(&n, 4, 1, fp_);
+    std::fwrite(&f, 4, 1, fp_);
+    std::fwrite(ids.data(), 4, n, fp_);
+    const size_t count = (ids.size() - 1 - first) * size_t(vocab_);
+    if (std::fwrite(rows, 4, count, fp_) != count) return absl::DataLossError(absl::StrCat(path_, ": write failed"));
+    return absl::OkStatus();
+  }
+  // Reads the next unit; it must be for the same ids and first position.
+  absl::Status Read(const std::vector<int32_t>& ids, size_t first, std::vector<float>* rows) {
+    uint32_t n = 0, f = 0;
+    if (std::fread(&n, 4, 1, fp_) != 1 || std::fread(&f, 4, 1, fp_) != 1)
+      return absl::OutOfRangeError(absl::StrCat(path_, ": has fewer units than this run scores"));
+    std::vector<int32_t> saved(n);
+    if (std::fread(saved.data(), 4, n, fp_) != n || saved != ids || f != first)
+      return absl::InvalidArgumentError(
+          absl::StrCat(path_, ": saved tokens differ from this run's (different text, -c, or tokenizer)"));
+    rows->resize((ids.size() - 1 - first) * size_t(vocab_));
+    if (std::fread(rows->data(), 4, rows->size(), fp_) != rows->size())
+      return absl::DataLossError(absl::StrCat(path_, ": truncated"));
+    return absl::OkStatus();
+  }
+
+ private:
+  std::FILE* fp_ = nullptr;
+  std::string path_;
+  int vocab_ = 0;
+};
+
+absl::Status Score(nibble::LlamaModel& model, nibble::LlamaModel* ref, LogitsFile* save, LogitsFile* base,
+                   const std::vector<int32_t>& ids, size_t first, std::vector<float>* logits,
+                   std::vector<float>* ref_logits, Totals* t) {
   const int vocab = model.config().vocab_size;
   auto cache = model.NewKVCache(static_cast<int>(ids.size()));
   logits->resize(ids.size() * vocab);
   if (auto s = model.Forward(ids, 0, cache.get(), *logits, /*all_logits=*/true); !s.ok()) return s;
+  if (save != nullptr) {
+    if (auto s = save->Write(ids, first, logits->data() + first * vocab); !s.ok()) return s;
+  }
+  // ref_logits rows are indexed from `first` (row j - first).
   if (ref != nullptr) {
     auto rcache = ref->NewKVCache(static_cast<int>(ids.size()));
     ref_logits->resize(ids.size() * vocab);
     if (auto s = ref->Forward(ids, 0, rcache.get(), *ref_logits, true); !s.ok()) return s;
+    ref_logits->erase(ref_logits->begin(), ref_logits->begin() + first * vocab);
+  } else if (base != nullptr) {
+    if (auto s = base->Read(ids, first, ref_logits); !s.ok()) return s;
   }
+  const bool kld = ref != nullptr || base != nullptr;
   std::vector<double> lp, lq;
   double unit = 0;
   for (size_t j = first; j + 1 < ids.size(); ++j) {
     const float* row = logits->data() + j * vocab;
     LogSoftmax(row, vocab, &lq);
     unit -= lq[ids[j + 1]];
-    if (ref != nullptr) {
-      const float* rrow = ref_logits->data() + j * vocab;
+    if (kld) {
+      const float* rrow = ref_logits->data() + (j - first) * vocab;
       LogSoftmax(rrow, vocab, &lp);
       double kl = 0;
       for (int i = 0; i < vocab; ++i) kl += std::exp(lp[i]) * (lp[i] - lq[i]);
@@ -92,7 +174,7 @@ int Fail(const absl::Status& s) {
 
 int main(int argc, char** argv) {
   CLI::App app{"nibble-perplexity: perplexity / KLD of a model on a text file (llama-perplexity compatible)"};
-  std::string model_path, tokenizer_path, text_path, doc_sep, ref_path;
+  std::string model_path, tokenizer_path, text_path, doc_sep, ref_path, save_logits, kld_base;
   int ctx = 512, chunks = -1, max_docs = -1, threads = 0;
   bool json = false;
   app.add_option("-m,--model", model_path, "model file (nibble, GGUF, llama2.c .bin, HF directory)")->required();
@@ -103,6 +185,8 @@ int main(int argc, char** argv) {
   app.add_option("--doc-separator", doc_sep, "document mode: split the text on STR and score each document");
   app.add_option("--max-docs", max_docs, "document mode: score at most N documents");
   app.add_option("--ref-model", ref_path, "reference model for KL divergence and top-1 agreement");
+  app.add_option("--save-logits", save_logits, "write this run's scored logits (a KLD base for later runs)");
+  app.add_option("--kld-base", kld_base, "KL divergence against logits saved with --save-logits");
   app.add_option("-t,--threads", threads, "CPU threads (default: all cores)");
   app.add_flag("--json", json, "print one JSON object with ppl, mean_nll, tokens (and kld, top1)");
   CLI11_PARSE(app, argc, argv);
@@ -127,6 +211,21 @@ int main(int argc, char** argv) {
     ref_engine = *std::move(r);
   }
   nibble::LlamaModel* ref = ref_engine ? ref_engine->model.get() : nullptr;
+  std::optional<LogitsFile> save, base;
+  if (!save_logits.empty()) {
+    auto f = LogitsFile::Create(save_logits, vocab);
+    if (!f.ok()) return Fail(f.status());
+    save = *std::move(f);
+  }
+  if (!kld_base.empty()) {
+    if (ref != nullptr) return Fail(absl::InvalidArgumentError("use either --ref-model or --kld-base"));
+    auto f = LogitsFile::Open(kld_base, vocab);
+    if (!f.ok()) return Fail(f.status());
+    base = *std::move(f);
+  }
+  LogitsFile* save_ptr = save ? &*save : nullptr;
+  LogitsFile* base_ptr = base ? &*base : nullptr;
+  const bool has_kld = ref != nullptr || base_ptr != nullptr;
   const bool add_bos = tok.ShouldAddBos();
   fprintf(stderr, "perplexity: model %s (%d layers, dim %d, vocab %d), backend %s, %d threads%s\n",
           model_path.c_str(), model.config().n_layers, model.config().dim, vocab, model.backend().name().c_str(),
@@ -154,7 +253,7 @@ int main(int argc, char** argv) {
       if (add_bos) batch[0] = tok.bos_id();
       // llama-perplexity scores targets batch[ctx/2 + 1 ..] against the original tokens; replacing
       // batch[0] by BOS never touches a target since ctx/2 >= 1.
-      if (auto s = Score(model, ref, batch, ctx / 2, &logits, &ref_logits, &tot); !s.ok()) return Fail(s);
+      if (auto s = Score(model, ref, save_ptr, base_ptr, batch, ctx / 2, &logits, &ref_logits, &tot); !s.ok()) return Fail(s);
       fprintf(stderr, "[%lld]%.4f ", (long long)(c + 1), std::exp(tot.nll / tot.scored));
       fflush(stderr);
     }
@@ -172,7 +271,7 @@ int main(int argc, char** argv) {
       if (ids.empty() || ids[0] != tok.bos_id()) ids.insert(ids.begin(), tok.bos_id());
       if (static_cast<int>(ids.size()) > max_len) ids.resize(max_len);
       if (ids.size() < 2) continue;
-      if (auto s = Score(model, ref, ids, 0, &logits, &ref_logits, &tot); !s.ok()) return Fail(s);
+      if (auto s = Score(model, ref, save_ptr, base_ptr, ids, 0, &logits, &ref_logits, &tot); !s.ok()) return Fail(s);
       ++docs;
       if (docs % 50 == 0) fprintf(stderr, "[%d docs] ppl %.4f\n", docs, std::exp(tot.nll / tot.scored));
     }
@@ -188,8 +287,8 @@ int main(int argc, char** argv) {
                         {"mean_nll", mean_nll},        {"tokens", tot.scored},
                         {"units", tot.unit_nll.size()}, {"unit_mean_nll", tot.unit_nll},
                         {"seconds", secs},             {"threads", model.backend().n_threads()}};
-    if (ref != nullptr) {
-      j["ref_model"] = ref_path;
+    if (has_kld) {
+      j["ref_model"] = ref != nullptr ? ref_path : kld_base;
       j["kld"] = tot.kld / double(tot.scored);
       j["top1"] = double(tot.top1_same) / double(tot.scored);
     }
@@ -197,8 +296,8 @@ int main(int argc, char** argv) {
   } else {
     printf("Final estimate: PPL = %.4f (mean NLL %.6f over %lld tokens, %.1f s)\n", ppl, mean_nll,
            (long long)tot.scored, secs);
-    if (ref != nullptr) {
-      printf("KL divergence vs %s: %.6f (top-1 agreement %.2f%%)\n", ref_path.c_str(), tot.kld / double(tot.scored),
+    if (has_kld) {
+      printf("KL divergence vs %s: %.6f (top-1 agreement %.2f%%)\n", (ref ? ref_path : kld_base).c_str(), tot.kld / double(tot.scored),
              100.0 * double(tot.top1_same) / double(tot.scored));
     }
   }
