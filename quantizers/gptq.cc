@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/common/fp16.h"
 #include "quantizers/linalg.h"
 #include "quantizers/parallel.h"
 
@@ -22,6 +23,7 @@ struct Scratch {
   std::vector<float> q;    // [kRowBlock, cols] chosen value, original order
   std::vector<float> err;  // [kRowBlock, block_size] scaled errors of the current block
   std::vector<float> gbuf;
+  std::vector<float> gimp;               // [group] fit importance with kept weights zeroed
   std::vector<fmt::GroupParams> params;  // [kRowBlock, n_groups]
   std::vector<uint8_t> fitted;           // [n_groups]
 };
@@ -35,6 +37,8 @@ struct Sweep {
   const GptqFactor& factor;
   const fmt::Format& f;
   const GptqOptions& opts;
+  const uint8_t* keep = nullptr;    // [rows, cols] original order, or null
+  const float* i8_scale = nullptr;  // [rows] or null (fp16 kept values)
   int64_t cols = 0, group = 0, n_groups = 0, bsz = 0, row_bytes = 0;
   std::vector<int32_t> pos;  // pos[original column] = processing index
   uint8_t* bytes = nullptr;
@@ -47,6 +51,7 @@ struct Sweep {
       s->q.resize(kRowBlock * cols);
       s->err.resize(kRowBlock * bsz);
       s->gbuf.resize(group);
+      s->gimp.resize(group);
       s->params.resize(kRowBlock * n_groups);
       s->fitted.resize(n_groups);
     }
@@ -64,13 +69,15 @@ struct Sweep {
       for (int64_t i = i1; i < i2; ++i) {
         const int32_t j = factor.order[i];
         const int64_t g = j / group;
-        if (!s->fitted[g]) FitGroup(g, i1, i2, i, R, s);
+        if (!s->fitted[g]) FitGroup(g, i1, i2, i, r0, R, s);
         const float* ui = U + i * cols;
         const float d = ui[i];
         for (int64_t r = 0; r < R; ++r) {
           float* wr = s->w.data() + r * cols;
           const float x = wr[i];
-          const float q = fmt::QuantizeValueRef(f, s->params[r * n_groups + g], x);
+          const bool kept = keep != nullptr && keep[(r0 + r) * cols + j] != 0;
+          const float q = kept ? KeptValue(x, i8_scale != nullptr ? i8_scale + r0 + r : nullptr)
+                               : fmt::QuantizeValueRef(f, s->params[r * n_groups + g], x);
           s->atq[r * cols + j] = x;
           s->q[r * cols + j] = q;
           const float e = (x - q) / d;
@@ -101,7 +108,7 @@ struct Sweep {
   // Fits group g's params for every row when its first column (processing
   // index i, in block [i1, i2)) is reached, on the group's current values:
   // columns beyond the block still miss this block's updates from [i1, i).
-  void FitGroup(int64_t g, int64_t i1, int64_t i2, int64_t i, int64_t R, Scratch* s) const {
+  void FitGroup(int64_t g, int64_t i1, int64_t i2, int64_t i, int64_t r0, int64_t R, Scratch* s) const {
     const float* U = factor.u.data();
     const float* imp = opts.weighted_fit ? factor.importance.data() : nullptr;
     const int64_t gs = g * group, gn = std::min(group, cols - gs);
@@ -115,14 +122,46 @@ struct Sweep {
           for (int64_t k = i1; k < i; ++k) v -= er[k - i1] * U[k * cols + p];
         s->gbuf[c] = v;
       }
-      s->params[r * n_groups + g] = fmt::FitGroupRef(f, s->gbuf.data(), static_cast<int>(gn),
-                                                     imp != nullptr ? imp + gs : nullptr, opts.bintern_lambda);
+      const float* gimp = imp != nullptr ? imp + gs : nullptr;
+      if (keep != nullptr) {
+        ExcludeKept(keep + (r0 + r) * cols + gs, gn, gimp, s->gbuf.data(), s->gimp.data());
+        gimp = s->gimp.data();
+      }
+      s->params[r * n_groups + g] =
+          fmt::FitGroupRef(f, s->gbuf.data(), static_cast<int>(gn), gimp, opts.bintern_lambda);
     }
     s->fitted[g] = 1;
   }
 };
 
 }  // namespace
+
+void ExcludeKept(const uint8_t* kept, int64_t n, const float* imp, float* vals, float* imp_out) {
+  float lo = 0.0f, hi = 0.0f;
+  bool any = false;
+  for (int64_t c = 0; c < n; ++c) {
+    if (kept[c]) continue;
+    lo = any ? std::min(lo, vals[c]) : vals[c];
+    hi = any ? std::max(hi, vals[c]) : vals[c];
+    any = true;
+  }
+  for (int64_t c = 0; c < n; ++c) {
+    imp_out[c] = kept[c] ? 0.0f : (imp != nullptr ? imp[c] : 1.0f);
+    if (kept[c]) vals[c] = any ? std::clamp(vals[c], lo, hi) : 0.0f;
+  }
+}
+
+int8_t KeptCodeI8(float x, float s) {
+  if (!(s != 0.0f) || !std::isfinite(s)) return 0;
+  const float q = std::rint(x / s);
+  if (!(q >= -127.0f)) return -127;  // also NaN
+  return static_cast<int8_t>(std::min(q, 127.0f));
+}
+
+float KeptValue(float x, const float* i8_scale) {
+  if (i8_scale == nullptr) return Fp16ToFp32(Fp32ToFp16(x));
+  return *i8_scale * static_cast<float>(KeptCodeI8(x, *i8_scale));
+}
 
 absl::StatusOr<GptqFactor> FactorHessian(const Hessian& h, const GptqOptions& opts) {
   if (auto s = h.Validate("FactorHessian"); !s.ok()) return s;
@@ -190,6 +229,11 @@ absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const Hessian& h, 
 
 absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const GptqFactor& factor, const fmt::Format& f,
                                          const GptqOptions& opts, std::vector<float>* chosen) {
+  return GptqQuantize(w, factor, f, opts, GptqKeep{}, chosen);
+}
+
+absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const GptqFactor& factor, const fmt::Format& f,
+                                         const GptqOptions& opts, const GptqKeep& keep, std::vector<float>* chosen) {
   if (auto s = CheckMatrix(w, "GptqQuantize"); !s.ok()) return s;
   if (auto s = CheckFormat(f, "GptqQuantize"); !s.ok()) return s;
   const int64_t rows = w.rows(), cols = w.cols();
@@ -200,7 +244,17 @@ absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const GptqFactor& 
                                                    " columns does not fit '", w.name, "' with ", cols, " columns"));
   if (opts.block_size < 1)
     return absl::InvalidArgumentError(absl::StrCat("GptqQuantize: block_size ", opts.block_size, " < 1"));
+  if (!keep.mask.empty() && keep.mask.size() != static_cast<size_t>(rows * cols))
+    return absl::InvalidArgumentError(absl::StrCat("GptqQuantize: keep mask for '", w.name, "' has ",
+                                                   keep.mask.size(), " entries, expected ", rows * cols));
+  if (!keep.i8_scale.empty() && keep.i8_scale.size() != static_cast<size_t>(rows))
+    return absl::InvalidArgumentError(absl::StrCat("GptqQuantize: int8 keep scales for '", w.name, "' have ",
+                                                   keep.i8_scale.size(), " entries, expected ", rows));
   Sweep sw(w, factor, f, opts);
+  if (!keep.mask.empty()) {
+    sw.keep = keep.mask.data();
+    if (!keep.i8_scale.empty()) sw.i8_scale = keep.i8_scale.data();
+  }
   sw.cols = cols;
   sw.group = f.group;
   sw.n_groups = f.BlocksPerRow(cols);

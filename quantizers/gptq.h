@@ -76,4 +76,35 @@ absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const GptqFactor& 
 absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const Hessian& h, const fmt::Format& f,
                                          const GptqOptions& opts, std::vector<float>* chosen = nullptr);
 
+// Weights kept outside the packed format (SpQR/GWQ outliers in fp16, PB-LLM
+// salient weights in int8; quantizers/outliers.h builds the side-car). A kept
+// weight is "quantized" to KeptValue() of its CURRENT (error-compensated)
+// value, so its own error is only the fp16/int8 rounding, which GPTQ then
+// compensates like any other; it is excluded from its group's fit
+// (importance 0, and its value clamped into the range of the group's other
+// weights so it cannot stretch a min/max grid). The packed code at a kept
+// position is meaningless (the side-car overrides it); `chosen` holds the
+// kept value there.
+struct GptqKeep {
+  std::span<const uint8_t> mask;    // [rows * cols], original column order, != 0: kept; empty: none
+  std::span<const float> i8_scale;  // empty: fp16 values; else [rows] per-row int8 step (see KeptValue)
+};
+
+// The value a kept weight x is stored as: fp16(x) if i8_scale is null, else
+// s * clamp(rint(x / s), -127, 127) with s = *i8_scale (s == 0 or not finite
+// gives 0). KeptCodeI8 is that int8 code.
+float KeptValue(float x, const float* i8_scale);
+int8_t KeptCodeI8(float x, float s);
+
+// One group's fit inputs with kept weights excluded: imp_out[c] = 0 where
+// kept[c] != 0, else imp[c] (1 if imp is null); kept entries of vals[n] are
+// clamped into [min, max] of the group's other values (0 if all are kept).
+void ExcludeKept(const uint8_t* kept, int64_t n, const float* imp, float* vals, float* imp_out);
+
+// GptqQuantize with kept weights. An empty keep.mask is exactly the overload
+// above (bit for bit). Errors: mask/i8_scale sizes that do not fit w.
+absl::StatusOr<QuantTensor> GptqQuantize(const HostTensor& w, const GptqFactor& factor, const fmt::Format& f,
+                                         const GptqOptions& opts, const GptqKeep& keep,
+                                         std::vector<float>* chosen = nullptr);
+
 }  // namespace nibble

@@ -40,6 +40,14 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   if (cfg.method == "gptq" && cfg.calib_path.empty()) {
     return absl::InvalidArgumentError("method gptq needs calibration text (--calib FILE)");
   }
+  if (!(cfg.outlier_fraction >= 0.0 && cfg.outlier_fraction < 1.0))
+    return absl::InvalidArgumentError(absl::StrCat("outlier fraction ", cfg.outlier_fraction, " is not in [0, 1)"));
+  const bool outliers = cfg.outlier_fraction > 0.0;
+  if (outliers && cfg.outlier_type != Sidecar::ValueType::kF16 && cfg.outlier_type != Sidecar::ValueType::kI8)
+    return absl::InvalidArgumentError("outlier value type must be f16 or i8");
+  if (outliers && cfg.outlier_saliency == Saliency::kHessian && cfg.calib_path.empty())
+    return absl::InvalidArgumentError(
+        "hessian outlier saliency needs calibration text (--calib FILE), or use magnitude saliency");
   QuantizeReport report;
   report.method = cfg.method;
   report.format = cfg.format.Name();
@@ -88,13 +96,23 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     const auto tt = Clock::now();
     HostTensor& w = *j.tensor;
     absl::StatusOr<QuantTensor> q;
-    if (cfg.method == "gptq" && j.hessian != nullptr) {
-      if (factored != j.hessian) {
-        auto f = FactorHessian(*j.hessian, cfg.gptq);
-        if (!f.ok()) return absl::Status(f.status().code(), absl::StrCat(j.name, ": ", f.status().message()));
-        factor = std::make_unique<GptqFactor>(*std::move(f));
-        factored = j.hessian;
-      }
+    const bool use_gptq = cfg.method == "gptq" && j.hessian != nullptr;
+    if (use_gptq && factored != j.hessian) {
+      auto f = FactorHessian(*j.hessian, cfg.gptq);
+      if (!f.ok()) return absl::Status(f.status().code(), absl::StrCat(j.name, ": ", f.status().message()));
+      factor = std::make_unique<GptqFactor>(*std::move(f));
+      factored = j.hessian;
+    }
+    if (outliers && j.linear) {
+      OutlierOptions oo;
+      oo.fraction = cfg.outlier_fraction;
+      oo.saliency = cfg.outlier_saliency;
+      oo.type = cfg.outlier_type;
+      oo.method = use_gptq ? "gptq" : "rtn";
+      oo.gptq = cfg.gptq;
+      oo.n_threads = cfg.n_threads;
+      q = QuantizeWithOutliers(w, j.hessian, use_gptq ? factor.get() : nullptr, j.format, oo);
+    } else if (use_gptq) {
       GptqOptions go = cfg.gptq;
       go.n_threads = cfg.n_threads;
       q = GptqQuantize(w, *factor, j.format, go);
@@ -112,13 +130,13 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     tr.rows = w.rows();
     tr.cols = w.cols();
     tr.bpw = q->BitsPerWeight();
-    auto rel = RelativeWeightError(w, *q);
-    if (!rel.ok()) return rel.status();
-    tr.rel_error = *rel;
-    if (j.hessian != nullptr) {
-      auto proxy = ProxyOutputError(w, *q, *j.hessian);
-      if (proxy.ok()) tr.proxy_error = *proxy;
-    }
+    auto decoded = DequantizeWithSidecar(*q);  // side-car applied
+    if (!decoded.ok())
+      return absl::Status(decoded.status().code(), absl::StrCat(j.name, ": ", decoded.status().message()));
+    tr.rel_error = RelativeWeightError(w.data.data(), decoded->data(), w.rows(), w.cols());
+    if (j.hessian != nullptr && j.hessian->dim == w.cols() &&
+        j.hessian->h.size() == static_cast<size_t>(w.cols() * w.cols()))
+      tr.proxy_error = ProxyOutputError(w.data.data(), decoded->data(), w.rows(), w.cols(), *j.hessian);
     w.quant = std::make_shared<const QuantTensor>(*std::move(q));
     w.data.clear();
     w.data.shrink_to_fit();
@@ -160,6 +178,11 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     m->metadata["quant.calib_file"] = cfg.calib_path;
     m->metadata["quant.calib_tokens"] = absl::StrCat(report.calib_tokens);
     m->metadata["quant.calib_ctx"] = absl::StrCat(cfg.calib_ctx);
+  }
+  if (outliers) {
+    m->metadata["quant.outliers"] = absl::StrCat(cfg.outlier_fraction);
+    m->metadata["quant.outlier_type"] = SidecarTypeName(cfg.outlier_type);
+    m->metadata["quant.outlier_saliency"] = SaliencyName(cfg.outlier_saliency);
   }
   if (cfg.method == "gptq") {
     m->metadata["quant.gptq.percdamp"] = absl::StrCat(cfg.gptq.percdamp);

@@ -18,6 +18,7 @@
 #include "engine/core/loaded_model.h"
 #include "kernels/formats/format.h"
 #include "quantizers/gptq.h"
+#include "quantizers/outliers.h"
 
 namespace nibble {
 
@@ -33,6 +34,13 @@ struct QuantizeConfig {
   int calib_ctx = 256;
   GptqOptions gptq;
   int n_threads = 0;
+  // Outlier / salient side-car on the linear layers (quantizers/outliers.h):
+  // the top outlier_fraction of each matrix's weights by outlier_saliency
+  // kept as fp16 (GWQ/SpQR) or int8 (PB-LLM, with a binary_gN format).
+  // 0 = none. kHessian saliency needs calibration text.
+  double outlier_fraction = 0.0;  // [0, 1)
+  Sidecar::ValueType outlier_type = Sidecar::ValueType::kF16;
+  Saliency outlier_saliency = Saliency::kHessian;
 };
 
 struct TensorReport {

@@ -60,7 +60,8 @@ int main(int argc, char** argv) {
   CLI::App app{"nibble-quantize: quantize a model into a nibble file"};
   std::string src, tokenizer_path, out, format_name, embed_name = "int8_g32", method = "rtn", calib, report_path;
   int calib_tokens = 8192, calib_ctx = 256, threads = 0;
-  double percdamp = 0.01;
+  double percdamp = 0.01, outliers = 0.0;
+  std::string outlier_type = "f16", saliency = "auto";
   bool act_order = false, list = false;
   app.add_flag("--list-formats", list, "list the weight formats and exit");
   app.add_option("-m,--model", src, "source model (GGUF, llama2.c .bin, HF directory)");
@@ -75,6 +76,15 @@ int main(int argc, char** argv) {
   app.add_option("--calib-ctx", calib_ctx, "tokens per calibration chunk")->capture_default_str();
   app.add_option("--percdamp", percdamp, "gptq: damping as a fraction of mean diag(H)")->capture_default_str();
   app.add_flag("--act-order", act_order, "gptq: process columns by descending Hessian diagonal");
+  app.add_option("--outliers", outliers,
+                 "fraction of each linear layer's weights kept in a sparse side-car (e.g. 0.01; 0 = none)")
+      ->capture_default_str();
+  app.add_option("--outlier-type", outlier_type,
+                 "side-car values: f16 (GWQ/SpQR outliers) | i8 (PB-LLM salient weights, with --format binary_gN)")
+      ->capture_default_str();
+  app.add_option("--saliency", saliency,
+                 "outlier selection: hessian (needs --calib) | magnitude | auto (hessian with --calib, else magnitude)")
+      ->capture_default_str();
   app.add_option("-t,--threads", threads, "CPU threads (default: all cores)");
   app.add_option("--report", report_path, "write a JSON report (per-tensor format, bits, error, time)");
   CLI11_PARSE(app, argc, argv);
@@ -105,11 +115,30 @@ int main(int argc, char** argv) {
   cfg.gptq.percdamp = percdamp;
   cfg.gptq.act_order = act_order;
   cfg.n_threads = threads;
+  if (!(outliers >= 0.0 && outliers < 1.0))
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--outliers: ", outliers, " is not in [0, 1)")));
+  cfg.outlier_fraction = outliers;
+  auto otype = nibble::ParseSidecarType(outlier_type);
+  if (!otype)
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--outlier-type: '", outlier_type, "' is not f16 or i8")));
+  cfg.outlier_type = *otype;
+  if (saliency == "auto") {
+    cfg.outlier_saliency = calib.empty() ? nibble::Saliency::kMagnitude : nibble::Saliency::kHessian;
+  } else {
+    auto sal = nibble::ParseSaliency(saliency);
+    if (!sal)
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("--saliency: '", saliency, "' is not hessian, magnitude or auto")));
+    cfg.outlier_saliency = *sal;
+  }
 
   auto m = nibble::LoadModel(src, {.tokenizer_path = tokenizer_path});
   if (!m.ok()) return Fail(m.status());
   fprintf(stderr, "quantize: %s (%s, %d layers, dim %d) -> %s, method %s\n", src.c_str(), m->source_format.c_str(),
           m->config.n_layers, m->config.dim, cfg.format.Name().c_str(), method.c_str());
+  if (outliers > 0.0)
+    fprintf(stderr, "quantize: side-car: top %g of each linear layer's weights as %s by %s saliency\n", outliers,
+            nibble::SidecarTypeName(cfg.outlier_type), nibble::SaliencyName(cfg.outlier_saliency));
   m->metadata["quant.source"] = src;
   m->metadata["quant.source_format"] = m->source_format;
   Progress progress;
@@ -138,6 +167,11 @@ int main(int argc, char** argv) {
     j["params_all"] = report->params_all;
     j["calib_tokens"] = report->calib_tokens;
     j["seconds"] = report->seconds;
+    if (outliers > 0.0) {
+      j["outliers"] = outliers;
+      j["outlier_type"] = nibble::SidecarTypeName(cfg.outlier_type);
+      j["outlier_saliency"] = nibble::SaliencyName(cfg.outlier_saliency);
+    }
     for (const auto& t : report->tensors) {
       j["tensors"].push_back({{"name", t.name}, {"format", t.format}, {"rows", t.rows}, {"cols", t.cols},
                               {"bpw", t.bpw}, {"rel_error", t.rel_error}, {"proxy_error", t.proxy_error},
