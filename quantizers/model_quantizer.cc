@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
@@ -26,7 +27,14 @@ struct Job {
   fmt::Format format;
   const Hessian* hessian;  // null: no calibration statistics for this tensor
   bool linear;
+  const std::vector<AllocBlock>* plan = nullptr;  // bit allocation: per-row-block formats
 };
+
+// Storage bits of a [rows, cols] tensor in format f (nullopt: fp32).
+double StorageBits(const HostTensor& t, const std::optional<fmt::Format>& f) {
+  if (!f || t.shape.size() != 2) return 32.0 * static_cast<double>(t.numel());
+  return 8.0 * static_cast<double>(t.rows()) * static_cast<double>(f->RowBytes(t.cols()));
+}
 
 }  // namespace
 
@@ -48,9 +56,18 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   if (outliers && cfg.outlier_saliency == Saliency::kHessian && cfg.calib_path.empty())
     return absl::InvalidArgumentError(
         "hessian outlier saliency needs calibration text (--calib FILE), or use magnitude saliency");
+  const bool allocate = cfg.target_bpw != 0.0;
+  if (allocate) {
+    if (!(cfg.target_bpw > 0.0 && cfg.target_bpw <= 32.0))
+      return absl::InvalidArgumentError(absl::StrCat("target bits per weight ", cfg.target_bpw, " is not in (0, 32]"));
+    if (cfg.calib_path.empty())
+      return absl::InvalidArgumentError("bit allocation (--bpw) needs calibration text (--calib FILE)");
+    if (outliers) return absl::InvalidArgumentError("bit allocation (--bpw) cannot be combined with --outliers");
+  }
   QuantizeReport report;
   report.method = cfg.method;
-  report.format = cfg.format.Name();
+  report.format = allocate ? "mixed" : cfg.format.Name();
+  report.target_bpw = cfg.target_bpw;
 
   // Calibration: run the full-precision model over the calibration text once,
   // collecting the Hessian of every linear layer's input.
@@ -88,6 +105,63 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     if (f) jobs.push_back({&m->weights.output, "output", *f, nullptr, false});
   }
 
+  BitAllocation allocation;
+  if (allocate) {
+    // Fixed cost: everything that is not a linear layer, in the format it will get.
+    std::optional<fmt::Format> out_f = cfg.output_format ? cfg.output_format : cfg.embed_format;
+    double fixed_bits = StorageBits(m->weights.tok_embeddings, cfg.embed_format) +
+                        StorageBits(m->weights.final_norm, std::nullopt);
+    int64_t params = m->weights.tok_embeddings.numel() + m->weights.final_norm.numel();
+    if (!m->config.tied_embeddings) {
+      fixed_bits += StorageBits(m->weights.output, out_f);
+      params += m->weights.output.numel();
+    }
+    std::vector<AllocTensor> at;
+    for (LayerWeights& l : m->weights.layers) {
+      fixed_bits += StorageBits(l.attn_norm, std::nullopt) + StorageBits(l.ffn_norm, std::nullopt);
+      params += l.attn_norm.numel() + l.ffn_norm.numel();
+      for (LinearWeight w : kAllLinearWeights) params += WeightOf(l, w).numel();
+    }
+    for (const Job& j : jobs)
+      if (j.linear) at.push_back({j.name, j.tensor, j.hessian});
+    const double budget = cfg.target_bpw * static_cast<double>(params) - fixed_bits;
+    if (budget < 0)
+      return absl::OutOfRangeError(absl::StrFormat(
+          "target %.4f bits per weight is below the fixed cost of embeddings/output/norms alone (%.4f)",
+          cfg.target_bpw, fixed_bits / static_cast<double>(params)));
+    auto a = AllocateBits(at, budget, cfg.alloc, cfg.method, cfg.gptq, cfg.n_threads);
+    if (!a.ok()) {
+      if (a.status().code() != absl::StatusCode::kOutOfRange) return a.status();
+      // Restate the infeasible budget in bits per weight over the whole model.
+      double min_linear = 0;
+      const std::vector<fmt::Format> cands = cfg.alloc.candidates.empty() ? DefaultAllocFormats()
+                                                                          : cfg.alloc.candidates;
+      for (const AllocTensor& t : at) {
+        double mb = 0;
+        for (size_t k = 0; k < cands.size(); ++k) {
+          const double b = StorageBits(*t.w, cands[k]);
+          mb = k == 0 ? b : std::min(mb, b);
+        }
+        min_linear += mb;
+      }
+      return absl::OutOfRangeError(absl::StrFormat(
+          "target %.4f bits per weight is infeasible: the smallest allocation of these formats needs %.4f "
+          "bits per weight over all %d weights (%s)",
+          cfg.target_bpw, (min_linear + fixed_bits) / static_cast<double>(params), params, a.status().message()));
+    }
+    allocation = *std::move(a);
+    size_t p = 0;
+    for (Job& j : jobs)
+      if (j.linear) j.plan = &allocation.plans[p++];
+    std::map<std::string, int> mix;
+    for (const auto& plan : allocation.plans)
+      for (const AllocBlock& b : plan) ++mix[b.format.Name()];
+    for (const auto& [name, n] : mix) absl::StrAppend(&report.alloc_mix, report.alloc_mix.empty() ? "" : ",", name, ":", n);
+    report.alloc_budget_bits = budget;
+    report.alloc_est_error = allocation.est_error_total;
+    report.alloc_gap_bound = allocation.solution.gap_bound;
+  }
+
   std::unique_ptr<GptqFactor> factor;  // reused by matrices that share an input (q/k/v, gate/up)
   const Hessian* factored = nullptr;
   for (size_t i = 0; i < jobs.size(); ++i) {
@@ -103,7 +177,11 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       factor = std::make_unique<GptqFactor>(*std::move(f));
       factored = j.hessian;
     }
-    if (outliers && j.linear) {
+    if (j.plan != nullptr) {
+      std::span<const float> importance;
+      if (j.hessian != nullptr) importance = j.hessian->mean_sq;
+      q = QuantizeBlocks(w, *j.plan, use_gptq ? factor.get() : nullptr, importance, cfg.gptq, cfg.n_threads);
+    } else if (outliers && j.linear) {
       OutlierOptions oo;
       oo.fraction = cfg.outlier_fraction;
       oo.saliency = cfg.outlier_saliency;
@@ -126,7 +204,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     if (!q.ok()) return absl::Status(q.status().code(), absl::StrCat(j.name, ": ", q.status().message()));
     TensorReport tr;
     tr.name = j.name;
-    tr.format = j.format.Name();
+    tr.format = j.plan != nullptr ? FormatMix(*j.plan) : j.format.Name();
     tr.rows = w.rows();
     tr.cols = w.cols();
     tr.bpw = q->BitsPerWeight();
@@ -170,7 +248,17 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   report.seconds = Seconds(t0);
 
   m->metadata["quant.method"] = cfg.method;
-  m->metadata["quant.format"] = cfg.format.Name();
+  m->metadata["quant.format"] = report.format;
+  if (allocate) {
+    m->metadata["quant.target_bpw"] = absl::StrCat(cfg.target_bpw);
+    m->metadata["quant.alloc.block_rows"] = absl::StrCat(cfg.alloc.block_rows);
+    std::string names;
+    for (const fmt::Format& f : cfg.alloc.candidates.empty() ? DefaultAllocFormats() : cfg.alloc.candidates)
+      absl::StrAppend(&names, names.empty() ? "" : ",", f.Name());
+    m->metadata["quant.alloc.formats"] = names;
+    m->metadata["quant.alloc.estimate"] = cfg.alloc.estimate.empty() ? cfg.method : cfg.alloc.estimate;
+    m->metadata["quant.alloc.mix"] = report.alloc_mix;
+  }
   m->metadata["quant.embed_format"] = cfg.embed_format ? cfg.embed_format->Name() : "f32";
   m->metadata["quant.bpw_all"] = absl::StrFormat("%.4f", report.bpw_all);
   m->metadata["quant.bpw_linear"] = absl::StrFormat("%.4f", report.bpw_linear);

@@ -6,7 +6,9 @@
 // calibration Hessian's diagonal as importance when calibration text is given)
 // and "gptq" (Hessians from calibration activations of the full-precision model,
 // collected in one pass over the calibration text).
-// Non-goals here: bit allocation under a budget, BoA, DF-MPC (later revisions).
+// Bit allocation: with target_bpw > 0 the linear layers get per-row-block
+// formats chosen under a bits-per-weight budget (quantizers/bit_allocation.h);
+// `format` is then ignored. Non-goals here: BoA, DF-MPC (later revisions).
 #pragma once
 
 #include <functional>
@@ -17,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "engine/core/loaded_model.h"
 #include "kernels/formats/format.h"
+#include "quantizers/bit_allocation.h"
 #include "quantizers/gptq.h"
 #include "quantizers/outliers.h"
 
@@ -41,11 +44,17 @@ struct QuantizeConfig {
   double outlier_fraction = 0.0;  // [0, 1)
   Sidecar::ValueType outlier_type = Sidecar::ValueType::kF16;
   Saliency outlier_saliency = Saliency::kHessian;
+  // > 0: allocate formats per (linear matrix, row block) so the whole model's
+  // storage is at most target_bpw * params_all bits (embeddings/output in
+  // embed_format/output_format and fp32 norms count as a fixed cost).
+  // Needs calibration text; incompatible with outliers.
+  double target_bpw = 0.0;
+  BitAllocOptions alloc;
 };
 
 struct TensorReport {
   std::string name;
-  std::string format;
+  std::string format;  // with bit allocation: the segment mix, "int3_g64:2,int4_g128:1"
   int64_t rows = 0, cols = 0;
   double bpw = 0;         // storage bits per weight of this tensor
   double rel_error = 0;   // ||W - Q||_F / ||W||_F
@@ -63,6 +72,13 @@ struct QuantizeReport {
   int64_t calib_tokens = 0;
   double calib_seconds = 0;
   double seconds = 0;
+  // Bit allocation (target_bpw > 0): the target, the linear budget in bits,
+  // the segments per format over the model, the solver's estimated error
+  // (sum of tr(E H E^T) of the chosen blocks) and its gap bound.
+  double target_bpw = 0;
+  double alloc_budget_bits = 0;
+  std::string alloc_mix;
+  double alloc_est_error = 0, alloc_gap_bound = 0;
 };
 
 using QuantizeProgress = std::function<void(int done, int total, const std::string& tensor)>;

@@ -63,6 +63,9 @@ int main(int argc, char** argv) {
   double percdamp = 0.01, outliers = 0.0;
   std::string outlier_type = "f16", saliency = "auto";
   bool act_order = false, list = false;
+  double target_bpw = 0.0;
+  int alloc_block_rows = 64;
+  std::string alloc_formats, alloc_estimate;
   app.add_flag("--list-formats", list, "list the weight formats and exit");
   app.add_option("-m,--model", src, "source model (GGUF, llama2.c .bin, HF directory)");
   app.add_option("--tokenizer", tokenizer_path, "tokenizer file (llama2.c tok*.bin or SentencePiece .model)");
@@ -85,6 +88,16 @@ int main(int argc, char** argv) {
   app.add_option("--saliency", saliency,
                  "outlier selection: hessian (needs --calib) | magnitude | auto (hessian with --calib, else magnitude)")
       ->capture_default_str();
+  auto* bpw_opt = app.add_option(
+      "--bpw", target_bpw,
+      "bit allocation: choose formats per (linear layer, row block) to meet TARGET bits per weight over the whole "
+      "model at least estimated loss (needs --calib; instead of --format)");
+  app.add_option("--alloc-block-rows", alloc_block_rows, "bit allocation: rows per allocation block")
+      ->capture_default_str();
+  app.add_option("--alloc-formats", alloc_formats,
+                 "bit allocation: candidate formats a,b,c (default: int2/3/4/8 at groups 32-128, asym and sym)");
+  app.add_option("--alloc-estimate", alloc_estimate,
+                 "bit allocation: error estimate gptq (exact for --method gptq) | rtn (faster); default: the method");
   app.add_option("-t,--threads", threads, "CPU threads (default: all cores)");
   app.add_option("--report", report_path, "write a JSON report (per-tensor format, bits, error, time)");
   CLI11_PARSE(app, argc, argv);
@@ -92,15 +105,37 @@ int main(int argc, char** argv) {
     ListFormats();
     return 0;
   }
-  if (src.empty() || out.empty() || format_name.empty()) {
-    fprintf(stderr, "error: -m MODEL, -o OUT and --format NAME are required (see --help, --list-formats)\n");
+  const bool allocate = bpw_opt->count() > 0;
+  if (src.empty() || out.empty() || (format_name.empty() && !allocate)) {
+    fprintf(stderr, "error: -m MODEL, -o OUT and --format NAME (or --bpw TARGET) are required (see --help, "
+                    "--list-formats)\n");
+    return 2;
+  }
+  if (allocate && !format_name.empty()) {
+    fprintf(stderr, "error: --format and --bpw are mutually exclusive\n");
     return 2;
   }
   nibble::QuantizeConfig cfg;
-  auto f = nibble::fmt::Format::Parse(format_name);
-  if (!f) return Fail(absl::InvalidArgumentError(absl::StrCat("--format: unknown format '", format_name,
-                                                              "' (see --list-formats)")));
-  cfg.format = *f;
+  if (allocate) {
+    if (!(target_bpw > 0.0 && target_bpw <= 32.0))
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--bpw: ", target_bpw, " is not in (0, 32]")));
+    if (calib.empty()) return Fail(absl::InvalidArgumentError("--bpw needs calibration text (--calib FILE)"));
+    if (alloc_block_rows < 1)
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--alloc-block-rows: ", alloc_block_rows, " < 1")));
+    cfg.target_bpw = target_bpw;
+    cfg.alloc.block_rows = alloc_block_rows;
+    cfg.alloc.estimate = alloc_estimate;
+    if (!alloc_formats.empty()) {
+      auto list = nibble::ParseFormatList(alloc_formats);
+      if (!list.ok()) return Fail(absl::InvalidArgumentError(absl::StrCat("--alloc-formats: ", list.status().message())));
+      cfg.alloc.candidates = *std::move(list);
+    }
+  } else {
+    auto f = nibble::fmt::Format::Parse(format_name);
+    if (!f) return Fail(absl::InvalidArgumentError(absl::StrCat("--format: unknown format '", format_name,
+                                                                "' (see --list-formats)")));
+    cfg.format = *f;
+  }
   if (embed_name == "f32") {
     cfg.embed_format.reset();
   } else {
@@ -135,7 +170,9 @@ int main(int argc, char** argv) {
   auto m = nibble::LoadModel(src, {.tokenizer_path = tokenizer_path});
   if (!m.ok()) return Fail(m.status());
   fprintf(stderr, "quantize: %s (%s, %d layers, dim %d) -> %s, method %s\n", src.c_str(), m->source_format.c_str(),
-          m->config.n_layers, m->config.dim, cfg.format.Name().c_str(), method.c_str());
+          m->config.n_layers, m->config.dim,
+          allocate ? absl::StrCat("bit allocation at ", target_bpw, " bpw").c_str() : cfg.format.Name().c_str(),
+          method.c_str());
   if (outliers > 0.0)
     fprintf(stderr, "quantize: side-car: top %g of each linear layer's weights as %s by %s saliency\n", outliers,
             nibble::SidecarTypeName(cfg.outlier_type), nibble::SaliencyName(cfg.outlier_saliency));
@@ -146,9 +183,10 @@ int main(int argc, char** argv) {
   if (!report.ok()) return Fail(report.status());
   if (auto s = nibble::io::WriteNibbleFile(*m, out); !s.ok()) return Fail(s);
 
-  fprintf(stderr, "%-20s %-14s %11s %6s %9s %9s %7s\n", "tensor", "format", "shape", "bits", "rel.err", "proxy", "time");
+  const int fw = allocate ? 40 : 14;
+  fprintf(stderr, "%-20s %-*s %11s %6s %9s %9s %7s\n", "tensor", fw, "format", "shape", "bits", "rel.err", "proxy", "time");
   for (const auto& t : report->tensors) {
-    fprintf(stderr, "%-20s %-14s %5lldx%-5lld %6.3f %9.5f %9.5f %6.2fs\n", t.name.c_str(), t.format.c_str(),
+    fprintf(stderr, "%-20s %-*s %5lldx%-5lld %6.3f %9.5f %9.5f %6.2fs\n", t.name.c_str(), fw, t.format.c_str(),
             (long long)t.rows, (long long)t.cols, t.bpw, t.rel_error, t.proxy_error, t.seconds);
   }
   fprintf(stderr, "quantize: wrote %s: %.4f bits/weight over all %lld weights (%.4f over linear layers); %.1f s%s\n",
@@ -156,6 +194,11 @@ int main(int argc, char** argv) {
           report->calib_tokens ? absl::StrCat(" (calibration: ", report->calib_tokens, " tokens, ",
                                               static_cast<int>(report->calib_seconds), " s)").c_str()
                                : "");
+  if (allocate)
+    fprintf(stderr,
+            "quantize: bit allocation: target %.4f bpw, achieved %.4f (all weights, every scale/zero byte counted); "
+            "segments %s; estimated error %.6g (gap bound %.3g)\n",
+            target_bpw, report->bpw_all, report->alloc_mix.c_str(), report->alloc_est_error, report->alloc_gap_bound);
   if (!report_path.empty()) {
     nlohmann::json j;
     j["source"] = src;
@@ -167,6 +210,14 @@ int main(int argc, char** argv) {
     j["params_all"] = report->params_all;
     j["calib_tokens"] = report->calib_tokens;
     j["seconds"] = report->seconds;
+    if (allocate) {
+      j["target_bpw"] = target_bpw;
+      j["alloc_block_rows"] = alloc_block_rows;
+      j["alloc_budget_bits"] = report->alloc_budget_bits;
+      j["alloc_mix"] = report->alloc_mix;
+      j["alloc_est_error"] = report->alloc_est_error;
+      j["alloc_gap_bound"] = report->alloc_gap_bound;
+    }
     if (outliers > 0.0) {
       j["outliers"] = outliers;
       j["outlier_type"] = nibble::SidecarTypeName(cfg.outlier_type);

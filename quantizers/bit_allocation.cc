@@ -1,0 +1,340 @@
+#include "quantizers/bit_allocation.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/strings/ascii.h"
+#include "quantizers/parallel.h"
+#include "quantizers/quant_error.h"
+#include "quantizers/rtn.h"
+
+namespace nibble {
+namespace {
+
+// Every block's argmin err + lambda * bits (ties: fewer bits, then lower index).
+void PickAll(const std::vector<std::vector<KnapsackOption>>& blocks, double lambda, std::vector<int>* choice,
+             double* bits, double* err) {
+  *bits = 0;
+  *err = 0;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const auto& opts = blocks[b];
+    int best = 0;
+    double best_v = opts[0].err + lambda * opts[0].bits;
+    for (size_t k = 1; k < opts.size(); ++k) {
+      const double v = opts[k].err + lambda * opts[k].bits;
+      if (v < best_v || (v == best_v && opts[k].bits < opts[best].bits)) {
+        best = static_cast<int>(k);
+        best_v = v;
+      }
+    }
+    (*choice)[b] = best;
+    *bits += opts[best].bits;
+    *err += opts[best].err;
+  }
+}
+
+// Per-row e^T H e of e = w - q, rows of `cols` values. Accumulates in double.
+std::vector<double> RowProxyErrors(const float* w, const float* q, int64_t rows, int64_t cols, const Hessian& h,
+                                   int n_threads) {
+  std::vector<double> out(static_cast<size_t>(rows), 0.0);
+  ParallelItems(rows, n_threads, static_cast<double>(rows) * cols * cols, [&](int, int64_t r) {
+    std::vector<double> e(static_cast<size_t>(cols));
+    for (int64_t j = 0; j < cols; ++j) e[j] = static_cast<double>(w[r * cols + j]) - q[r * cols + j];
+    double acc = 0;
+    for (int64_t i = 0; i < cols; ++i) {
+      if (e[i] == 0.0) continue;
+      const float* hi = h.h.data() + i * cols;
+      double t = 0;
+      for (int64_t j = 0; j < cols; ++j) t += hi[j] * e[j];
+      acc += e[i] * t;
+    }
+    out[r] = std::max(acc, 0.0);  // H is PSD; clamp rounding noise
+  });
+  return out;
+}
+
+HostTensor RowSlice(const HostTensor& w, int64_t r0, int64_t r1) {
+  HostTensor s;
+  s.name = absl::StrCat(w.name, "[rows ", r0, ":", r1, "]");
+  s.shape = {r1 - r0, w.cols()};
+  s.data.assign(w.data.begin() + r0 * w.cols(), w.data.begin() + r1 * w.cols());
+  return s;
+}
+
+}  // namespace
+
+absl::StatusOr<KnapsackSolution> SolveMultipleChoiceKnapsack(const std::vector<std::vector<KnapsackOption>>& blocks,
+                                                              double budget_bits) {
+  if (!(budget_bits >= 0 && std::isfinite(budget_bits)))
+    return absl::InvalidArgumentError(absl::StrCat("knapsack: budget ", budget_bits, " bits is not finite and >= 0"));
+  double min_bits = 0;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    if (blocks[b].empty()) return absl::InvalidArgumentError(absl::StrCat("knapsack: block ", b, " has no options"));
+    double mb = std::numeric_limits<double>::infinity();
+    for (const KnapsackOption& o : blocks[b]) {
+      if (!(o.bits >= 0 && std::isfinite(o.bits) && o.err >= 0 && std::isfinite(o.err)))
+        return absl::InvalidArgumentError(
+            absl::StrCat("knapsack: block ", b, " has an option with bits ", o.bits, ", err ", o.err));
+      mb = std::min(mb, o.bits);
+    }
+    min_bits += mb;
+  }
+  if (min_bits > budget_bits)
+    return absl::OutOfRangeError(absl::StrFormat(
+        "budget of %.0f bits is infeasible: the cheapest choice of every block needs %.0f bits", budget_bits,
+        min_bits));
+
+  KnapsackSolution s;
+  s.choice.assign(blocks.size(), 0);
+  double bits = 0, err = 0;
+  PickAll(blocks, 0.0, &s.choice, &bits, &err);
+  if (bits > budget_bits) {
+    // Find a feasible hi by doubling, then bisect to the smallest feasible lambda.
+    double lo = 0, hi = 1e-30;
+    std::vector<int> tmp(blocks.size());
+    for (int it = 0; it < 4000; ++it) {
+      PickAll(blocks, hi, &tmp, &bits, &err);
+      if (bits <= budget_bits) break;
+      lo = hi;
+      hi *= 2;
+    }
+    if (bits > budget_bits) {
+      // Unreachable for finite inputs (huge lambda picks the cheapest options); be safe.
+      return absl::InternalError("knapsack: no feasible Lagrange multiplier found");
+    }
+    for (int it = 0; it < 200 && hi > lo * (1 + 1e-15); ++it) {
+      const double mid = lo == 0 ? hi / 2 : std::sqrt(lo) * std::sqrt(hi);
+      if (!(mid > lo && mid < hi)) break;
+      PickAll(blocks, mid, &tmp, &bits, &err);
+      if (bits <= budget_bits) {
+        hi = mid;
+      } else {
+        lo = mid;
+      }
+    }
+    PickAll(blocks, hi, &s.choice, &bits, &err);
+    s.lambda = hi;
+  }
+  s.lagrangian_bits = bits;
+  s.lagrangian_err = err;
+  s.gap_bound = s.lambda * (budget_bits - bits);
+
+  // Greedy fill: best error reduction per extra bit that still fits.
+  for (size_t guard = 0; guard < blocks.size() * 64 + 64; ++guard) {
+    const double left = budget_bits - bits;
+    int best_b = -1, best_k = -1;
+    double best_ratio = 0, best_gain = 0;
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      const KnapsackOption& cur = blocks[b][s.choice[b]];
+      for (size_t k = 0; k < blocks[b].size(); ++k) {
+        const KnapsackOption& o = blocks[b][k];
+        const double gain = cur.err - o.err, extra = o.bits - cur.bits;
+        if (!(gain > 0) || extra > left) continue;
+        const double ratio = extra <= 0 ? std::numeric_limits<double>::infinity() : gain / extra;
+        if (ratio > best_ratio || (ratio == best_ratio && gain > best_gain)) {
+          best_ratio = ratio;
+          best_gain = gain;
+          best_b = static_cast<int>(b);
+          best_k = static_cast<int>(k);
+        }
+      }
+    }
+    if (best_b < 0) break;
+    bits += blocks[best_b][best_k].bits - blocks[best_b][s.choice[best_b]].bits;
+    err -= best_gain;
+    s.choice[best_b] = best_k;
+  }
+  // Recompute exactly (no drift from the incremental sums).
+  s.bits = 0;
+  s.err = 0;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    s.bits += blocks[b][s.choice[b]].bits;
+    s.err += blocks[b][s.choice[b]].err;
+  }
+  return s;
+}
+
+std::vector<fmt::Format> DefaultAllocFormats() {
+  std::vector<fmt::Format> out;
+  for (const char* n : {"int2_g32", "int2_g64", "int2_g128", "int3_g32", "int3_g64", "int3_g128", "int4_g64", "int4_g128",
+                        "int8_g128"}) {
+    for (const char* suffix : {"", "_sym"}) {
+      auto f = fmt::Format::Parse(absl::StrCat(n, suffix));
+      if (f) out.push_back(*f);
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<fmt::Format>> ParseFormatList(const std::string& list) {
+  std::vector<fmt::Format> out;
+  for (absl::string_view part : absl::StrSplit(list, ',', absl::SkipWhitespace())) {
+    const std::string name(absl::StripAsciiWhitespace(part));
+    auto f = fmt::Format::Parse(name);
+    if (!f) return absl::InvalidArgumentError(absl::StrCat("unknown format '", name, "' in list '", list, "'"));
+    if (std::find(out.begin(), out.end(), *f) == out.end()) out.push_back(*f);
+  }
+  if (out.empty()) return absl::InvalidArgumentError(absl::StrCat("format list '", list, "' is empty"));
+  return out;
+}
+
+std::vector<std::pair<int64_t, int64_t>> RowBlocks(int64_t rows, int block_rows) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  if (rows <= 0) return out;
+  const int64_t b = std::max(block_rows, 1);
+  if (rows < 2 * b) return {{0, rows}};
+  for (int64_t r = 0; r < rows; r += b) out.push_back({r, std::min(rows, r + b)});
+  return out;
+}
+
+absl::StatusOr<BitAllocation> AllocateBits(const std::vector<AllocTensor>& tensors, double budget_bits,
+                                           const BitAllocOptions& opts, const std::string& method,
+                                           const GptqOptions& gptq, int n_threads) {
+  const std::string estimate = opts.estimate.empty() ? method : opts.estimate;
+  if (estimate != "rtn" && estimate != "gptq")
+    return absl::InvalidArgumentError(absl::StrCat("bit allocation: unknown estimate '", estimate, "' (rtn, gptq)"));
+  if (opts.block_rows < 1)
+    return absl::InvalidArgumentError(absl::StrCat("bit allocation: block rows ", opts.block_rows, " < 1"));
+  const std::vector<fmt::Format> cands = opts.candidates.empty() ? DefaultAllocFormats() : opts.candidates;
+  for (const fmt::Format& f : cands)
+    if (auto s = CheckFormat(f, "bit allocation"); !s.ok()) return s;
+
+  // Feasibility first (cheap): the smallest candidate of every block.
+  double min_bits = 0;
+  for (const AllocTensor& at : tensors) {
+    if (at.w == nullptr || at.w->shape.size() != 2) continue;  // reported below
+    double mb = std::numeric_limits<double>::infinity();
+    for (const fmt::Format& f : cands) mb = std::min(mb, 8.0 * static_cast<double>(f.RowBytes(at.w->cols())));
+    min_bits += mb * static_cast<double>(at.w->rows());
+  }
+  if (min_bits > budget_bits)
+    return absl::OutOfRangeError(absl::StrFormat(
+        "bit allocation: budget of %.0f bits is infeasible: the cheapest candidate for every matrix needs %.0f bits",
+        budget_bits, min_bits));
+
+  BitAllocation out;
+  out.budget_bits = budget_bits;
+  std::vector<std::vector<KnapsackOption>> blocks;
+  std::vector<std::pair<size_t, size_t>> where;  // knapsack block -> (tensor, block)
+  std::map<const Hessian*, std::unique_ptr<GptqFactor>> factors;
+  GptqOptions go = gptq;
+  go.n_threads = n_threads;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const AllocTensor& at = tensors[t];
+    if (at.w == nullptr) return absl::InvalidArgumentError(absl::StrCat(at.name, ": no weights"));
+    const HostTensor& w = *at.w;
+    if (auto s = CheckMatrix(w, "bit allocation"); !s.ok()) return s;
+    const int64_t rows = w.rows(), cols = w.cols();
+    if (at.h == nullptr || at.h->dim != cols || at.h->h.size() != static_cast<size_t>(cols * cols))
+      return absl::FailedPreconditionError(
+          absl::StrCat(at.name, ": bit allocation needs the input Hessian of width ", cols, " (calibration)"));
+    const GptqFactor* factor = nullptr;
+    if (estimate == "gptq") {
+      auto& slot = factors[at.h];
+      if (!slot) {
+        auto f = FactorHessian(*at.h, go);
+        if (!f.ok()) return absl::Status(f.status().code(), absl::StrCat(at.name, ": ", f.status().message()));
+        slot = std::make_unique<GptqFactor>(*std::move(f));
+      }
+      factor = slot.get();
+    }
+    const auto rb = RowBlocks(rows, opts.block_rows);
+    const size_t first = blocks.size();
+    for (size_t b = 0; b < rb.size(); ++b) {
+      blocks.emplace_back(cands.size());
+      where.push_back({t, b});
+    }
+    for (size_t k = 0; k < cands.size(); ++k) {
+      std::vector<float> q;
+      if (factor != nullptr) {
+        auto g = GptqQuantize(w, *factor, cands[k], go, &q);
+        if (!g.ok()) return absl::Status(g.status().code(), absl::StrCat(at.name, ": ", g.status().message()));
+      } else {
+        RtnOptions ro;
+        ro.n_threads = n_threads;
+        auto r = RtnQuantize(w, at.h->mean_sq, cands[k], ro);
+        if (!r.ok()) return absl::Status(r.status().code(), absl::StrCat(at.name, ": ", r.status().message()));
+        auto d = DequantizeAll(*r);
+        if (!d.ok()) return absl::Status(d.status().code(), absl::StrCat(at.name, ": ", d.status().message()));
+        q = *std::move(d);
+      }
+      const std::vector<double> row_err = RowProxyErrors(w.data.data(), q.data(), rows, cols, *at.h, n_threads);
+      const double row_bits = 8.0 * static_cast<double>(cands[k].RowBytes(cols));
+      for (size_t b = 0; b < rb.size(); ++b) {
+        KnapsackOption& o = blocks[first + b][k];
+        o.bits = row_bits * static_cast<double>(rb[b].second - rb[b].first);
+        o.err = 0;
+        for (int64_t r = rb[b].first; r < rb[b].second; ++r) o.err += row_err[r];
+      }
+    }
+    out.plans.emplace_back();
+    for (const auto& [r0, r1] : rb) out.plans.back().push_back(AllocBlock{r0, r1, cands[0], 0, 0});
+  }
+  auto sol = SolveMultipleChoiceKnapsack(blocks, budget_bits);
+  if (!sol.ok()) return absl::Status(sol.status().code(), absl::StrCat("bit allocation: ", sol.status().message()));
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    AllocBlock& ab = out.plans[where[i].first][where[i].second];
+    const int k = sol->choice[i];
+    ab.format = cands[k];
+    ab.bits = blocks[i][k].bits;
+    ab.est_error = blocks[i][k].err;
+    out.est_error_total += ab.est_error;
+  }
+  out.solution = *std::move(sol);
+  return out;
+}
+
+absl::StatusOr<QuantTensor> QuantizeBlocks(const HostTensor& w, const std::vector<AllocBlock>& plan,
+                                           const GptqFactor* factor, std::span<const float> importance,
+                                           const GptqOptions& gptq, int n_threads) {
+  if (auto s = CheckMatrix(w, "QuantizeBlocks"); !s.ok()) return s;
+  QuantTensor out;
+  out.rows = w.rows();
+  out.cols = w.cols();
+  int64_t next = 0;
+  for (const AllocBlock& b : plan) {
+    if (b.row_begin != next || b.row_end <= b.row_begin || b.row_end > w.rows())
+      return absl::InvalidArgumentError(absl::StrCat("QuantizeBlocks: block [", b.row_begin, ", ", b.row_end,
+                                                     ") of '", w.name, "' does not continue at row ", next));
+    next = b.row_end;
+    const HostTensor slice = RowSlice(w, b.row_begin, b.row_end);
+    absl::StatusOr<QuantTensor> q;
+    if (factor != nullptr) {
+      GptqOptions go = gptq;
+      go.n_threads = n_threads;
+      q = GptqQuantize(slice, *factor, b.format, go);
+    } else {
+      RtnOptions ro;
+      ro.n_threads = n_threads;
+      q = RtnQuantize(slice, importance, b.format, ro);
+    }
+    if (!q.ok()) return q.status();
+    if (q->segments.size() != 1) return absl::InternalError("QuantizeBlocks: expected one segment per block");
+    QuantSegment seg = q->segments[0];
+    seg.row_begin = b.row_begin;
+    seg.row_end = b.row_end;
+    out.segments.push_back(seg);
+    for (auto& o : q->owners) out.owners.push_back(std::move(o));
+  }
+  if (next != w.rows())
+    return absl::InvalidArgumentError(
+        absl::StrCat("QuantizeBlocks: plan covers ", next, " of ", w.rows(), " rows of '", w.name, "'"));
+  return out;
+}
+
+std::string FormatMix(const std::vector<AllocBlock>& plan) {
+  std::map<std::string, int> counts;
+  for (const AllocBlock& b : plan) ++counts[b.format.Name()];
+  std::string s;
+  for (const auto& [name, n] : counts) absl::StrAppend(&s, s.empty() ? "" : ",", name, ":", n);
+  return s;
+}
+
+}  // namespace nibble
