@@ -1,0 +1,352 @@
+"""Writes docs/QUALITY.md and docs/quality.png from the two halves of the quality table.
+
+Goals: one place that turns bench/results/nibble_quality.json (bench/quality.py)
+and bench/results/llamacpp_quality.json (bench/llamacpp_quality.py) into the
+report: per-model tables sorted by bits per weight, GPTQ vs RTN, nibble vs
+llama.cpp at equal or smaller size, caveats, and a PPL/KLD vs bpw plot.
+Non-goals: running anything; judging rows the JSONs do not contain (missing
+llama.cpp rows are listed, not guessed).
+
+Entry point: write(nibble_doc, llama_doc, md_path, png_path). Called by
+bench/quality.py (python3 bench/quality.py --doc-only regenerates both files).
+"""
+import math
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+MODEL_ORDER = ("smollm2", "stories260K")
+TITLES = {"smollm2": "SmolLM2-135M-Instruct, wikitext-2 test (-c 512, 40 chunks)",
+          "stories260K": "stories260K, tinystories-val (document mode, first 200 documents)"}
+PPL_CLIP = 4.0  # plot: PPL above 4x the reference is drawn on the top edge
+BUDGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+
+
+# ---------------------------------------------------------------- rows
+def _embed_type(path):
+    """GGML type of token_embd in a llama.cpp GGUF (None if unreadable)."""
+    try:
+        import gguf
+        for t in gguf.GGUFReader(path).tensors:
+            if t.name == "token_embd.weight":
+                return t.tensor_type.name
+    except Exception:  # noqa: BLE001 - optional detail only
+        return None
+    return None
+
+
+def rows_of(nib, lla):
+    """Uniform rows {model, engine, method, format, embed, bpw_all, bpw_linear, ppl, kld, top1, tokens, ...}."""
+    rows, unavailable = [], []
+    for e in nib.get("entries", []):
+        if not e.get("available", True):
+            unavailable.append(("nibble", e["model"], f"{e['method']} {e['format']}", e.get("reason", "")))
+            continue
+        rows.append(dict(model=e["model"], engine="nibble", method=e["method"], format=e["format"],
+                         embed=e["embed_format"], bpw_all=e["bpw_all"], bpw_linear=e["bpw_linear"], ppl=e["ppl"],
+                         kld=e["kld"], top1=e["top1"], tokens=e["tokens"], ref=e["method"] == "ref"))
+    for e in lla.get("entries", []):
+        if not e.get("available", True):
+            unavailable.append(("llama.cpp", e["model"], e["type"], e.get("reason", "")))
+            continue
+        base, _, opt = e["type"].partition("+")
+        emb = _embed_type(os.path.join(ROOT, e["file"])) if e.get("file") else None
+        fb = e.get("fallback_tensors", 0)
+        rows.append(dict(model=e["model"], engine="llama.cpp", method="uniform imatrix" if opt else "-",
+                         format=e["type"], embed=emb or "?", bpw_all=e["bpw_all"], bpw_linear=e["bpw_linear"],
+                         ppl=e["ppl"], kld=e["kld"], top1=e["top1"], tokens=e["tokens"], ref=e["type"] == "F32",
+                         fallback=f"{fb}/{e.get('n_tensors', '?')}" if fb else ""))
+    return rows, unavailable
+
+
+def _ref(rows, model, engine):
+    for r in rows:
+        if r["model"] == model and r["engine"] == engine and r["ref"]:
+            return r
+    return None
+
+
+def _label(r):
+    if r["engine"] == "llama.cpp":
+        return f"llama.cpp {r['format']}" + (" (uniform imatrix)" if r["method"] != "-" else "")
+    emb = "" if r["embed"] == "int8_g32" else f", embed {r['embed']}"
+    return f"nibble {r['method']} {r['format']}{emb}"
+
+
+def _f(x, nd=4):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+# ---------------------------------------------------------------- sections
+def model_table(rows, model):
+    out = ["| engine | method | format | embed | bpw_all | bpw_linear | PPL | ΔPPL vs ref | KLD | top-1 % |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted([r for r in rows if r["model"] == model], key=lambda r: (-r["bpw_all"], r["engine"], r["ppl"])):
+        ref = _ref(rows, model, r["engine"])
+        d = r["ppl"] - ref["ppl"] if ref else None
+        dp = f"{d:+.4f} ({100 * d / ref['ppl']:+.1f} %)" if ref else "-"
+        fmt = r["format"] + (f" ({r['fallback']} tensors fell back)" if r.get("fallback") else "")
+        meth = "reference" if r["ref"] else r["method"]
+        out.append(f"| {r['engine']} | {meth} | {fmt} | {r['embed']} | {r['bpw_all']:.3f} | {r['bpw_linear']:.3f} | "
+                   f"{r['ppl']:.4f} | {dp} | {r['kld']:.5f} | {100 * r['top1']:.2f} |")
+    return out
+
+
+def gptq_vs_rtn(rows):
+    out = ["| model | format | embed | bpw_all | RTN PPL | GPTQ PPL | RTN KLD | GPTQ KLD | lower PPL |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    losses, checked = [], []
+    for model in MODEL_ORDER:
+        nr = {(r["method"], r["format"], r["embed"]): r for r in rows if r["model"] == model and r["engine"] == "nibble"}
+        for (m, fmt, emb), g in sorted(nr.items(), key=lambda kv: -kv[1]["bpw_all"]):
+            if m != "gptq" or ("rtn", fmt, emb) not in nr:
+                continue
+            r = nr[("rtn", fmt, emb)]
+            win = "GPTQ" if g["ppl"] < r["ppl"] else "RTN"
+            low = fmt.startswith(("int3", "int2"))
+            if low:
+                checked.append((model, fmt))
+                if win != "GPTQ" or g["kld"] >= r["kld"]:
+                    losses.append(f"{model} {fmt}")
+            b = "**" if low else ""
+            out.append(f"| {model} | {b}{fmt}{b} | {emb} | {g['bpw_all']:.3f} | {r['ppl']:.4f} | {g['ppl']:.4f} | "
+                       f"{r['kld']:.5f} | {g['kld']:.5f} | {win} |")
+    models_low = {m for m, _ in checked}
+    if not checked:
+        verdict = "No int3/int2 pair has been measured yet."
+    elif losses:
+        verdict = ("GPTQ does **not** beat RTN (lower PPL and lower KLD) everywhere at int3/int2: "
+                   + ", ".join(losses) + ".")
+    else:
+        verdict = (f"GPTQ beats RTN (lower PPL and lower KLD) at every int3 and int2 format measured "
+                   f"({len(checked)} pairs, models: {', '.join(sorted(models_low))}).")
+    return out, verdict
+
+
+def _best(cands):
+    return min(cands, key=lambda r: r["ppl"]) if cands else None
+
+
+def _cell(r):
+    return "-" if r is None else f"{_label(r)}: {r['bpw_all']:.3f} bpw, PPL {r['ppl']:.4f}"
+
+
+def vs_llama(rows, model):
+    """Per llama.cpp type and per budget: nibble's best at equal or smaller bpw_all."""
+    nib = [r for r in rows if r["model"] == model and r["engine"] == "nibble" and not r["ref"]]
+    lla = [r for r in rows if r["model"] == model and r["engine"] == "llama.cpp" and not r["ref"]]
+    per_type = ["| llama.cpp type | bpw_all | PPL | nibble's best at <= that bpw_all | bpw_all | PPL | winner |",
+                "|---|---:|---:|---|---:|---:|---|"]
+    for L in sorted(lla, key=lambda r: r["bpw_all"]):
+        n = _best([r for r in nib if r["bpw_all"] <= L["bpw_all"] + 1e-9])
+        if n is None:
+            per_type.append(f"| {L['format']} | {L['bpw_all']:.3f} | {L['ppl']:.4f} | (no nibble config this small) "
+                            f"| - | - | llama.cpp (uncontested) |")
+            continue
+        win = "**nibble**" if n["ppl"] < L["ppl"] else "llama.cpp"
+        per_type.append(f"| {L['format']} | {L['bpw_all']:.3f} | {L['ppl']:.4f} | {_label(n)} | {n['bpw_all']:.3f} | "
+                        f"{n['ppl']:.4f} | {win} |")
+    budget = ["| budget (bpw_all) | nibble's best at <= budget | llama.cpp's best at <= budget | "
+              "llama.cpp's smallest type at >= budget | nibble beats both? |",
+              "|---:|---|---|---|---|"]
+    summary = []
+    for B in BUDGETS:
+        n = _best([r for r in nib if r["bpw_all"] <= B])
+        l_le = _best([r for r in lla if r["bpw_all"] <= B])
+        ge = [r for r in lla if r["bpw_all"] >= B]
+        l_ge = min(ge, key=lambda r: (r["bpw_all"], r["ppl"])) if ge else None
+        if n is None:
+            verdict = "no nibble config this small"
+        else:
+            beats = [x for x in (l_le, l_ge) if x is not None]
+            lost = [x["format"] for x in beats if not n["ppl"] < x["ppl"]]
+            verdict = ("**yes**" if not lost else "no (loses to " + ", ".join(lost) + ")") if beats else "no llama.cpp row"
+        summary.append((B, verdict))
+        budget.append(f"| {B:.1f} | {_cell(n)} | {_cell(l_le)} | {_cell(l_ge)} | {verdict} |")
+    return per_type, budget, summary
+
+
+# ---------------------------------------------------------------- plot
+def plot(rows, png_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    styles = {"rtn": dict(marker="o", color="tab:blue"), "gptq": dict(marker="s", color="tab:orange"),
+              "llama.cpp": dict(marker="^", color="tab:green")}
+    for col, model in enumerate(MODEL_ORDER):
+        mr = [r for r in rows if r["model"] == model]
+        for row, (metric, ylabel) in enumerate((("ppl", "perplexity"), ("kld", "KLD vs reference (nats)"))):
+            ax = axes[row][col]
+            ref = _ref(rows, model, "nibble") or _ref(rows, model, "llama.cpp")
+            if metric == "ppl" and ref:
+                ax.axhline(ref["ppl"], color="gray", ls="--", lw=1, label=f"fp32 reference ({ref['ppl']:.3f})")
+            seen = set()
+            groups = {}
+            for r in mr:
+                if r["ref"]:
+                    continue
+                kind = "llama.cpp" if r["engine"] == "llama.cpp" else r["method"]
+                st = styles[kind]
+                hollow = r["engine"] == "nibble" and r["embed"] != "int8_g32"
+                lab = {"rtn": "nibble RTN", "gptq": "nibble GPTQ", "llama.cpp": "llama.cpp"}[kind]
+                if hollow:
+                    lab += " (embed smaller than int8_g32)"
+                y = max(r[metric], 1e-6)
+                clipped = metric == "ppl" and ref is not None and y > PPL_CLIP * ref["ppl"]
+                if clipped:  # far off the interesting range: drawn on the top edge, value in the label
+                    y = PPL_CLIP * ref["ppl"]
+                ax.scatter(r["bpw_all"], y, s=34, marker=st["marker"],
+                           facecolors="none" if hollow else st["color"], edgecolors=st["color"],
+                           label=None if lab in seen else lab, zorder=3)
+                seen.add(lab)
+                short = (r["format"] if r["engine"] == "llama.cpp" else
+                         r["format"].replace("int", "i").replace("_g", "g").replace("ternary", "ter")
+                         .replace("bintern", "bit").replace("binary", "bin"))
+                # llama.cpp types that fell back to the same file cluster: one label per cluster.
+                if clipped:  # vertical label hanging from the top edge
+                    ax.annotate(f"{short} ({r[metric]:.0f})", (r["bpw_all"], y), fontsize=6, rotation=90,
+                                xytext=(-3 if kind == "rtn" else 3, -6), textcoords="offset points", va="top",
+                                ha="center", color=st["color"])
+                    continue
+                gk = (round(r["bpw_all"], 1), kind) if kind == "llama.cpp" else (r["bpw_all"], y, kind)
+                g = groups.setdefault(gk, [r["bpw_all"], y, []])
+                g[1] = max(g[1], y) if kind == "llama.cpp" else g[1]
+                g[2].append(short)
+            for (*_, kind), (x, y, names) in groups.items():
+                text = "/".join(names) if len(names) < 3 else f"{names[0]}/{names[1]} +{len(names) - 2}"
+                ax.annotate(text, (x, max(y, 1e-6)), fontsize=6, xytext=(3, 3 if kind != "gptq" else -8),
+                            textcoords="offset points", color=styles[kind]["color"])
+            ax.set_yscale("log")
+            fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(fmt)
+            if metric == "ppl":
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+                    lambda v, _: f"{v:g}" if f"{v:.1e}"[0] in "25" else ""))
+            if metric == "ppl" and ref is not None:
+                ax.set_ylim(top=PPL_CLIP * ref["ppl"] * 1.08)
+            ax.set_xlabel("bits per weight (all weights, embeddings and norms included)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{model}: {ylabel.split(' ')[0]} vs bpw", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, loc="lower left" if metric == "ppl" else "best")
+    fig.suptitle("nibble (RTN, GPTQ) vs llama.cpp quantization types (lower is better; "
+                 "PPL above 4x the reference drawn on the top edge, value in parentheses)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- document
+def _expected_llama_types():
+    try:
+        import llamacpp_quality as lq
+        return ["F32"] + [t.strip() for t in lq.DEFAULT_TYPES.split(",") if t.strip()]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def write(nib, lla, md_path, png_path):
+    rows, unavailable = rows_of(nib, lla)
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    plot(rows, png_path)
+    settings = {e["model"]: e.get("settings", {}) for e in nib.get("entries", []) if e.get("method") == "ref"}
+    L = ["# Quantization quality: nibble vs llama.cpp", "",
+         "<!-- Generated by bench/quality.py (bench/plot_quality.py); do not edit by hand. -->", "",
+         "Perplexity (PPL) and KL divergence against the full-precision reference, versus bits per weight,",
+         "for nibble's formats x methods (RTN, GPTQ) beside llama.cpp's own quantization types of the same model.",
+         "", f"![PPL and KLD vs bits per weight]({os.path.basename(png_path)})", "",
+         "## How to reproduce", "",
+         "    python3 bench/quality.py --llamacpp   # both halves (resumable: finished rows are skipped), then this doc",
+         "    python3 bench/quality.py              # nibble's half only (+ the doc, using llama.cpp's JSON as it is)",
+         "    python3 bench/quality.py --doc-only   # regenerate docs/QUALITY.md and docs/quality.png",
+         "",
+         "Results: `bench/results/nibble_quality.json` (bench/quality.py, running `build/bin/nibble-quantize` and",
+         "`build/bin/nibble-perplexity`) and `bench/results/llamacpp_quality.json` (bench/llamacpp_quality.py,",
+         "llama.cpp's quantizer and evaluator through llama-cpp-python). `--force` re-runs finished rows.", "",
+         "## Settings", "",
+         "* **SmolLM2-135M-Instruct** on wikitext-2 test, llama-perplexity chunk mode: `-c 512 --chunks 40`, the",
+         "  second half of each chunk scored (10,200 tokens). **The reference is SmolLM2's Q4_1 GGUF dequantized to",
+         "  fp32** (the only checkpoint available), so \"full precision\" means those dequantized weights; both",
+         "  engines quantize from them (llama.cpp from `models/ref/SmolLM2-135M-Instruct.F32.gguf`, nibble from the",
+         "  Q4_1 GGUF, which it dequantizes to fp32 on load). GPTQ calibration: the first 8,192 tokens of",
+         "  tinystories-val (never wikitext-2, the evaluation text), 256-token chunks.",
+         "* **stories260K** on tinystories-val, document mode: split on `<|endoftext|>`, the first 200 documents,",
+         "  each from BOS in a fresh context (truncated to 512 tokens), every next token scored. Reference: the",
+         "  llama2.c fp32 checkpoint. GPTQ calibration: 4,096 tokens from the **last 40 % of tinystories-val's",
+         "  documents** (documents 600..999 of 1,000), disjoint from the 200 evaluated.",
+         "* KLD = mean over scored positions of KL(P_ref || P_quant) in nats (float64 log-softmax); top-1 = rate at",
+         "  which both argmaxes agree. nibble: the fp32 model's logits saved once (`--save-logits`), every",
+         "  quantized model evaluated with `--kld-base`; llama.cpp: the F32 GGUF's logits cached the same way.",
+         "* bpw_all = all weights (norms and the token embedding = tied output head included, every scale byte",
+         "  counted) / all parameters; bpw_linear = 2-D tensors incl. the token embedding (llama.cpp's script's",
+         "  definition, recomputed from nibble-quantize's per-tensor report). Comparisons below use bpw_all.",
+         "* nibble RTN = plain round-to-nearest (no calibration); GPTQ = `--method gptq` (no act-order, 1 %",
+         "  damping). `embed` = the format of the token embedding / tied output head (`--embed-format`).",
+         "* 2 shared vCPUs; timings are not part of this report.", ""]
+    for model in MODEL_ORDER:
+        rn, rl = _ref(rows, model, "nibble"), _ref(rows, model, "llama.cpp")
+        L += [f"## {TITLES[model]}", ""]
+        if rn and rl:
+            L += [f"Reference check: nibble's fp32 PPL {rn['ppl']:.4f} over {rn['tokens']} tokens, llama.cpp's F32 "
+                  f"{rl['ppl']:.4f} over {rl['tokens']} tokens ({100 * (rn['ppl'] / rl['ppl'] - 1):+.3f} %). "
+                  "ΔPPL is against each engine's own reference.", ""]
+        L += model_table(rows, model) + [""]
+    gv, verdict = gptq_vs_rtn(rows)
+    L += ["## GPTQ vs RTN", "", "Same format and embedding format, both methods (int3/int2 in bold).", "", verdict, ""]
+    L += gv + [""]
+    L += ["## nibble vs llama.cpp at equal or smaller size", "",
+          "The goal: at every budget from 2 to 5 bits per weight, nibble's best result has lower perplexity than",
+          "llama.cpp's type of equal or larger size. Two views, both on bpw_all and only over the rows measured:",
+          "",
+          "* **per llama.cpp type**: nibble's lowest-PPL configuration that is no larger than that type;",
+          "* **per budget B**: nibble's best at <= B, against llama.cpp's best at <= B and against llama.cpp's",
+          "  smallest type at >= B (the goal's \"equal or larger size\"). \"yes\" only if nibble beats both.", ""]
+    for model in MODEL_ORDER:
+        per_type, budget, summary = vs_llama(rows, model)
+        won = [b for b, v in summary if v.startswith("**yes")]
+        lost = [f"{b:.1f}" for b, v in summary if not v.startswith("**yes")]
+        L += [f"### {model}", "",
+              (f"Budgets where nibble wins: {', '.join(f'{b:.1f}' for b in won) or 'none'}; where it does not (yet): "
+               f"{', '.join(lost) or 'none'}."), "", "Per budget:", ""] + budget + ["", "Per llama.cpp type:", ""]
+        L += per_type + [""]
+    L += ["## Caveats", "",
+          "* **stories260K's llama.cpp types are not what their names say.** Its rows are 64 wide; k-quants and",
+          "  i-quants need multiples of 256, so llama.cpp falls back to other types (Q5_0/Q5_1/Q8_0 and the like)",
+          "  for most tensors (see the \"fell back\" counts). Several types therefore produce the same file and the",
+          "  same numbers; the bpw column, not the name, says what was compared. No llama.cpp type reaches below",
+          "  ~7.5 bpw_all on this model, so at 2-5 bpw nibble is compared with llama.cpp's smallest file.",
+          "* SmolLM2's \"full precision\" reference is its Q4_1 checkpoint dequantized; the quantized models are",
+          "  measured against it, not against the original bf16 model.",
+          "* llama.cpp's CPU path quantizes activations to 8 bits for its quantized dot products, so its rows",
+          "  include activation rounding error as well as weight error (visible in Q8_0's non-zero KLD). That is",
+          "  how llama.cpp runs these files, so it is the fair comparison for users, but not a pure weight-error one.",
+          "* `+uimat` types were quantized with an all-ones importance matrix (llama.cpp refuses IQ1/IQ2 types",
+          "  without one); it carries no calibration information. llama.cpp's types use no calibration data here,",
+          "  while nibble's GPTQ rows do (tinystories text, disjoint from every evaluation text).",
+          "* The token embedding is tied to the output head in both models and is a large share of SmolLM2's",
+          "  weights (28 M of 135 M), so the embedding format moves bpw_all a lot; rows differing only in `embed`",
+          "  show the trade-off.",
+          "* One evaluation run per row; PPL differences well under 1 % between close rows are within what",
+          "  another calibration sample could change.", ""]
+    exp = _expected_llama_types()
+    missing = []
+    if exp:
+        have = {(e["model"], e["type"]) for e in lla.get("entries", [])}
+        for model in MODEL_ORDER:
+            miss = [t for t in exp if (model, t) not in have]
+            if miss:
+                missing.append(f"{model}: {', '.join(miss)}")
+    if missing or unavailable:
+        L += ["## Missing rows", ""]
+        if missing:
+            L += ["llama.cpp rows not yet in `bench/results/llamacpp_quality.json` (re-run "
+                  "`python3 bench/quality.py --llamacpp` to complete them and regenerate this file):", ""]
+            L += [f"* {m}" for m in missing] + [""]
+        if unavailable:
+            L += ["Rows that could not be produced:", ""]
+            L += [f"* {eng} {model} {what}: {why}" for eng, model, what, why in unavailable] + [""]
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(L).rstrip() + "\n")

@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""nibble's half of the quantization quality report, and the report itself.
+
+Goals: quantize stories260K and SmolLM2-135M with nibble-quantize in every
+format x method worth showing, evaluate each with nibble-perplexity against the
+full-precision model's saved logits (PPL, KL(P_ref || P_q), top-1 agreement),
+and write docs/QUALITY.md + docs/quality.png from these results and
+llama.cpp's (bench/llamacpp_quality.py -> bench/results/llamacpp_quality.json).
+Non-goals: running llama.cpp itself (only with --llamacpp, which calls
+bench/llamacpp_quality.py), timing anything precisely (2 shared cores).
+
+Settings (identical to bench/llamacpp_quality.py):
+  * smollm2: wikitext-2-test, chunk mode -c 512 --chunks 40. Reference: the
+    Q4_1 GGUF dequantized to fp32 by nibble (SmolLM2's only checkpoint here).
+    GPTQ calibration: the start of tinystories-val (never wikitext-2).
+  * stories260K: tinystories-val document mode (split on <|endoftext|>), the
+    first 200 documents. GPTQ calibration: the LAST 40% of the documents of
+    tinystories-val (disjoint from the 200 evaluated ones), written to
+    models/ref/nibble/stories260K.calib.txt.
+
+Resumable: a config whose entry in -o has the same settings is skipped unless
+--force; results are written after every config. Files: models/ref/nibble/
+(reference logits *.ref.logits, quantized *.nbl deleted after evaluation
+unless --keep, logs/).
+
+    python3 bench/quality.py                # run what is missing, then write the doc
+    python3 bench/quality.py --llamacpp     # also run llama.cpp's half first (resumable)
+    python3 bench/quality.py --doc-only     # only regenerate docs/QUALITY.md + quality.png
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+sys.path.insert(0, HERE)
+
+import quality_common as qc  # noqa: E402
+
+WORK = os.path.join(ROOT, "models", "ref", "nibble")
+RESULTS = os.path.join(HERE, "results", "nibble_quality.json")
+LLAMA_RESULTS = os.path.join(HERE, "results", "llamacpp_quality.json")
+TINY = os.path.join(SHARED, "data", "tinystories-val.txt")
+WIKI = os.path.join(SHARED, "data", "wikitext-2-test.txt")
+STORIES = os.path.join(SHARED, "models", "stories260K")
+CALIB_FRACTION = 0.4  # stories260K: calibrate on the last 40% of the documents
+
+MODELS = {
+    "stories260K": {
+        "src": os.path.join(STORIES, "stories260K.bin"), "tokenizer": os.path.join(STORIES, "tok512.bin"),
+        "eval": ["-f", TINY, "--doc-separator", "<|endoftext|>", "--max-docs", "200"],
+        "settings": {"mode": "docs", "max_docs": 200, "data": "tinystories-val.txt"},
+        "calib_tokens": 4096,
+        "reference": "llama2.c stories260K.bin (fp32)",
+    },
+    "smollm2": {
+        "src": os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"), "tokenizer": None,
+        "eval": ["-f", WIKI, "-c", "512", "--chunks", "40"],
+        "settings": {"mode": "chunks", "ctx": 512, "chunks": 40, "data": "wikitext-2-test.txt"},
+        "calib_tokens": 8192,
+        "reference": "SmolLM2-135M-Instruct.Q4_1.gguf dequantized to fp32",
+    },
+}
+
+E8, E4 = "int8_g32", "int4_g32"
+_ST = ["int8_g32", "int4_g32", "int4_g128", "int3_g32", "int3_g64", "int3_g128", "int2_g32", "int2_g64",
+       "ternary_g64", "bintern_g64", "binary_g32"]
+# (model, method, format, embed format), run in this order.
+CONFIGS = (
+    [("stories260K", m, f, E8) for f in _ST for m in ("rtn", "gptq")]
+    + [("stories260K", "gptq", f, E4) for f in ("int4_g32", "int4_g128", "int3_g64", "int3_g128", "int2_g32",
+                                                "int2_g64")]
+    + [("smollm2", m, f, E8) for f in ("int4_g128", "int3_g64", "int2_g64") for m in ("rtn", "gptq")]
+    + [("smollm2", "gptq", "int4_g64", E4), ("smollm2", "gptq", "int3_g128", E4)]
+    # Extras (lower budgets), run last.
+    + [("smollm2", "gptq", "int2_g64", E4), ("smollm2", "gptq", "int3_g64", E4),
+       ("smollm2", "gptq", "int2_g128", "int3_g64"), ("smollm2", "gptq", "int4_g128", E4)]
+)
+
+
+def key_of(model, method, fmt, embed):
+    return f"{model}:{method}:{fmt}:{embed}"
+
+
+# ---------------------------------------------------------------- results file
+def load_json(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def save_json(path, doc):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def put(doc, entry):
+    doc["entries"] = [e for e in doc.get("entries", []) if e["key"] != entry["key"]] + [entry]
+
+
+def find(doc, key, settings):
+    for e in doc.get("entries", []):
+        if e["key"] == key and e.get("settings") == settings:
+            return e
+    return None
+
+
+# ---------------------------------------------------------------- running the tools
+def run(cmd, log_path):
+    """Runs cmd, stderr appended to log_path; returns (stdout, seconds). Raises on failure."""
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"exit {p.returncode}: {' '.join(cmd)} (see {log_path})")
+    return p.stdout, time.time() - t0
+
+
+def eval_json(stdout):
+    d = json.loads(stdout.strip().splitlines()[-1])
+    d.pop("unit_mean_nll", None)
+    return d
+
+
+def stories_calib_file():
+    """The last 40% of tinystories-val's documents, one blank line apart."""
+    path = os.path.join(WORK, "stories260K.calib.txt")
+    docs = qc.tinystories_docs(TINY, 0)
+    first = len(docs) - int(round(CALIB_FRACTION * len(docs)))
+    if first < 200:
+        raise RuntimeError(f"{TINY}: {len(docs)} documents; calibration would overlap the 200 evaluated")
+    text = "\n\n".join(docs[first:]) + "\n"
+    if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return path, {"calib": f"tinystories-val documents {first}..{len(docs) - 1} of {len(docs)} (last 40%)"}
+
+
+def bpw_from_report(rep):
+    """bpw over 2-D tensors with llama.cpp's definitions (quality_common.gguf_bpw):
+    bpw_linear includes token_embd (= tied output); bpw_blk_linear only blk.*."""
+    lb = ln = bb = bn = 0.0
+    for t in rep["tensors"]:
+        n = t["rows"] * t["cols"]
+        lb += t["bpw"] * n
+        ln += n
+        if t["name"].startswith("blk."):
+            bb += t["bpw"] * n
+            bn += n
+    # Everything not in the per-tensor list (norms) is stored as fp32.
+    rest = rep["params_all"] - ln
+    all_bits = lb + 32.0 * rest
+    return {"bpw_linear": lb / ln, "bpw_blk_linear": bb / bn,
+            "bpw_all_check": all_bits / rep["params_all"]}
+
+
+def ensure_reference(name, cfg, args, doc):
+    """Saves the fp32 model's logits once; records the reference entry."""
+    logits = os.path.join(WORK, f"{name}.ref.logits")
+    key = key_of(name, "ref", "f32", "f32")
+    settings = cfg["settings"]
+    if os.path.exists(logits) and find(doc, key, settings) and not args.force_ref:
+        return logits
+    cmd = [os.path.join(args.bin, "nibble-perplexity"), "-m", cfg["src"]]
+    if cfg["tokenizer"]:
+        cmd += ["--tokenizer", cfg["tokenizer"]]
+    cmd += cfg["eval"] + ["-t", str(args.threads), "--json", "--save-logits", logits + ".tmp"]
+    print(f"-- {name}: reference logits", file=sys.stderr, flush=True)
+    out, secs = run(cmd, os.path.join(WORK, "logs", f"{name}.ref.log"))
+    os.replace(logits + ".tmp", logits)
+    r = eval_json(out)
+    put(doc, {"key": key, "model": name, "engine": "nibble", "method": "ref", "format": "f32", "embed_format": "f32",
+              "settings": settings, "bpw_all": 32.0, "bpw_linear": 32.0, "bpw_blk_linear": 32.0,
+              "ppl": r["ppl"], "mean_nll": r["mean_nll"], "kld": 0.0, "top1": 1.0, "tokens": r["tokens"],
+              "eval_seconds": secs, "reference": cfg["reference"]})
+    save_json(args.output, doc)
+    print(f"   reference ppl={r['ppl']:.4f} tokens={r['tokens']} ({secs:.0f}s)", file=sys.stderr, flush=True)
+    return logits
+
+
+def run_config(name, method, fmt, embed, args, doc, logits):
+    cfg = MODELS[name]
+    settings = dict(cfg["settings"])
+    qargs = []
+    if method == "gptq":
+        if name == "stories260K":
+            calib, info = stories_calib_file()
+        else:
+            calib, info = TINY, {"calib": "tinystories-val.txt from its start"}
+        qargs = ["--calib", calib, "--calib-tokens", str(cfg["calib_tokens"])]
+        settings.update(info, calib_tokens=cfg["calib_tokens"])
+    key = key_of(name, method, fmt, embed)
+    if not args.force and find(doc, key, settings):
+        return
+    tag = f"{name}.{method}.{fmt}.{embed}"
+    log = os.path.join(WORK, "logs", tag + ".log")
+    if os.path.exists(log):
+        os.remove(log)
+    nbl, rep_path = os.path.join(WORK, tag + ".nbl"), os.path.join(WORK, "logs", tag + ".report.json")
+    cmd = [os.path.join(args.bin, "nibble-quantize"), "-m", cfg["src"]]
+    if cfg["tokenizer"]:
+        cmd += ["--tokenizer", cfg["tokenizer"]]
+    cmd += ["-o", nbl, "--format", fmt, "--embed-format", embed, "--method", method, "-t", str(args.threads),
+            "--report", rep_path] + qargs
+    print(f"-- {key}: quantizing", file=sys.stderr, flush=True)
+    try:
+        _, qsecs = run(cmd, log)
+        with open(rep_path) as f:
+            rep = json.load(f)
+        print(f"   bpw_all={rep['bpw_all']:.3f} ({qsecs:.0f}s); evaluating", file=sys.stderr, flush=True)
+        ecmd = [os.path.join(args.bin, "nibble-perplexity"), "-m", nbl] + cfg["eval"] + [
+            "-t", str(args.threads), "--json", "--kld-base", logits]
+        out, esecs = run(ecmd, log)
+        r = eval_json(out)
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        print(f"   FAILED: {e}", file=sys.stderr, flush=True)
+        put(doc, {"key": key, "model": name, "engine": "nibble", "method": method, "format": fmt,
+                  "embed_format": embed, "settings": settings, "available": False, "reason": str(e)})
+        save_json(args.output, doc)
+        return
+    finally:
+        if not args.keep and os.path.exists(nbl):
+            os.remove(nbl)
+    b = bpw_from_report(rep)
+    entry = {"key": key, "model": name, "engine": "nibble", "method": method, "format": fmt, "embed_format": embed,
+             "settings": settings, "available": True, "bpw_all": rep["bpw_all"], "bpw_linear": b["bpw_linear"],
+             "bpw_blk_linear": b["bpw_blk_linear"], "bpw_linear_nibble_report": rep["bpw_linear"],
+             "params_all": rep["params_all"], "ppl": r["ppl"], "mean_nll": r["mean_nll"], "kld": r["kld"],
+             "top1": r["top1"], "tokens": r["tokens"], "quant_seconds": qsecs, "eval_seconds": esecs,
+             "calib_tokens": rep.get("calib_tokens", 0), "threads": args.threads}
+    if abs(b["bpw_all_check"] - rep["bpw_all"]) > 1e-3:
+        entry["bpw_warning"] = f"per-tensor bits + fp32 norms give {b['bpw_all_check']:.4f} bpw"
+    put(doc, entry)
+    save_json(args.output, doc)
+    print(f"   ppl={r['ppl']:.4f} kld={r['kld']:.5f} top1={r['top1']:.4f} ({esecs:.0f}s)", file=sys.stderr,
+          flush=True)
+
+
+# ---------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-o", "--output", default=RESULTS)
+    ap.add_argument("--llama-results", default=LLAMA_RESULTS)
+    ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"))
+    ap.add_argument("--models", default="stories260K,smollm2")
+    ap.add_argument("--only", default="", help="comma list of substrings; run configs whose key contains one")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--force", action="store_true", help="re-run configs that already have results")
+    ap.add_argument("--force-ref", action="store_true", help="re-save the reference logits")
+    ap.add_argument("--keep", action="store_true", help="keep the quantized .nbl files")
+    ap.add_argument("--llamacpp", action="store_true", help="run bench/llamacpp_quality.py (resumable) first")
+    ap.add_argument("--doc-only", action="store_true", help="only regenerate docs/QUALITY.md and docs/quality.png")
+    ap.add_argument("--doc", default=os.path.join(ROOT, "docs", "QUALITY.md"))
+    ap.add_argument("--png", default=os.path.join(ROOT, "docs", "quality.png"))
+    args = ap.parse_args()
+
+    if not args.doc_only:
+        if args.llamacpp:
+            subprocess.run([sys.executable, os.path.join(HERE, "llamacpp_quality.py"), "-o", args.llama_results,
+                            "-t", str(args.threads)], check=False)
+        os.makedirs(os.path.join(WORK, "logs"), exist_ok=True)
+        doc = load_json(args.output)
+        doc["generator"] = "bench/quality.py"
+        doc["notes"] = ("bpw_all: nibble-quantize's report (every weight incl. fp32 norms and the int/fp token "
+                        "embedding = tied output head, every scale byte counted). bpw_linear: 2-D tensors incl. "
+                        "token_embd, bpw_blk_linear: blk.* 2-D tensors (llama.cpp's definitions). kld: mean "
+                        "KL(P_ref||P_q) in nats over scored positions. seconds: 2 shared cores, noisy.")
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        only = [s for s in args.only.split(",") if s]
+        t_start = time.time()
+        for name in models:
+            if name not in MODELS:
+                print(f"unknown model {name!r} (have {', '.join(MODELS)})", file=sys.stderr)
+                return 2
+            logits = ensure_reference(name, MODELS[name], args, doc)
+            for (m, method, fmt, embed) in CONFIGS:
+                if m != name or (only and not any(s in key_of(m, method, fmt, embed) for s in only)):
+                    continue
+                run_config(name, method, fmt, embed, args, doc, logits)
+        print(f"== runs done in {time.time() - t_start:.0f}s", file=sys.stderr, flush=True)
+
+    import plot_quality
+    plot_quality.write(load_json(args.output), load_json(args.llama_results), args.doc, args.png)
+    print(f"wrote {os.path.relpath(args.doc, ROOT)} and {os.path.relpath(args.png, ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
