@@ -1,6 +1,10 @@
 #include "tests/test_util.h"
 
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <array>
+#include <cstdio>
 
 #include <cstdlib>
 #include <filesystem>
@@ -50,6 +54,18 @@ std::string WriteTempFile(const std::string& name, const std::string& content) {
   std::string path = dir + "/" + name;
   std::ofstream(path, std::ios::binary) << content;
   return path;
+}
+
+RunResult RunCommand(const std::string& cmd) {
+  RunResult r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  const int st = pclose(p);
+  r.exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
 }
 
 }  // namespace nibble::testing

@@ -22,4 +22,12 @@ std::string WriteTempFile(const std::string& name, const std::string& content);
 // A fresh temporary directory.
 std::string MakeTempDir(const std::string& prefix);
 
+// Runs a shell command; returns its exit code (-1 if it did not exit normally,
+// e.g. killed by a signal) and everything it wrote to stdout.
+struct RunResult {
+  int exit_code = -1;
+  std::string out;
+};
+RunResult RunCommand(const std::string& cmd);
+
 }  // namespace nibble::testing

@@ -19,22 +19,8 @@ namespace {
 // Perplexities within 1% <=> mean NLLs within log(1.01).
 const double kPplRelTol = 0.01;
 
-struct RunResult {
-  int exit_code;
-  std::string out;
-};
-
-RunResult RunCommand(const std::string& cmd) {
-  RunResult r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  const int st = pclose(p);
-  r.exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+using testing::RunCommand;
+using testing::RunResult;
 
 TEST(PerplexityE2E, SmolLM2WikitextChunksMatchLlamaCpp) {
   auto model = testing::SmolLM2Gguf();
