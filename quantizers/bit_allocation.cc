@@ -40,6 +40,17 @@ void PickAll(const std::vector<std::vector<KnapsackOption>>& blocks, double lamb
   }
 }
 
+
+HostTensor RowSlice(const HostTensor& w, int64_t r0, int64_t r1) {
+  HostTensor s;
+  s.name = absl::StrCat(w.name, "[rows ", r0, ":", r1, "]");
+  s.shape = {r1 - r0, w.cols()};
+  s.data.assign(w.data.begin() + r0 * w.cols(), w.data.begin() + r1 * w.cols());
+  return s;
+}
+
+}  // namespace
+
 // Per-row e^T H e of e = w - q, rows of `cols` values. Accumulates in double.
 std::vector<double> RowProxyErrors(const float* w, const float* q, int64_t rows, int64_t cols, const Hessian& h,
                                    int n_threads) {
@@ -59,16 +70,6 @@ std::vector<double> RowProxyErrors(const float* w, const float* q, int64_t rows,
   });
   return out;
 }
-
-HostTensor RowSlice(const HostTensor& w, int64_t r0, int64_t r1) {
-  HostTensor s;
-  s.name = absl::StrCat(w.name, "[rows ", r0, ":", r1, "]");
-  s.shape = {r1 - r0, w.cols()};
-  s.data.assign(w.data.begin() + r0 * w.cols(), w.data.begin() + r1 * w.cols());
-  return s;
-}
-
-}  // namespace
 
 absl::StatusOr<KnapsackSolution> SolveMultipleChoiceKnapsack(const std::vector<std::vector<KnapsackOption>>& blocks,
                                                               double budget_bits) {
@@ -196,7 +197,8 @@ std::vector<std::pair<int64_t, int64_t>> RowBlocks(int64_t rows, int block_rows)
 
 absl::StatusOr<BitAllocation> AllocateBits(const std::vector<AllocTensor>& tensors, double budget_bits,
                                            const BitAllocOptions& opts, const std::string& method,
-                                           const GptqOptions& gptq, int n_threads) {
+                                           const GptqOptions& gptq, int n_threads,
+                                           const std::vector<AllocExtra>& extras) {
   const std::string estimate = opts.estimate.empty() ? method : opts.estimate;
   if (estimate != "rtn" && estimate != "gptq")
     return absl::InvalidArgumentError(absl::StrCat("bit allocation: unknown estimate '", estimate, "' (rtn, gptq)"));
@@ -213,6 +215,13 @@ absl::StatusOr<BitAllocation> AllocateBits(const std::vector<AllocTensor>& tenso
     double mb = std::numeric_limits<double>::infinity();
     for (const fmt::Format& f : cands) mb = std::min(mb, 8.0 * static_cast<double>(f.RowBytes(at.w->cols())));
     min_bits += mb * static_cast<double>(at.w->rows());
+  }
+  for (const AllocExtra& e : extras) {
+    if (e.costs.empty() || e.costs.size() != e.formats.size())
+      return absl::InvalidArgumentError(absl::StrCat("bit allocation: ", e.name, ": options and costs differ"));
+    double mb = std::numeric_limits<double>::infinity();
+    for (const KnapsackOption& o : e.costs) mb = std::min(mb, o.bits);
+    min_bits += mb;
   }
   if (min_bits > budget_bits)
     return absl::OutOfRangeError(absl::StrFormat(
@@ -272,14 +281,25 @@ absl::StatusOr<BitAllocation> AllocateBits(const std::vector<AllocTensor>& tenso
         o.bits = row_bits * static_cast<double>(rb[b].second - rb[b].first);
         o.err = 0;
         for (int64_t r = rb[b].first; r < rb[b].second; ++r) o.err += row_err[r];
+        o.err *= at.weight;
       }
     }
     out.plans.emplace_back();
     for (const auto& [r0, r1] : rb) out.plans.back().push_back(AllocBlock{r0, r1, cands[0], 0, 0});
   }
+  if (!(std::all_of(tensors.begin(), tensors.end(),
+                    [](const AllocTensor& t) { return std::isfinite(t.weight) && t.weight >= 0; })))
+    return absl::InvalidArgumentError("bit allocation: a tensor weight is negative or not finite");
+  const size_t n_linear_blocks = blocks.size();
+  for (const AllocExtra& e : extras) blocks.push_back(e.costs);
   auto sol = SolveMultipleChoiceKnapsack(blocks, budget_bits);
   if (!sol.ok()) return absl::Status(sol.status().code(), absl::StrCat("bit allocation: ", sol.status().message()));
-  for (size_t i = 0; i < blocks.size(); ++i) {
+  for (size_t e = 0; e < extras.size(); ++e) {
+    const int k = sol->choice[n_linear_blocks + e];
+    out.extra_choice.push_back(k);
+    out.est_error_total += extras[e].costs[k].err;
+  }
+  for (size_t i = 0; i < n_linear_blocks; ++i) {
     AllocBlock& ab = out.plans[where[i].first][where[i].second];
     const int k = sol->choice[i];
     ab.format = cands[k];

@@ -99,7 +99,22 @@ struct BitAllocOptions {
   int block_rows = 64;                  // rows per allocation block (>= 1)
   std::vector<fmt::Format> candidates;  // empty: DefaultAllocFormats()
   std::string estimate;                 // "gptq" | "rtn" | "" (= the method)
+  // Loss sensitivity (quantizers/sensitivity.h): "kld" weighs each matrix's
+  // proxy errors by KLD probes (KLD per unit proxy error, measured with the
+  // matrix alone quantized to probe_format by RTN); "none": all weigh 1.
+  std::string sensitivity = "kld";
+  fmt::Format probe_format{fmt::Kind::kInt, 3, 64, false};
+  int probe_tokens = 256;  // calibration tokens per probe pass
+  int probe_ctx = 128;     // tokens per probe chunk
+  // Token embedding / output head candidates, chosen by the solver with
+  // their measured KLD as error (needs sensitivity "kld"). Empty: they keep
+  // the configured embed/output format as a fixed cost.
+  std::vector<fmt::Format> embed_candidates;
 };
+
+// Per-row e_r^T H e_r of e = w - q ([rows, cols] each), in double, clamped >= 0.
+std::vector<double> RowProxyErrors(const float* w, const float* q, int64_t rows, int64_t cols, const Hessian& h,
+                                   int n_threads);
 
 // The row blocks [begin, end) of a matrix of `rows` rows (see "Units").
 std::vector<std::pair<int64_t, int64_t>> RowBlocks(int64_t rows, int block_rows);
@@ -109,6 +124,18 @@ struct AllocTensor {
   std::string name;
   const HostTensor* w = nullptr;
   const Hessian* h = nullptr;
+  // Loss sensitivity: every block's proxy error is multiplied by this
+  // (quantizers/sensitivity.h: KLD per unit of proxy error; 1 = none).
+  double weight = 1.0;
+};
+
+// A unit allocated as a whole with externally measured costs (e.g. the token
+// embedding: each candidate's bits and its measured KLD, on the same scale
+// as the weighted proxy errors). The solver picks one option.
+struct AllocExtra {
+  std::string name;
+  std::vector<fmt::Format> formats;     // the options
+  std::vector<KnapsackOption> costs;    // per option: bits and error
 };
 
 struct AllocBlock {
@@ -123,6 +150,7 @@ struct BitAllocation {
   KnapsackSolution solution;
   double budget_bits = 0;      // for the linear matrices
   double est_error_total = 0;  // sum of the chosen blocks' est_error
+  std::vector<int> extra_choice;  // per AllocExtra: index of the chosen option
 };
 
 // Estimates every (block, candidate) error and solves the knapsack for
@@ -130,7 +158,8 @@ struct BitAllocation {
 // final quantizer; decides the default estimate). Errors name the tensor.
 absl::StatusOr<BitAllocation> AllocateBits(const std::vector<AllocTensor>& tensors, double budget_bits,
                                            const BitAllocOptions& opts, const std::string& method,
-                                           const GptqOptions& gptq, int n_threads);
+                                           const GptqOptions& gptq, int n_threads,
+                                           const std::vector<AllocExtra>& extras = {});
 
 // Quantizes w block by block as `plan` says (contiguous, covering all rows),
 // with GPTQ (factor != null: the layer's factor) or RTN with `importance`

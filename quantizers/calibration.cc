@@ -166,25 +166,19 @@ absl::StatusOr<CalibrationStats> Calibrate(LlamaModel& model, const Tokenizer& t
   return Calibrate(model, tokenizer, text_path, o);
 }
 
-absl::StatusOr<CalibrationStats> Calibrate(LlamaModel& model, const Tokenizer& tokenizer,
-                                           const std::string& text_path, const CalibrateOptions& opts) {
-  const ModelConfig& c = model.config();
-  if (opts.n_tokens <= 0 || opts.ctx <= 0)
+absl::StatusOr<std::vector<std::vector<int32_t>>> CalibrationChunks(const Tokenizer& tokenizer,
+                                                                   const std::string& text_path,
+                                                                   int64_t n_tokens, int ctx, int max_seq_len) {
+  if (n_tokens <= 0 || ctx <= 0)
     return absl::InvalidArgumentError(
-        absl::StrCat("Calibrate: n_tokens (", opts.n_tokens, ") and ctx (", opts.ctx, ") must be positive"));
-  const int ctx = c.max_seq_len > 0 ? std::min(opts.ctx, c.max_seq_len) : opts.ctx;
+        absl::StrCat("calibration: n_tokens (", n_tokens, ") and ctx (", ctx, ") must be positive"));
+  if (max_seq_len > 0) ctx = std::min(ctx, max_seq_len);
   const bool add_bos = tokenizer.ShouldAddBos();
   if (add_bos && ctx < 2)
-    return absl::InvalidArgumentError(absl::StrCat("Calibrate: ctx ", ctx, " leaves no room after BOS"));
+    return absl::InvalidArgumentError(absl::StrCat("calibration: ctx ", ctx, " leaves no room after BOS"));
   auto file = io::MappedFile::Open(text_path);
   if (!file.ok()) return file.status();
   PieceReader reader((*file)->view());
-
-  HessianCollector collector(opts.collector);
-  model.SetObserver(&collector);
-  ObserverGuard guard{model};
-  auto cache = model.NewKVCache(ctx);
-  std::vector<float> logits(static_cast<size_t>(c.vocab_size));
 
   std::vector<int32_t> stream;  // encoded tokens not yet consumed, from `head`
   size_t head = 0;
@@ -213,31 +207,50 @@ absl::StatusOr<CalibrationStats> Calibrate(LlamaModel& model, const Tokenizer& t
     return absl::OkStatus();
   };
 
-  CalibrationStats out;
+  std::vector<std::vector<int32_t>> chunks;
   int64_t seen = 0;
-  std::vector<int32_t> chunk;
   const int64_t min_size = add_bos ? 2 : 1;  // a lone BOS carries no text
-  while (seen < opts.n_tokens) {
-    const int64_t limit = std::min<int64_t>(ctx, opts.n_tokens - seen);
+  while (seen < n_tokens) {
+    const int64_t limit = std::min<int64_t>(ctx, n_tokens - seen);
     if (limit < min_size) break;  // the budget left cannot hold BOS + text
     if (auto s = refill(static_cast<size_t>(limit)); !s.ok()) return s;
-    chunk.clear();
+    std::vector<int32_t> chunk;
     if (add_bos && (head >= stream.size() || stream[head] != tokenizer.bos_id())) chunk.push_back(tokenizer.bos_id());
     while (static_cast<int64_t>(chunk.size()) < limit && head < stream.size()) chunk.push_back(stream[head++]);
     if (static_cast<int64_t>(chunk.size()) < min_size) break;  // text exhausted
+    seen += static_cast<int64_t>(chunk.size());
+    chunks.push_back(std::move(chunk));
+  }
+  if (seen == 0) return absl::InvalidArgumentError(absl::StrCat(text_path, ": no calibration tokens in the text"));
+  if (seen < n_tokens && exhausted && head >= stream.size())
+    NIBBLE_LOG(WARNING) << text_path << ": calibration text exhausted after " << seen << " of " << n_tokens
+                        << " tokens";
+  return chunks;
+}
+
+absl::StatusOr<CalibrationStats> Calibrate(LlamaModel& model, const Tokenizer& tokenizer,
+                                           const std::string& text_path, const CalibrateOptions& opts) {
+  const ModelConfig& c = model.config();
+  auto chunks = CalibrationChunks(tokenizer, text_path, opts.n_tokens, opts.ctx, c.max_seq_len);
+  if (!chunks.ok()) return chunks.status();
+  int max_len = 1;
+  for (const auto& ch : *chunks) max_len = std::max(max_len, static_cast<int>(ch.size()));
+
+  HessianCollector collector(opts.collector);
+  model.SetObserver(&collector);
+  ObserverGuard guard{model};
+  auto cache = model.NewKVCache(max_len);
+  std::vector<float> logits(static_cast<size_t>(c.vocab_size));
+  int64_t seen = 0;
+  for (const auto& chunk : *chunks) {
     if (auto s = model.Forward(chunk, 0, cache.get(), logits); !s.ok())
       return absl::Status(s.code(), absl::StrCat(text_path, ": calibration forward pass: ", s.message()));
     seen += static_cast<int64_t>(chunk.size());
-    ++out.n_chunks;
   }
-  if (seen == 0) return absl::InvalidArgumentError(absl::StrCat(text_path, ": no calibration tokens in the text"));
-  if (seen < opts.n_tokens && exhausted && head >= stream.size())
-    NIBBLE_LOG(WARNING) << text_path << ": calibration text exhausted after " << seen << " of " << opts.n_tokens
-                        << " tokens";
   auto stats = collector.Finish();
   if (!stats.ok()) return stats.status();
   stats->n_tokens = seen;
-  stats->n_chunks = out.n_chunks;
+  stats->n_chunks = static_cast<int64_t>(chunks->size());
   return stats;
 }
 

@@ -94,6 +94,13 @@ struct CalibrateOptions {
   CollectorOptions collector;
 };
 
+// The token chunks Calibrate() runs (see below for how the text becomes
+// chunks): at most n_tokens tokens in chunks of at most min(ctx, max_seq_len)
+// (max_seq_len <= 0: no cap). Errors name the text file.
+absl::StatusOr<std::vector<std::vector<int32_t>>> CalibrationChunks(const Tokenizer& tokenizer,
+                                                                   const std::string& text_path,
+                                                                   int64_t n_tokens, int ctx, int max_seq_len);
+
 // Tokenizes `text_path` document by document (documents are separated by the
 // TinyStories/GPT-2 marker "<|endoftext|>", which is removed; a file without it
 // is one document), forms a stream with BOS before every document when the

@@ -13,6 +13,7 @@
 #include "quantizers/calibration.h"
 #include "quantizers/quant_error.h"
 #include "quantizers/rtn.h"
+#include "quantizers/sensitivity.h"
 
 namespace nibble {
 namespace {
@@ -72,17 +73,21 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   // Calibration: run the full-precision model over the calibration text once,
   // collecting the Hessian of every linear layer's input.
   std::optional<CalibrationStats> stats;
+  std::unique_ptr<LlamaModel> fp_model;  // the full-precision model (calibration, sensitivity probes)
+  std::unique_ptr<Tokenizer> fp_tokenizer;
   if (!cfg.calib_path.empty()) {
     const auto tc = Clock::now();
     auto tok = CreateTokenizer(m->vocab);
     if (!tok.ok()) return tok.status();
     auto model = LlamaModel::Create(*m, cfg.n_threads);
     if (!model.ok()) return model.status();
+    fp_model = *std::move(model);
+    fp_tokenizer = *std::move(tok);
     CalibrateOptions copts;
     copts.n_tokens = cfg.calib_tokens;
     copts.ctx = cfg.calib_ctx;
     copts.collector.n_threads = cfg.n_threads;
-    auto s = Calibrate(**model, **tok, cfg.calib_path, copts);
+    auto s = Calibrate(*fp_model, *fp_tokenizer, cfg.calib_path, copts);
     if (!s.ok()) return s.status();
     stats = *std::move(s);
     report.calib_tokens = stats->n_tokens;
@@ -109,11 +114,18 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   if (allocate) {
     // Fixed cost: everything that is not a linear layer, in the format it will get.
     std::optional<fmt::Format> out_f = cfg.output_format ? cfg.output_format : cfg.embed_format;
-    double fixed_bits = StorageBits(m->weights.tok_embeddings, cfg.embed_format) +
+    const bool kld = cfg.alloc.sensitivity == "kld";
+    if (!kld && cfg.alloc.sensitivity != "none")
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown allocation sensitivity '", cfg.alloc.sensitivity, "' (kld, none)"));
+    const bool alloc_embed = kld && !cfg.alloc.embed_candidates.empty();
+    if (!cfg.alloc.embed_candidates.empty() && !kld)
+      return absl::InvalidArgumentError("allocating the embedding formats needs sensitivity kld");
+    double fixed_bits = (alloc_embed ? 0.0 : StorageBits(m->weights.tok_embeddings, cfg.embed_format)) +
                         StorageBits(m->weights.final_norm, std::nullopt);
     int64_t params = m->weights.tok_embeddings.numel() + m->weights.final_norm.numel();
     if (!m->config.tied_embeddings) {
-      fixed_bits += StorageBits(m->weights.output, out_f);
+      if (!alloc_embed) fixed_bits += StorageBits(m->weights.output, out_f);
       params += m->weights.output.numel();
     }
     std::vector<AllocTensor> at;
@@ -129,7 +141,33 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       return absl::OutOfRangeError(absl::StrFormat(
           "target %.4f bits per weight is below the fixed cost of embeddings/output/norms alone (%.4f)",
           cfg.target_bpw, fixed_bits / static_cast<double>(params)));
-    auto a = AllocateBits(at, budget, cfg.alloc, cfg.method, cfg.gptq, cfg.n_threads);
+    std::vector<AllocExtra> extras;
+    if (kld) {
+      // End-to-end sensitivity probes on the full-precision model.
+      const auto ts = Clock::now();
+      auto chunks = CalibrationChunks(*fp_tokenizer, cfg.calib_path, cfg.alloc.probe_tokens, cfg.alloc.probe_ctx,
+                                      fp_model->config().max_seq_len);
+      if (!chunks.ok()) return chunks.status();
+      auto probe = KldProbe::Create(fp_model.get(), *std::move(chunks));
+      if (!probe.ok()) return probe.status();
+      ProbeProgress pp;
+      if (progress) pp = [&](int d, int t, const std::string& what) { progress(d, t, absl::StrCat("probe ", what)); };
+      auto sens = LinearSensitivities(**probe, *fp_model, *stats, cfg.alloc.probe_format, cfg.n_threads, pp);
+      if (!sens.ok()) return sens.status();
+      size_t p = 0;
+      for (int l = 0; l < m->config.n_layers; ++l)
+        for (size_t k = 0; k < kAllLinearWeights.size(); ++k) at[p++].weight = (*sens)[l][k];
+      if (alloc_embed) {
+        for (bool output : {false, true}) {
+          if (output && m->config.tied_embeddings) continue;
+          auto costs = EmbeddingCosts(**probe, *fp_model, cfg.alloc.embed_candidates, output, cfg.n_threads, pp);
+          if (!costs.ok()) return costs.status();
+          extras.push_back({output ? "output" : "token_embd", cfg.alloc.embed_candidates, *std::move(costs)});
+        }
+      }
+      report.sensitivity_seconds = Seconds(ts);
+    }
+    auto a = AllocateBits(at, budget, cfg.alloc, cfg.method, cfg.gptq, cfg.n_threads, extras);
     if (!a.ok()) {
       if (a.status().code() != absl::StatusCode::kOutOfRange) return a.status();
       // Restate the infeasible budget in bits per weight over the whole model.
@@ -150,6 +188,20 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
           cfg.target_bpw, (min_linear + fixed_bits) / static_cast<double>(params), params, a.status().message()));
     }
     allocation = *std::move(a);
+    for (size_t e = 0; e < extras.size(); ++e) {
+      const fmt::Format chosen = extras[e].formats[allocation.extra_choice[e]];
+      const bool output = extras[e].name == "output";
+      bool found = false;
+      for (Job& j : jobs) {
+        if (j.tensor == (output ? &m->weights.output : &m->weights.tok_embeddings)) {
+          j.format = chosen;
+          found = true;
+        }
+      }
+      if (!found) jobs.push_back({output ? &m->weights.output : &m->weights.tok_embeddings, extras[e].name, chosen,
+                                  nullptr, false});
+      absl::StrAppend(&report.alloc_embed, report.alloc_embed.empty() ? "" : ",", extras[e].name, ":", chosen.Name());
+    }
     size_t p = 0;
     for (Job& j : jobs)
       if (j.linear) j.plan = &allocation.plans[p++];

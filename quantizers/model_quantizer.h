@@ -79,6 +79,8 @@ struct QuantizeReport {
   double alloc_budget_bits = 0;
   std::string alloc_mix;
   double alloc_est_error = 0, alloc_gap_bound = 0;
+  std::string alloc_embed;          // with embedding candidates: "token_embd:int4_g32"
+  double sensitivity_seconds = 0;   // time spent in KLD sensitivity probes
 };
 
 using QuantizeProgress = std::function<void(int done, int total, const std::string& tensor)>;

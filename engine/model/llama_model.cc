@@ -96,6 +96,7 @@ void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* ca
     std::memcpy(kc + size_t(pos) * kvd, k_.data(), size_t(n) * kvd * sizeof(float));
     std::memcpy(vc + size_t(pos) * kvd, v_.data(), size_t(n) * kvd * sizeof(float));
     be.Attention({q_.data(), kc, vc, att_.data(), n, pos, c.n_heads, c.n_kv_heads, c.head_dim});
+    if (observer_) observer_->OnAttention(l, {q_.data(), kc, vc, n, pos, c.n_heads, c.n_kv_heads, c.head_dim});
     if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnOut, att_.data(), n, qd);
     be.MatMul(lw.wo, att_.data(), n, xb_.data());
     for (size_t i = 0; i < size_t(n) * dim; ++i) x_[i] += xb_[i];

@@ -28,10 +28,24 @@ enum class LinearInput {
 
 // Receives the inputs of every linear layer during Forward() (for GPTQ-style
 // calibration). Called on the forwarding thread; `x` is valid only during the call.
+// What one layer's attention saw in one Forward batch (attention-aware
+// calibration, e.g. BoA's row Hessians). Pointers are valid only during the call.
+struct AttentionObservation {
+  const float* q;        // [n_tokens, n_heads * head_dim] queries of the batch, RoPE applied
+  const float* k_cache;  // [pos0 + n_tokens, n_kv_heads * head_dim] keys at positions 0.., RoPE applied
+  const float* v_cache;  // [pos0 + n_tokens, n_kv_heads * head_dim] values
+  int n_tokens;          // query rows of this batch, at positions [pos0, pos0 + n_tokens)
+  int pos0;
+  int n_heads, n_kv_heads, head_dim;
+};
+
 class ActivationObserver {
  public:
   virtual ~ActivationObserver() = default;
   virtual void OnLinearInput(int layer, LinearInput which, const float* x, int n_tokens, int width) = 0;
+  // Called after each layer's attention (after the batch's keys/values entered
+  // the cache), before OnLinearInput(kAttnOut). Default: ignored.
+  virtual void OnAttention(int /*layer*/, const AttentionObservation& /*a*/) {}
 };
 
 class LlamaModel {
@@ -41,6 +55,10 @@ class LlamaModel {
 
   const ModelConfig& config() const { return m_.config; }
   const LoadedModel& loaded() const { return m_; }
+  // For quantizers probing one tensor at a time: weights may be swapped
+  // (e.g. a HostTensor's `quant` set or reset) between Forward calls, never
+  // during one, and must keep their shapes.
+  LoadedModel& mutable_loaded() { return m_; }
   Backend& backend() { return *backend_; }
 
   // A cache for one sequence of up to `capacity` tokens (<= max_seq_len by default).

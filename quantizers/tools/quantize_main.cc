@@ -66,6 +66,8 @@ int main(int argc, char** argv) {
   double target_bpw = 0.0;
   int alloc_block_rows = 64;
   std::string alloc_formats, alloc_estimate;
+  std::string alloc_sensitivity = "kld", alloc_probe_format = "int3_g64", alloc_embed_formats = "auto";
+  int alloc_probe_tokens = 256;
   app.add_flag("--list-formats", list, "list the weight formats and exit");
   app.add_option("-m,--model", src, "source model (GGUF, llama2.c .bin, HF directory)");
   app.add_option("--tokenizer", tokenizer_path, "tokenizer file (llama2.c tok*.bin or SentencePiece .model)");
@@ -98,6 +100,17 @@ int main(int argc, char** argv) {
                  "bit allocation: candidate formats a,b,c (default: int2/3/4/8 at groups 32-128, asym and sym)");
   app.add_option("--alloc-estimate", alloc_estimate,
                  "bit allocation: error estimate gptq (exact for --method gptq) | rtn (faster); default: the method");
+  app.add_option("--alloc-sensitivity", alloc_sensitivity,
+                 "bit allocation: kld (weigh each matrix's Hessian proxy by a KLD probe of the full model) | none")
+      ->capture_default_str();
+  app.add_option("--alloc-probe-format", alloc_probe_format, "bit allocation: format of the KLD sensitivity probes")
+      ->capture_default_str();
+  app.add_option("--alloc-probe-tokens", alloc_probe_tokens, "bit allocation: calibration tokens per KLD probe")
+      ->capture_default_str();
+  app.add_option("--alloc-embed-formats", alloc_embed_formats,
+                 "bit allocation: candidate formats of the token embedding/output head, chosen by measured KLD "
+                 "(auto: int8_g32,int4_g32,int4_g64,int3_g64,int2_g64; none: keep --embed-format)")
+      ->capture_default_str();
   app.add_option("-t,--threads", threads, "CPU threads (default: all cores)");
   app.add_option("--report", report_path, "write a JSON report (per-tensor format, bits, error, time)");
   CLI11_PARSE(app, argc, argv);
@@ -129,6 +142,21 @@ int main(int argc, char** argv) {
       auto list = nibble::ParseFormatList(alloc_formats);
       if (!list.ok()) return Fail(absl::InvalidArgumentError(absl::StrCat("--alloc-formats: ", list.status().message())));
       cfg.alloc.candidates = *std::move(list);
+    }
+    cfg.alloc.sensitivity = alloc_sensitivity;
+    auto pf = nibble::fmt::Format::Parse(alloc_probe_format);
+    if (!pf)
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--alloc-probe-format: unknown format '", alloc_probe_format, "'")));
+    cfg.alloc.probe_format = *pf;
+    if (alloc_probe_tokens < 2)
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--alloc-probe-tokens: ", alloc_probe_tokens, " < 2")));
+    cfg.alloc.probe_tokens = alloc_probe_tokens;
+    if (alloc_embed_formats != "none" && alloc_sensitivity == "kld") {
+      auto list = nibble::ParseFormatList(alloc_embed_formats == "auto" ? "int8_g32,int4_g32,int4_g64,int3_g64,int2_g64"
+                                                                         : alloc_embed_formats);
+      if (!list.ok())
+        return Fail(absl::InvalidArgumentError(absl::StrCat("--alloc-embed-formats: ", list.status().message())));
+      cfg.alloc.embed_candidates = *std::move(list);
     }
   } else {
     auto f = nibble::fmt::Format::Parse(format_name);
@@ -199,6 +227,9 @@ int main(int argc, char** argv) {
             "quantize: bit allocation: target %.4f bpw, achieved %.4f (all weights, every scale/zero byte counted); "
             "segments %s; estimated error %.6g (gap bound %.3g)\n",
             target_bpw, report->bpw_all, report->alloc_mix.c_str(), report->alloc_est_error, report->alloc_gap_bound);
+  if (allocate && !report->alloc_embed.empty())
+    fprintf(stderr, "quantize: bit allocation: embeddings %s (sensitivity probes %.0f s)\n", report->alloc_embed.c_str(),
+            report->sensitivity_seconds);
   if (!report_path.empty()) {
     nlohmann::json j;
     j["source"] = src;
@@ -217,6 +248,9 @@ int main(int argc, char** argv) {
       j["alloc_mix"] = report->alloc_mix;
       j["alloc_est_error"] = report->alloc_est_error;
       j["alloc_gap_bound"] = report->alloc_gap_bound;
+      j["alloc_sensitivity"] = alloc_sensitivity;
+      j["alloc_embed"] = report->alloc_embed;
+      j["sensitivity_seconds"] = report->sensitivity_seconds;
     }
     if (outliers > 0.0) {
       j["outliers"] = outliers;
