@@ -195,43 +195,19 @@ std::vector<std::pair<int64_t, int64_t>> RowBlocks(int64_t rows, int block_rows)
   return out;
 }
 
-absl::StatusOr<BitAllocation> AllocateBits(const std::vector<AllocTensor>& tensors, double budget_bits,
-                                           const BitAllocOptions& opts, const std::string& method,
-                                           const GptqOptions& gptq, int n_threads,
-                                           const std::vector<AllocExtra>& extras) {
+absl::StatusOr<AllocEstimates> EstimateAllocation(const std::vector<AllocTensor>& tensors,
+                                                  const BitAllocOptions& opts, const std::string& method,
+                                                  const GptqOptions& gptq, int n_threads) {
   const std::string estimate = opts.estimate.empty() ? method : opts.estimate;
   if (estimate != "rtn" && estimate != "gptq")
     return absl::InvalidArgumentError(absl::StrCat("bit allocation: unknown estimate '", estimate, "' (rtn, gptq)"));
   if (opts.block_rows < 1)
     return absl::InvalidArgumentError(absl::StrCat("bit allocation: block rows ", opts.block_rows, " < 1"));
-  const std::vector<fmt::Format> cands = opts.candidates.empty() ? DefaultAllocFormats() : opts.candidates;
+  AllocEstimates out;
+  out.candidates = opts.candidates.empty() ? DefaultAllocFormats() : opts.candidates;
+  const std::vector<fmt::Format>& cands = out.candidates;
   for (const fmt::Format& f : cands)
     if (auto s = CheckFormat(f, "bit allocation"); !s.ok()) return s;
-
-  // Feasibility first (cheap): the smallest candidate of every block.
-  double min_bits = 0;
-  for (const AllocTensor& at : tensors) {
-    if (at.w == nullptr || at.w->shape.size() != 2) continue;  // reported below
-    double mb = std::numeric_limits<double>::infinity();
-    for (const fmt::Format& f : cands) mb = std::min(mb, 8.0 * static_cast<double>(f.RowBytes(at.w->cols())));
-    min_bits += mb * static_cast<double>(at.w->rows());
-  }
-  for (const AllocExtra& e : extras) {
-    if (e.costs.empty() || e.costs.size() != e.formats.size())
-      return absl::InvalidArgumentError(absl::StrCat("bit allocation: ", e.name, ": options and costs differ"));
-    double mb = std::numeric_limits<double>::infinity();
-    for (const KnapsackOption& o : e.costs) mb = std::min(mb, o.bits);
-    min_bits += mb;
-  }
-  if (min_bits > budget_bits)
-    return absl::OutOfRangeError(absl::StrFormat(
-        "bit allocation: budget of %.0f bits is infeasible: the cheapest candidate for every matrix needs %.0f bits",
-        budget_bits, min_bits));
-
-  BitAllocation out;
-  out.budget_bits = budget_bits;
-  std::vector<std::vector<KnapsackOption>> blocks;
-  std::vector<std::pair<size_t, size_t>> where;  // knapsack block -> (tensor, block)
   std::map<const Hessian*, std::unique_ptr<GptqFactor>> factors;
   GptqOptions go = gptq;
   go.n_threads = n_threads;
@@ -255,11 +231,9 @@ absl::StatusOr<BitAllocation> AllocateBits(const std::vector<AllocTensor>& tenso
       factor = slot.get();
     }
     const auto rb = RowBlocks(rows, opts.block_rows);
-    const size_t first = blocks.size();
-    for (size_t b = 0; b < rb.size(); ++b) {
-      blocks.emplace_back(cands.size());
-      where.push_back({t, b});
-    }
+    out.names.push_back(at.name);
+    out.row_blocks.push_back(rb);
+    auto& costs = out.costs.emplace_back(rb.size(), std::vector<KnapsackOption>(cands.size()));
     for (size_t k = 0; k < cands.size(); ++k) {
       std::vector<float> q;
       if (factor != nullptr) {
@@ -277,19 +251,61 @@ absl::StatusOr<BitAllocation> AllocateBits(const std::vector<AllocTensor>& tenso
       const std::vector<double> row_err = RowProxyErrors(w.data.data(), q.data(), rows, cols, *at.h, n_threads);
       const double row_bits = 8.0 * static_cast<double>(cands[k].RowBytes(cols));
       for (size_t b = 0; b < rb.size(); ++b) {
-        KnapsackOption& o = blocks[first + b][k];
+        KnapsackOption& o = costs[b][k];
         o.bits = row_bits * static_cast<double>(rb[b].second - rb[b].first);
         o.err = 0;
         for (int64_t r = rb[b].first; r < rb[b].second; ++r) o.err += row_err[r];
-        o.err *= at.weight;
       }
     }
-    out.plans.emplace_back();
-    for (const auto& [r0, r1] : rb) out.plans.back().push_back(AllocBlock{r0, r1, cands[0], 0, 0});
   }
-  if (!(std::all_of(tensors.begin(), tensors.end(),
-                    [](const AllocTensor& t) { return std::isfinite(t.weight) && t.weight >= 0; })))
-    return absl::InvalidArgumentError("bit allocation: a tensor weight is negative or not finite");
+  return out;
+}
+
+absl::StatusOr<BitAllocation> SolveAllocation(const AllocEstimates& est, const std::vector<double>& weights,
+                                              double budget_bits, const std::vector<AllocExtra>& extras) {
+  const size_t n = est.costs.size();
+  if (est.row_blocks.size() != n || est.names.size() != n || (!weights.empty() && weights.size() != n))
+    return absl::InvalidArgumentError("bit allocation: estimates and weights disagree in size");
+  for (double w : weights)
+    if (!(std::isfinite(w) && w >= 0))
+      return absl::InvalidArgumentError("bit allocation: a tensor weight is negative or not finite");
+  // Feasibility first: the smallest option of every block.
+  double min_bits = 0;
+  std::vector<std::vector<KnapsackOption>> blocks;
+  std::vector<std::pair<size_t, size_t>> where;  // knapsack block -> (tensor, block)
+  for (size_t t = 0; t < n; ++t) {
+    if (est.costs[t].size() != est.row_blocks[t].size())
+      return absl::InvalidArgumentError(absl::StrCat("bit allocation: ", est.names[t], ": blocks disagree"));
+    const double wt = weights.empty() ? 1.0 : weights[t];
+    for (size_t b = 0; b < est.costs[t].size(); ++b) {
+      if (est.costs[t][b].size() != est.candidates.size())
+        return absl::InvalidArgumentError(absl::StrCat("bit allocation: ", est.names[t], ": options disagree"));
+      blocks.push_back(est.costs[t][b]);
+      for (KnapsackOption& o : blocks.back()) o.err *= wt;
+      where.push_back({t, b});
+      double mb = std::numeric_limits<double>::infinity();
+      for (const KnapsackOption& o : est.costs[t][b]) mb = std::min(mb, o.bits);
+      min_bits += mb;
+    }
+  }
+  for (const AllocExtra& e : extras) {
+    if (e.costs.empty() || e.costs.size() != e.formats.size())
+      return absl::InvalidArgumentError(absl::StrCat("bit allocation: ", e.name, ": options and costs differ"));
+    double mb = std::numeric_limits<double>::infinity();
+    for (const KnapsackOption& o : e.costs) mb = std::min(mb, o.bits);
+    min_bits += mb;
+  }
+  if (min_bits > budget_bits)
+    return absl::OutOfRangeError(absl::StrFormat(
+        "bit allocation: budget of %.0f bits is infeasible: the cheapest candidate for every matrix needs %.0f bits",
+        budget_bits, min_bits));
+  BitAllocation out;
+  out.budget_bits = budget_bits;
+  for (size_t t = 0; t < n; ++t) {
+    out.plans.emplace_back();
+    for (const auto& [r0, r1] : est.row_blocks[t])
+      out.plans.back().push_back(AllocBlock{r0, r1, est.candidates[0], 0, 0});
+  }
   const size_t n_linear_blocks = blocks.size();
   for (const AllocExtra& e : extras) blocks.push_back(e.costs);
   auto sol = SolveMultipleChoiceKnapsack(blocks, budget_bits);
@@ -302,13 +318,42 @@ absl::StatusOr<BitAllocation> AllocateBits(const std::vector<AllocTensor>& tenso
   for (size_t i = 0; i < n_linear_blocks; ++i) {
     AllocBlock& ab = out.plans[where[i].first][where[i].second];
     const int k = sol->choice[i];
-    ab.format = cands[k];
+    ab.format = est.candidates[k];
     ab.bits = blocks[i][k].bits;
     ab.est_error = blocks[i][k].err;
     out.est_error_total += ab.est_error;
   }
   out.solution = *std::move(sol);
   return out;
+}
+
+absl::StatusOr<BitAllocation> AllocateBits(const std::vector<AllocTensor>& tensors, double budget_bits,
+                                           const BitAllocOptions& opts, const std::string& method,
+                                           const GptqOptions& gptq, int n_threads,
+                                           const std::vector<AllocExtra>& extras) {
+  // Cheap feasibility check before the expensive estimates.
+  const std::vector<fmt::Format> cands = opts.candidates.empty() ? DefaultAllocFormats() : opts.candidates;
+  double min_bits = 0;
+  for (const AllocTensor& at : tensors) {
+    if (at.w == nullptr || at.w->shape.size() != 2) continue;  // reported by the estimate
+    double mb = std::numeric_limits<double>::infinity();
+    for (const fmt::Format& f : cands) mb = std::min(mb, 8.0 * static_cast<double>(f.RowBytes(at.w->cols())));
+    min_bits += mb * static_cast<double>(at.w->rows());
+  }
+  for (const AllocExtra& e : extras) {
+    double mb = std::numeric_limits<double>::infinity();
+    for (const KnapsackOption& o : e.costs) mb = std::min(mb, o.bits);
+    if (!e.costs.empty()) min_bits += mb;
+  }
+  if (min_bits > budget_bits)
+    return absl::OutOfRangeError(absl::StrFormat(
+        "bit allocation: budget of %.0f bits is infeasible: the cheapest candidate for every matrix needs %.0f bits",
+        budget_bits, min_bits));
+  auto est = EstimateAllocation(tensors, opts, method, gptq, n_threads);
+  if (!est.ok()) return est.status();
+  std::vector<double> weights;
+  for (const AllocTensor& at : tensors) weights.push_back(at.weight);
+  return SolveAllocation(*est, weights, budget_bits, extras);
 }
 
 absl::StatusOr<QuantTensor> QuantizeBlocks(const HostTensor& w, const std::vector<AllocBlock>& plan,

@@ -110,6 +110,9 @@ struct BitAllocOptions {
   // their measured KLD as error (needs sensitivity "kld"). Empty: they keep
   // the configured embed/output format as a fixed cost.
   std::vector<fmt::Format> embed_candidates;
+  // Non-empty: reuse/store the probes and estimates in this file
+  // (quantizers/alloc_cache.h), so later budgets skip them.
+  std::string cache_path;
 };
 
 // Per-row e_r^T H e_r of e = w - q ([rows, cols] each), in double, clamped >= 0.
@@ -152,6 +155,23 @@ struct BitAllocation {
   double est_error_total = 0;  // sum of the chosen blocks' est_error
   std::vector<int> extra_choice;  // per AllocExtra: index of the chosen option
 };
+
+// The expensive half of AllocateBits: every (tensor, row block, candidate)
+// storage bits and UNWEIGHTED proxy error (AllocTensor::weight is not applied).
+struct AllocEstimates {
+  std::vector<fmt::Format> candidates;
+  std::vector<std::string> names;                                   // per tensor
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> row_blocks;  // per tensor
+  std::vector<std::vector<std::vector<KnapsackOption>>> costs;      // [tensor][block][candidate]
+};
+absl::StatusOr<AllocEstimates> EstimateAllocation(const std::vector<AllocTensor>& tensors,
+                                                  const BitAllocOptions& opts, const std::string& method,
+                                                  const GptqOptions& gptq, int n_threads);
+// The cheap half: weighs tensor t's errors by weights[t] (empty: all 1) and
+// solves the knapsack with the extras. Errors: sizes that disagree, negative
+// or non-finite weights, OUT_OF_RANGE for an infeasible budget.
+absl::StatusOr<BitAllocation> SolveAllocation(const AllocEstimates& est, const std::vector<double>& weights,
+                                              double budget_bits, const std::vector<AllocExtra>& extras = {});
 
 // Estimates every (block, candidate) error and solves the knapsack for
 // `budget_bits` over the given matrices. `method` is "rtn" or "gptq" (the

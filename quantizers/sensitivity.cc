@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -29,43 +30,84 @@ double KlDivergence(const float* logp, const float* logq, int64_t n) {
   return kl;
 }
 
+namespace {
+
+// The residual stream entering layer 0: the chunk's embedding rows.
+void Embed(const HostTensor& emb, const std::vector<int32_t>& tokens, int dim, float* x) {
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    if (emb.quant != nullptr) {
+      emb.quant->DequantizeRow(tokens[t], x + t * dim);
+    } else {
+      std::memcpy(x + t * dim, emb.data.data() + static_cast<size_t>(tokens[t]) * dim, dim * sizeof(float));
+    }
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<KldProbe>> KldProbe::Create(LlamaModel* model,
                                                            std::vector<std::vector<int32_t>> chunks) {
   if (model == nullptr) return absl::InvalidArgumentError("KldProbe: no model");
   std::unique_ptr<KldProbe> p(new KldProbe(model, std::move(chunks)));
-  for (const auto& c : p->chunks_) {
-    p->n_positions_ += static_cast<int64_t>(c.size());
-    p->max_len_ = std::max(p->max_len_, static_cast<int>(c.size()));
+  const ModelConfig& c = model->config();
+  for (const auto& ch : p->chunks_) {
+    if (static_cast<int>(ch.size()) > LlamaModel::kMaxBatch)
+      return absl::InvalidArgumentError(absl::StrCat("KldProbe: a chunk of ", ch.size(), " tokens exceeds ",
+                                                     LlamaModel::kMaxBatch));
+    for (int32_t t : ch)
+      if (t < 0 || t >= c.vocab_size) return absl::InvalidArgumentError(absl::StrCat("KldProbe: bad token id ", t));
+    p->n_positions_ += static_cast<int64_t>(ch.size());
+    p->max_len_ = std::max(p->max_len_, static_cast<int>(ch.size()));
   }
   if (p->n_positions_ == 0) return absl::InvalidArgumentError("KldProbe: no probe tokens");
-  const int64_t vocab = model->config().vocab_size;
+  const int64_t vocab = c.vocab_size;
   p->ref_logp_.resize(static_cast<size_t>(p->n_positions_ * vocab));
   p->logits_.resize(static_cast<size_t>(int64_t{p->max_len_} * vocab));
   auto cache = model->NewKVCache(p->max_len_);
   int64_t at = 0;
-  for (const auto& c : p->chunks_) {
-    if (c.empty()) continue;
-    std::span<float> out(p->logits_.data(), c.size() * static_cast<size_t>(vocab));
-    if (auto s = model->Forward(c, 0, cache.get(), out, /*all_logits=*/true); !s.ok())
+  std::vector<float> x;
+  for (const auto& ch : p->chunks_) {
+    auto& trace = p->layer_inputs_.emplace_back(static_cast<size_t>(c.n_layers) * ch.size() * c.dim);
+    if (ch.empty()) continue;
+    const int n = static_cast<int>(ch.size());
+    x.resize(static_cast<size_t>(n) * c.dim);
+    Embed(model->loaded().weights.tok_embeddings, ch, c.dim, x.data());
+    std::span<float> out(p->logits_.data(), ch.size() * static_cast<size_t>(vocab));
+    if (auto s = model->ForwardFromLayer(0, x, n, cache.get(), out, trace.data()); !s.ok())
       return absl::Status(s.code(), absl::StrCat("KLD probe reference pass: ", s.message()));
-    for (size_t t = 0; t < c.size(); ++t, ++at)
+    for (size_t t = 0; t < ch.size(); ++t, ++at)
       LogSoftmax(&p->logits_[t * vocab], vocab, &p->ref_logp_[static_cast<size_t>(at * vocab)]);
   }
   return p;
 }
 
-absl::StatusOr<double> KldProbe::Kld() {
-  const int64_t vocab = model_->config().vocab_size;
+absl::StatusOr<double> KldProbe::Kld(int first_layer) {
+  const ModelConfig& c = model_->config();
+  if (first_layer < 0 || first_layer > c.n_layers)
+    return absl::InvalidArgumentError(absl::StrCat("KldProbe: layer ", first_layer, " out of range"));
+  const int64_t vocab = c.vocab_size;
   auto cache = model_->NewKVCache(max_len_);
   std::vector<float> logq(static_cast<size_t>(vocab));
+  std::vector<float> x;
   double sum = 0;
   int64_t at = 0;
-  for (const auto& c : chunks_) {
-    if (c.empty()) continue;
-    std::span<float> out(logits_.data(), c.size() * static_cast<size_t>(vocab));
-    if (auto s = model_->Forward(c, 0, cache.get(), out, /*all_logits=*/true); !s.ok())
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    const auto& ch = chunks_[i];
+    if (ch.empty()) continue;
+    const int n = static_cast<int>(ch.size());
+    const size_t len = static_cast<size_t>(n) * c.dim;
+    std::span<const float> in;
+    if (first_layer == 0) {
+      x.resize(len);
+      Embed(model_->loaded().weights.tok_embeddings, ch, c.dim, x.data());
+      in = x;
+    } else {
+      in = std::span<const float>(layer_inputs_[i].data() + static_cast<size_t>(first_layer) * len, len);
+    }
+    std::span<float> out(logits_.data(), ch.size() * static_cast<size_t>(vocab));
+    if (auto s = model_->ForwardFromLayer(first_layer, in, n, cache.get(), out); !s.ok())
       return absl::Status(s.code(), absl::StrCat("KLD probe pass: ", s.message()));
-    for (size_t t = 0; t < c.size(); ++t, ++at) {
+    for (size_t t = 0; t < ch.size(); ++t, ++at) {
       LogSoftmax(&logits_[t * vocab], vocab, logq.data());
       sum += KlDivergence(&ref_logp_[static_cast<size_t>(at * vocab)], logq.data(), vocab);
     }
@@ -73,11 +115,11 @@ absl::StatusOr<double> KldProbe::Kld() {
   return std::max(0.0, sum / static_cast<double>(n_positions_));
 }
 
-absl::StatusOr<double> KldProbe::KldWith(HostTensor* t, std::shared_ptr<const QuantTensor> q) {
+absl::StatusOr<double> KldProbe::KldWith(HostTensor* t, std::shared_ptr<const QuantTensor> q, int layer) {
   if (t == nullptr) return absl::InvalidArgumentError("KldProbe: no tensor");
   std::shared_ptr<const QuantTensor> saved = std::move(t->quant);
   t->quant = std::move(q);
-  auto r = Kld();
+  auto r = Kld(layer < 0 ? 0 : layer);
   t->quant = std::move(saved);
   return r;
 }
@@ -109,7 +151,7 @@ absl::StatusOr<std::vector<std::array<double, 7>>> LinearSensitivities(KldProbe&
       if (!d.ok()) return absl::Status(d.status().code(), absl::StrCat(name, ": ", d.status().message()));
       double proxy = 0;
       for (double e : RowProxyErrors(w.data.data(), d->data(), w.rows(), w.cols(), *h, n_threads)) proxy += e;
-      auto kld = probe.KldWith(&w, std::make_shared<const QuantTensor>(*std::move(q)));
+      auto kld = probe.KldWith(&w, std::make_shared<const QuantTensor>(*std::move(q)), l);
       if (!kld.ok()) return absl::Status(kld.status().code(), absl::StrCat(name, ": ", kld.status().message()));
       out[l][k] = proxy > 0 ? *kld / proxy : 0.0;
       ++done;

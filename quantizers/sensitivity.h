@@ -43,17 +43,22 @@ namespace nibble {
 class KldProbe {
  public:
   // Runs `model` (its current weights are the reference) over every chunk
-  // (each from position 0, a fresh context) and keeps the log-probabilities
-  // of every position: n_positions * vocab floats.
+  // (each from position 0, a fresh context, at most LlamaModel::kMaxBatch
+  // tokens) and keeps the log-probabilities of every position (n_positions *
+  // vocab floats) and the residual stream entering every layer.
   // Errors: empty chunks, a forward-pass error (named).
   static absl::StatusOr<std::unique_ptr<KldProbe>> Create(LlamaModel* model,
                                                           std::vector<std::vector<int32_t>> chunks);
 
-  // Mean over all probe positions of KL(p_ref || p) for the model as it is now.
-  absl::StatusOr<double> Kld();
+  // Mean over all probe positions of KL(p_ref || p) for the model as it is
+  // now. first_layer > 0 promises that only layers >= first_layer (or the
+  // head) differ from the reference, so the pass starts from the reference's
+  // recorded residual stream at that layer (same result, less work).
+  absl::StatusOr<double> Kld(int first_layer = 0);
   // Kld() with `t` (a tensor of model->mutable_loaded(), unquantized or not)
-  // temporarily set to `q`; `t` is restored before returning.
-  absl::StatusOr<double> KldWith(HostTensor* t, std::shared_ptr<const QuantTensor> q);
+  // temporarily set to `q`; `t` is restored before returning. `layer`: the
+  // decoder layer t belongs to (-1: the embedding / head, a full pass).
+  absl::StatusOr<double> KldWith(HostTensor* t, std::shared_ptr<const QuantTensor> q, int layer = -1);
 
   int64_t n_positions() const { return n_positions_; }
 
@@ -65,6 +70,7 @@ class KldProbe {
   int64_t n_positions_ = 0;
   int max_len_ = 0;
   std::vector<float> ref_logp_;  // [n_positions, vocab] log-softmax of the reference
+  std::vector<std::vector<float>> layer_inputs_;  // per chunk: [n_layers][len][dim] reference residual stream
   std::vector<float> logits_;    // scratch [max_len, vocab]
 };
 

@@ -65,15 +65,38 @@ absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, int pos, KVCac
   return absl::OkStatus();
 }
 
+absl::Status LlamaModel::ForwardFromLayer(int first_layer, std::span<const float> x, int n, KVCache* cache,
+                                          std::span<float> logits, float* layer_inputs) {
+  const ModelConfig& c = m_.config;
+  if (first_layer < 0 || first_layer > c.n_layers)
+    return absl::InvalidArgumentError(absl::StrCat("ForwardFromLayer: layer ", first_layer, " is not in [0, ",
+                                                   c.n_layers, "]"));
+  if (n <= 0 || n > kMaxBatch)
+    return absl::InvalidArgumentError(absl::StrCat("ForwardFromLayer: ", n, " tokens is not in [1, ", kMaxBatch, "]"));
+  if (n > cache->capacity())
+    return absl::OutOfRangeError(absl::StrCat("ForwardFromLayer: ", n, " tokens exceed the KV cache capacity ",
+                                              cache->capacity()));
+  if (x.size() != static_cast<size_t>(n) * c.dim)
+    return absl::InvalidArgumentError(absl::StrCat("ForwardFromLayer: input holds ", x.size(), " floats, need ",
+                                                   static_cast<size_t>(n) * c.dim));
+  if (logits.size() < static_cast<size_t>(n) * c.vocab_size)
+    return absl::InvalidArgumentError(absl::StrCat("ForwardFromLayer: logits buffer holds ", logits.size(),
+                                                   " floats, need ", static_cast<size_t>(n) * c.vocab_size));
+  EnsureScratch(n);
+  std::memcpy(x_.data(), x.data(), x.size() * sizeof(float));
+  ForwardBatch(nullptr, n, 0, cache, logits.data(), /*all_logits=*/true, first_layer, layer_inputs);
+  return absl::OkStatus();
+}
+
 void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* cache, float* logits,
-                              bool all_logits) {
+                              bool all_logits, int first_layer, float* layer_inputs) {
   const ModelConfig& c = m_.config;
   const ModelWeights& w = m_.weights;
   Backend& be = *backend_;
   EnsureScratch(n);
   const int dim = c.dim, qd = c.q_dim(), kvd = c.kv_dim(), hid = c.hidden_dim;
 
-  for (int t = 0; t < n; ++t) {
+  for (int t = 0; tokens != nullptr && t < n; ++t) {
     if (w.tok_embeddings.quant != nullptr) {
       w.tok_embeddings.quant->DequantizeRow(tokens[t], &x_[size_t(t) * dim]);
     } else {
@@ -81,7 +104,9 @@ void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* ca
     }
   }
 
-  for (int l = 0; l < c.n_layers; ++l) {
+  for (int l = first_layer; l < c.n_layers; ++l) {
+    if (layer_inputs != nullptr)
+      std::memcpy(layer_inputs + size_t(l) * n * dim, x_.data(), size_t(n) * dim * sizeof(float));
     const LayerWeights& lw = w.layers[l];
     // Attention block.
     be.RmsNorm(x_.data(), lw.attn_norm.data.data(), n, dim, c.norm_eps, xb_.data());

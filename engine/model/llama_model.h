@@ -71,6 +71,16 @@ class LlamaModel {
   absl::Status Forward(std::span<const int32_t> tokens, int pos, KVCache* cache, std::span<float> logits,
                        bool all_logits = false);
 
+  // Quantizer probes: runs a fresh context of n <= kMaxBatch tokens at
+  // positions [0, n) from layer `first_layer` (0..n_layers), with `x` the
+  // residual stream entering that layer ([n, dim]) instead of the token
+  // embeddings, writing all n rows of logits. layer_inputs (may be null)
+  // receives the residual stream entering each layer run, at
+  // layer_inputs[l * n * dim], so a reference pass from layer 0 records what
+  // later probes start from. Errors: bad layer/size/capacity.
+  absl::Status ForwardFromLayer(int first_layer, std::span<const float> x, int n, KVCache* cache,
+                                std::span<float> logits, float* layer_inputs = nullptr);
+
   // Installs (or with nullptr removes) a calibration observer. Not owned.
   void SetObserver(ActivationObserver* observer) { observer_ = observer; }
 
@@ -80,7 +90,11 @@ class LlamaModel {
  private:
   LlamaModel(LoadedModel m, std::unique_ptr<Backend> backend);
   void EnsureScratch(int n);
-  void ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* cache, float* logits, bool all_logits);
+  // tokens == null: x_ already holds the residual stream of layer first_layer.
+  // layer_inputs (may be null): receives x at the input of every layer run,
+  // [n_layers][n][dim] (layers before first_layer untouched).
+  void ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* cache, float* logits, bool all_logits,
+                    int first_layer = 0, float* layer_inputs = nullptr);
 
   LoadedModel m_;
   std::unique_ptr<Backend> backend_;
