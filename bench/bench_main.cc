@@ -1,0 +1,220 @@
+// nibble-bench: prefill and decode throughput of a model, like llama-bench.
+//
+//   nibble-bench -m MODEL [-p 512] [-n 128] [-t THREADS] [-r REPS] [--json]
+//
+// pp<P>: one Forward over P tokens from position 0 (a fresh context), the
+// prefill path (batched matmuls). tg<N>: N single-token Forward calls from
+// position 0, the decode path (GEMV). Token ids are fixed pseudo-random ids
+// (seeded), as llama-bench does. Each test runs once untimed (warm-up: page
+// faults, caches), then REPS timed repetitions; the table shows mean ±
+// sample standard deviation of tokens/s.
+//
+// Bandwidth: "weight bytes per token" is what one decode step must stream:
+// every linear matrix in its stored format (packed bytes, or 4 bytes per fp32
+// weight), the output head (the tied embedding matrix when tied), and the
+// norms; the embedding lookup reads one row and is ignored. The achieved GB/s
+// is that times decode tokens/s. The bound is measured on this machine by a
+// multi-threaded read of a buffer of the same size as the weights (so it is
+// the DRAM bound for large models and the cache bound when the weights fit in
+// L3); "% of bound" = achieved / measured.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "engine/core/quant_tensor.h"
+#include "engine/runtime/engine.h"
+#include "nlohmann/json.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+double TensorBytes(const nibble::HostTensor& t) {
+  if (t.quant != nullptr) {
+    double bytes = 0;
+    for (const auto& s : t.quant->segments) bytes += static_cast<double>(s.data.size());
+    return bytes + t.quant->sidecar.Bits(t.quant->rows) / 8.0;
+  }
+  return 4.0 * static_cast<double>(t.numel());
+}
+
+// Bytes one decode step streams (see the file comment).
+double DecodeBytesPerToken(const nibble::LoadedModel& m) {
+  const nibble::ModelWeights& w = m.weights;
+  double bytes = TensorBytes(m.config.tied_embeddings ? w.tok_embeddings : w.output) + TensorBytes(w.final_norm);
+  for (const nibble::LayerWeights& l : w.layers) {
+    for (const nibble::HostTensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down, &l.attn_norm,
+                                        &l.ffn_norm})
+      bytes += TensorBytes(*t);
+  }
+  return bytes;
+}
+
+// Read bandwidth (GB/s) over a buffer of `bytes` with `threads` threads: the
+// best of several passes of a vectorizable sum over disjoint slices.
+double MeasureReadBandwidth(size_t bytes, int threads) {
+  const size_t n = std::max<size_t>(bytes / sizeof(float), 1 << 20);
+  std::vector<float> buf(n);
+  for (size_t i = 0; i < n; ++i) buf[i] = static_cast<float>(i & 1023);
+  std::vector<double> sink(static_cast<size_t>(threads));
+  double best = 0;
+  for (int pass = 0; pass < 6; ++pass) {
+    const auto t0 = Clock::now();
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; ++t) {
+      ts.emplace_back([&, t] {
+        const size_t b = n * t / threads, e = n * (t + 1) / threads;
+        float acc[16] = {};
+        for (size_t i = b; i + 16 <= e; i += 16)
+          for (int j = 0; j < 16; ++j) acc[j] += buf[i + j];
+        sink[t] = std::accumulate(acc, acc + 16, 0.0);
+      });
+    }
+    for (auto& th : ts) th.join();
+    const double s = Seconds(t0, Clock::now());
+    if (pass > 0) best = std::max(best, static_cast<double>(n * sizeof(float)) / s / 1e9);
+  }
+  if (std::accumulate(sink.begin(), sink.end(), 0.0) == -1.0) std::printf(" ");  // keep the sums alive
+  return best;
+}
+
+struct Stat {
+  double mean = 0, sd = 0;
+  std::vector<double> samples;
+};
+
+Stat Summarize(std::vector<double> v) {
+  Stat s;
+  s.samples = v;
+  if (v.empty()) return s;
+  s.mean = std::accumulate(v.begin(), v.end(), 0.0) / v.size();
+  if (v.size() > 1) {
+    double ss = 0;
+    for (double x : v) ss += (x - s.mean) * (x - s.mean);
+    s.sd = std::sqrt(ss / (v.size() - 1));
+  }
+  return s;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"nibble-bench: prefill / decode throughput (llama-bench style)"};
+  std::string model_path, tokenizer_path;
+  int n_prompt = 512, n_gen = 128, threads = 0, reps = 3;
+  bool json = false, no_bw = false;
+  app.add_option("-m,--model", model_path, "model file (nibble .nbl, GGUF, llama2.c .bin, HF directory)")->required();
+  app.add_option("--tokenizer", tokenizer_path, "tokenizer file (llama2.c models)");
+  app.add_option("-p,--n-prompt", n_prompt, "prefill tokens (0: skip)")->capture_default_str();
+  app.add_option("-n,--n-gen", n_gen, "decode tokens (0: skip)")->capture_default_str();
+  app.add_option("-t,--threads", threads, "CPU threads (default: all cores)");
+  app.add_option("-r,--repetitions", reps, "timed repetitions per test")->capture_default_str();
+  app.add_flag("--json", json, "print one JSON object on stdout instead of the table");
+  app.add_flag("--no-bandwidth", no_bw, "skip the memory bandwidth measurement");
+  CLI11_PARSE(app, argc, argv);
+  if (n_prompt < 0 || n_gen < 0 || reps < 1) {
+    std::fprintf(stderr, "error: -p and -n must be >= 0 and -r >= 1\n");
+    return 2;
+  }
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  nibble::LoadOptions lo;
+  lo.tokenizer_path = tokenizer_path;
+  auto engine = nibble::OpenEngine(model_path, lo, threads);
+  if (!engine.ok()) {
+    std::fprintf(stderr, "error: %s\n", std::string(engine.status().message()).c_str());
+    return 1;
+  }
+  nibble::LlamaModel& model = *engine->model;
+  const nibble::ModelConfig& c = model.config();
+  const int ctx = std::max(n_prompt, n_gen);
+  if (c.max_seq_len > 0 && ctx > c.max_seq_len) {
+    std::fprintf(stderr, "error: -p/-n %d exceed the model's context length %d\n", ctx, c.max_seq_len);
+    return 2;
+  }
+  auto cache = model.NewKVCache(std::max(ctx, 1));
+  std::mt19937 rng(1234);
+  std::uniform_int_distribution<int32_t> tok(0, c.vocab_size - 1);
+  std::vector<int32_t> tokens(static_cast<size_t>(std::max(ctx, 1)));
+  for (int32_t& t : tokens) t = tok(rng);
+  std::vector<float> logits(static_cast<size_t>(c.vocab_size));
+
+  auto run_pp = [&]() -> double {
+    const auto t0 = Clock::now();
+    auto s = model.Forward(std::span<const int32_t>(tokens.data(), n_prompt), 0, cache.get(), logits);
+    if (!s.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+      std::exit(1);
+    }
+    return n_prompt / Seconds(t0, Clock::now());
+  };
+  auto run_tg = [&]() -> double {
+    const auto t0 = Clock::now();
+    for (int i = 0; i < n_gen; ++i) {
+      auto s = model.Forward(std::span<const int32_t>(&tokens[i], 1), i, cache.get(), logits);
+      if (!s.ok()) {
+        std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+        std::exit(1);
+      }
+    }
+    return n_gen / Seconds(t0, Clock::now());
+  };
+  Stat pp, tg;
+  if (n_prompt > 0) {
+    run_pp();
+    std::vector<double> v;
+    for (int r = 0; r < reps; ++r) v.push_back(run_pp());
+    pp = Summarize(v);
+  }
+  if (n_gen > 0) {
+    run_tg();
+    std::vector<double> v;
+    for (int r = 0; r < reps; ++r) v.push_back(run_tg());
+    tg = Summarize(v);
+  }
+  const double bytes = DecodeBytesPerToken(model.loaded());
+  const double bw = no_bw ? 0.0 : MeasureReadBandwidth(static_cast<size_t>(bytes), threads);
+  const double achieved = tg.mean * bytes / 1e9;
+  const std::string fmt_name =
+      model.loaded().metadata.count("quant.format") ? model.loaded().metadata.at("quant.format") : "source";
+  if (json) {
+    nlohmann::json j;
+    j["model"] = model_path;
+    j["format"] = fmt_name;
+    j["threads"] = threads;
+    j["backend"] = model.backend().name();
+    j["n_prompt"] = n_prompt;
+    j["n_gen"] = n_gen;
+    j["reps"] = reps;
+    j["pp_tps"] = pp.mean;
+    j["pp_tps_sd"] = pp.sd;
+    j["pp_samples"] = pp.samples;
+    j["tg_tps"] = tg.mean;
+    j["tg_tps_sd"] = tg.sd;
+    j["tg_samples"] = tg.samples;
+    j["weight_bytes_per_token"] = bytes;
+    j["tg_gbps"] = achieved;
+    j["read_bw_gbps"] = bw;
+    j["tg_pct_of_bw"] = bw > 0 ? 100.0 * achieved / bw : 0.0;
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("| model | format | backend | threads | test | t/s | weights MB/token | GB/s | %% of read bw |\n");
+  std::printf("|---|---|---|---:|---|---:|---:|---:|---:|\n");
+  if (n_prompt > 0)
+    std::printf("| %s | %s | %s | %d | pp%d | %.2f ± %.2f | | | |\n", model_path.c_str(), fmt_name.c_str(),
+                model.backend().name().c_str(), threads, n_prompt, pp.mean, pp.sd);
+  if (n_gen > 0)
+    std::printf("| %s | %s | %s | %d | tg%d | %.2f ± %.2f | %.1f | %.2f | %.0f%% of %.1f |\n", model_path.c_str(),
+                fmt_name.c_str(), model.backend().name().c_str(), threads, n_gen, tg.mean, tg.sd, bytes / 1e6,
+                achieved, bw > 0 ? 100.0 * achieved / bw : 0.0, bw);
+  return 0;
+}
