@@ -62,6 +62,9 @@ MODELS = {
         "eval": ["-f", WIKI, "-c", "512", "--chunks", "40"],
         "settings": {"mode": "chunks", "ctx": 512, "chunks": 40, "data": "wikitext-2-test.txt"},
         "calib_tokens": 8192,
+        # Allocation on 135M parameters: RTN error estimates over ten candidates keep a sweep tractable on 2 cores.
+        "alloc_args": ["--alloc-estimate", "rtn", "--alloc-formats",
+                       "int2_g32,int2_g64_sym,int2_g64,int3_g32,int3_g64,int3_g128,int4_g32,int4_g64,int4_g128,int8_g128"],
         "reference": "SmolLM2-135M-Instruct.Q4_1.gguf dequantized to fp32",
     },
 }
@@ -76,6 +79,9 @@ CONFIGS = (
                                                 "int2_g64")]
     + [("smollm2", m, f, E8) for f in ("int4_g128", "int3_g64", "int2_g64") for m in ("rtn", "gptq")]
     + [("smollm2", "gptq", "int4_g64", E4), ("smollm2", "gptq", "int3_g128", E4)]
+    # Bit allocation (KLD-sensitivity-weighted, embeddings allocated too) at fixed budgets.
+    + [("stories260K", "gptq", f"bpw{b}", "auto") for b in ("2.5", "3.5", "4.5")]
+    + [("smollm2", "gptq", f"bpw{b}", "auto") for b in ("3.5", "5.14", "5.3")]
     # Extras (lower budgets), run last.
     + [("smollm2", "gptq", "int2_g64", E4), ("smollm2", "gptq", "int3_g64", E4),
        ("smollm2", "gptq", "int2_g128", "int3_g64"), ("smollm2", "gptq", "int4_g128", E4)]
@@ -193,7 +199,7 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     cfg = MODELS[name]
     settings = dict(cfg["settings"])
     qargs = []
-    if method == "gptq":
+    if method in ("gptq", "boa") or fmt.startswith("bpw"):
         if name == "stories260K":
             calib, info = stories_calib_file()
         else:
@@ -211,8 +217,16 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     cmd = [os.path.join(args.bin, "nibble-quantize"), "-m", cfg["src"]]
     if cfg["tokenizer"]:
         cmd += ["--tokenizer", cfg["tokenizer"]]
-    cmd += ["-o", nbl, "--format", fmt, "--embed-format", embed, "--method", method, "-t", str(args.threads),
-            "--report", rep_path] + qargs
+    if fmt.startswith("bpw"):
+        # Bit allocation at a budget: "bpw3.5"; embed "auto" lets the allocator pick the embedding format.
+        # One allocation cache per (model, method): a sweep pays probes and estimates once.
+        fargs = ["--bpw", fmt[3:], "--alloc-cache", os.path.join(WORK, f"{name}.{method}.alloc-cache.json")]
+        fargs += cfg.get("alloc_args", [])
+        fargs += ["--alloc-embed-formats", "auto"] if embed == "auto" else ["--embed-format", embed,
+                                                                           "--alloc-embed-formats", "none"]
+    else:
+        fargs = ["--format", fmt, "--embed-format", embed]
+    cmd += ["-o", nbl] + fargs + ["--method", method, "-t", str(args.threads), "--report", rep_path] + qargs
     print(f"-- {key}: quantizing", file=sys.stderr, flush=True)
     try:
         _, qsecs = run(cmd, log)

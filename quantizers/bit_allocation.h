@@ -13,13 +13,15 @@
 // scale/zero byte and partial-group padding counted). Embeddings, output head
 // and norms are a fixed cost the caller subtracts from the budget.
 //
-// Sensitivity: for block b and candidate f, err(b, f) = sum over the block's
-// rows r of e_r^T H e_r with e_r = w_r - q_r (q: what f would store) and H the
-// calibration Hessian of the layer input (quantizers/hessian.h). This is the
-// second-order (Fisher/Hessian) estimate of the output-error increase the
-// block's quantization noise causes; it is ABSOLUTE (not divided by
-// tr(W H W^T)), so blocks of different layers compete on one scale. No
-// per-layer factor is applied (all layers weigh 1).
+// Sensitivity: for block b and candidate f, err(b, f) = s_t * sum over the
+// block's rows r of e_r^T H e_r with e_r = w_r - q_r (q: what f would store),
+// H the calibration Hessian of the layer input (quantizers/hessian.h) and s_t
+// the matrix's loss sensitivity (AllocTensor::weight). The Hessian term is the
+// second-order estimate of the block's own output-error increase; s_t (from
+// KLD probes, quantizers/sensitivity.h) converts it to the end-to-end KLD it
+// causes, so blocks of different layers -- and the token embedding, whose
+// candidates carry their measured KLD directly (AllocExtra) -- compete on one
+// scale. With sensitivity "none" every s_t is 1.
 // q comes from the method that will really quantize (estimate "gptq": GPTQ on
 // the whole matrix with the layer's shared factor; rows are independent in
 // GPTQ, so the per-row errors are exactly those of the final per-block
@@ -35,16 +37,14 @@
 // optimum + lambda * (budget - bits of the Lagrangian point) ("gap bound",
 // from weak duality), and never above the Lagrangian point's error.
 //
-// Known limitation (measured on stories260K, GPTQ, int4_g64 embeddings): the
-// allocation cuts the summed layer-wise proxy by ~2x against a uniform format
-// of the same size, but perplexity does not always follow. At 3.5 bpw it
-// beats uniform int2_g32 (3.34 bpw) yet loses to int3_g64_sym (3.57 bpw), and
-// adding binary/ternary candidates makes perplexity worse. The proxy measures
-// each layer's own output error on fp32 inputs, so it misses how errors grow
-// through later layers (a per-layer loss-sensitivity factor, e.g. from
-// gradients, would fix this; not done).
-// Non-goals: allocating the embeddings/output head (they keep the configured
-// format); side-cars/outliers together with allocation; learning bits.
+// Measured (stories260K, GPTQ, tinystories-val 200 documents): the Hessian
+// proxy alone (every s_t = 1) allocated 3.56 bpw at PPL 7.04, worse than the
+// uniform int3_g64_sym + int4_g64 embedding at the same size (5.40): the proxy
+// measures each layer's own output error on fp32 inputs and misses how much of
+// it reaches the logits. With KLD-probe sensitivities the same budget gives
+// 5.25 (and 45.2 vs 46.3 at 2.54 bpw).
+// Non-goals: side-cars/outliers together with allocation; learning bits;
+// interactions between matrices (errors are assumed to add).
 #pragma once
 
 #include <cstdint>

@@ -10,6 +10,9 @@
 #include "engine/core/quant_tensor.h"
 #include "engine/model/llama_model.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "engine/util/log.h"
+#include "quantizers/alloc_cache.h"
+#include "quantizers/boa.h"
 #include "quantizers/calibration.h"
 #include "quantizers/quant_error.h"
 #include "quantizers/rtn.h"
@@ -29,6 +32,8 @@ struct Job {
   const Hessian* hessian;  // null: no calibration statistics for this tensor
   bool linear;
   const std::vector<AllocBlock>* plan = nullptr;  // bit allocation: per-row-block formats
+  int layer = -1;                                  // linear layers: block index and weight (BoA)
+  LinearWeight weight = LinearWeight::kWq;
 };
 
 // Storage bits of a [rows, cols] tensor in format f (nullopt: fp32).
@@ -42,13 +47,17 @@ double StorageBits(const HostTensor& t, const std::optional<fmt::Format>& f) {
 absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfig& cfg,
                                              const QuantizeProgress& progress) {
   const auto t0 = Clock::now();
-  if (cfg.method != "rtn" && cfg.method != "gptq") {
+  if (cfg.method == "dfmpc") return QuantizeModelDfmpc(m, cfg, progress);  // quantizers/dfmpc.h
+  if (cfg.method != "rtn" && cfg.method != "gptq" && cfg.method != "boa") {
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown quantization method '", cfg.method, "' (supported: rtn, gptq)"));
+        absl::StrCat("unknown quantization method '", cfg.method, "' (supported: rtn, gptq, boa, dfmpc)"));
   }
-  if (cfg.method == "gptq" && cfg.calib_path.empty()) {
-    return absl::InvalidArgumentError("method gptq needs calibration text (--calib FILE)");
+  const bool boa = cfg.method == "boa";  // BoA: wq/wk/wv attention-aware, the rest GPTQ (quantizers/boa.h)
+  if ((cfg.method == "gptq" || boa) && cfg.calib_path.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("method ", cfg.method, " needs calibration text (--calib FILE)"));
   }
+  if (boa && (cfg.target_bpw != 0.0 || cfg.outlier_fraction > 0.0))
+    return absl::InvalidArgumentError("method boa cannot be combined with bit allocation (--bpw) or --outliers");
   if (!(cfg.outlier_fraction >= 0.0 && cfg.outlier_fraction < 1.0))
     return absl::InvalidArgumentError(absl::StrCat("outlier fraction ", cfg.outlier_fraction, " is not in [0, 1)"));
   const bool outliers = cfg.outlier_fraction > 0.0;
@@ -73,6 +82,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   // Calibration: run the full-precision model over the calibration text once,
   // collecting the Hessian of every linear layer's input.
   std::optional<CalibrationStats> stats;
+  std::vector<BoaLayerStats> boa_stats;  // method boa: per layer
   std::unique_ptr<LlamaModel> fp_model;  // the full-precision model (calibration, sensitivity probes)
   std::unique_ptr<Tokenizer> fp_tokenizer;
   if (!cfg.calib_path.empty()) {
@@ -87,9 +97,16 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     copts.n_tokens = cfg.calib_tokens;
     copts.ctx = cfg.calib_ctx;
     copts.collector.n_threads = cfg.n_threads;
-    auto s = Calibrate(*fp_model, *fp_tokenizer, cfg.calib_path, copts);
-    if (!s.ok()) return s.status();
-    stats = *std::move(s);
+    if (boa) {
+      auto bs = CalibrateBoa(*fp_model, *fp_tokenizer, cfg.calib_path, copts);
+      if (!bs.ok()) return bs.status();
+      boa_stats = std::move(bs->layers);
+      stats = std::move(bs->plain);
+    } else {
+      auto s = Calibrate(*fp_model, *fp_tokenizer, cfg.calib_path, copts);
+      if (!s.ok()) return s.status();
+      stats = *std::move(s);
+    }
     report.calib_tokens = stats->n_tokens;
     report.calib_seconds = Seconds(tc);
   }
@@ -100,6 +117,8 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       const Hessian* h = stats ? stats->Get(l, w) : nullptr;
       jobs.push_back({&MutableWeightOf(m->weights.layers[l], w), absl::StrCat("blk.", l, ".", LinearWeightName(w)),
                       cfg.format, h, true});
+      jobs.back().layer = l;
+      jobs.back().weight = w;
     }
   }
   if (cfg.embed_format) {
@@ -141,52 +160,93 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       return absl::OutOfRangeError(absl::StrFormat(
           "target %.4f bits per weight is below the fixed cost of embeddings/output/norms alone (%.4f)",
           cfg.target_bpw, fixed_bits / static_cast<double>(params)));
-    std::vector<AllocExtra> extras;
-    if (kld) {
-      // End-to-end sensitivity probes on the full-precision model.
-      const auto ts = Clock::now();
-      auto chunks = CalibrationChunks(*fp_tokenizer, cfg.calib_path, cfg.alloc.probe_tokens, cfg.alloc.probe_ctx,
-                                      fp_model->config().max_seq_len);
-      if (!chunks.ok()) return chunks.status();
-      auto probe = KldProbe::Create(fp_model.get(), *std::move(chunks));
-      if (!probe.ok()) return probe.status();
-      ProbeProgress pp;
-      if (progress) pp = [&](int d, int t, const std::string& what) { progress(d, t, absl::StrCat("probe ", what)); };
-      auto sens = LinearSensitivities(**probe, *fp_model, *stats, cfg.alloc.probe_format, cfg.n_threads, pp);
-      if (!sens.ok()) return sens.status();
-      size_t p = 0;
-      for (int l = 0; l < m->config.n_layers; ++l)
-        for (size_t k = 0; k < kAllLinearWeights.size(); ++k) at[p++].weight = (*sens)[l][k];
-      if (alloc_embed) {
-        for (bool output : {false, true}) {
-          if (output && m->config.tied_embeddings) continue;
-          auto costs = EmbeddingCosts(**probe, *fp_model, cfg.alloc.embed_candidates, output, cfg.n_threads, pp);
-          if (!costs.ok()) return costs.status();
-          extras.push_back({output ? "output" : "token_embd", cfg.alloc.embed_candidates, *std::move(costs)});
-        }
-      }
-      report.sensitivity_seconds = Seconds(ts);
-    }
-    auto a = AllocateBits(at, budget, cfg.alloc, cfg.method, cfg.gptq, cfg.n_threads, extras);
-    if (!a.ok()) {
-      if (a.status().code() != absl::StatusCode::kOutOfRange) return a.status();
-      // Restate the infeasible budget in bits per weight over the whole model.
-      double min_linear = 0;
+    {
+      // Feasibility before any probe or estimate: the cheapest candidate everywhere.
+      double min_bits = fixed_bits;
       const std::vector<fmt::Format> cands = cfg.alloc.candidates.empty() ? DefaultAllocFormats()
                                                                           : cfg.alloc.candidates;
-      for (const AllocTensor& t : at) {
+      auto cheapest = [](const HostTensor& t, const std::vector<fmt::Format>& fs) {
         double mb = 0;
-        for (size_t k = 0; k < cands.size(); ++k) {
-          const double b = StorageBits(*t.w, cands[k]);
-          mb = k == 0 ? b : std::min(mb, b);
-        }
-        min_linear += mb;
+        for (size_t k = 0; k < fs.size(); ++k) mb = k == 0 ? StorageBits(t, fs[k]) : std::min(mb, StorageBits(t, fs[k]));
+        return mb;
+      };
+      for (const AllocTensor& t : at) min_bits += cheapest(*t.w, cands);
+      if (alloc_embed) {
+        min_bits += cheapest(m->weights.tok_embeddings, cfg.alloc.embed_candidates);
+        if (!m->config.tied_embeddings) min_bits += cheapest(m->weights.output, cfg.alloc.embed_candidates);
       }
-      return absl::OutOfRangeError(absl::StrFormat(
-          "target %.4f bits per weight is infeasible: the smallest allocation of these formats needs %.4f "
-          "bits per weight over all %d weights (%s)",
-          cfg.target_bpw, (min_linear + fixed_bits) / static_cast<double>(params), params, a.status().message()));
+      if (min_bits > cfg.target_bpw * static_cast<double>(params))
+        return absl::OutOfRangeError(absl::StrFormat(
+            "target %.4f bits per weight is infeasible: the smallest allocation of these formats needs %.4f "
+            "bits per weight over all %d weights",
+            cfg.target_bpw, min_bits / static_cast<double>(params), params));
     }
+    // The expensive half (sensitivity probes, per-candidate estimates) comes
+    // from the cache when one matches; the knapsack is solved per budget.
+    AllocCacheEntry entry;
+    bool cached = false;
+    if (!cfg.alloc.cache_path.empty()) {
+      std::string settings = absl::StrCat(
+          "method=", cfg.method, ";estimate=", cfg.alloc.estimate, ";block_rows=", cfg.alloc.block_rows,
+          ";sensitivity=", cfg.alloc.sensitivity, ";probe=", cfg.alloc.probe_format.Name(), "/",
+          cfg.alloc.probe_tokens, "/", cfg.alloc.probe_ctx, ";calib_tokens=", cfg.calib_tokens,
+          ";calib_ctx=", cfg.calib_ctx, ";percdamp=", cfg.gptq.percdamp, ";act_order=", cfg.gptq.act_order,
+          ";embed_format=", cfg.embed_format ? cfg.embed_format->Name() : "f32", ";candidates=");
+      for (const fmt::Format& f : cfg.alloc.candidates.empty() ? DefaultAllocFormats() : cfg.alloc.candidates)
+        absl::StrAppend(&settings, f.Name(), ",");
+      absl::StrAppend(&settings, ";embed_candidates=");
+      for (const fmt::Format& f : cfg.alloc.embed_candidates) absl::StrAppend(&settings, f.Name(), ",");
+      entry.key = AllocCacheKey(*m, cfg.calib_path, settings);
+      auto c = LoadAllocCache(cfg.alloc.cache_path, entry.key);
+      if (c.ok()) {
+        entry = *std::move(c);
+        cached = true;
+        report.alloc_cache_hit = true;
+      } else if (c.status().code() != absl::StatusCode::kNotFound) {
+        NIBBLE_LOG(WARNING) << c.status().message() << " (recomputing)";
+      }
+    }
+    if (!cached) {
+      std::vector<double> weights(at.size(), 1.0);
+      if (kld) {
+        // End-to-end sensitivity probes on the full-precision model.
+        const auto ts = Clock::now();
+        auto chunks = CalibrationChunks(*fp_tokenizer, cfg.calib_path, cfg.alloc.probe_tokens, cfg.alloc.probe_ctx,
+                                        fp_model->config().max_seq_len);
+        if (!chunks.ok()) return chunks.status();
+        auto probe = KldProbe::Create(fp_model.get(), *std::move(chunks));
+        if (!probe.ok()) return probe.status();
+        ProbeProgress pp;
+        if (progress) pp = [&](int d, int t, const std::string& what) { progress(d, t, absl::StrCat("probe ", what)); };
+        auto sens = LinearSensitivities(**probe, *fp_model, *stats, cfg.alloc.probe_format, cfg.n_threads, pp);
+        if (!sens.ok()) return sens.status();
+        size_t p = 0;
+        for (int l = 0; l < m->config.n_layers; ++l)
+          for (size_t k = 0; k < kAllLinearWeights.size(); ++k) weights[p++] = (*sens)[l][k];
+        if (alloc_embed) {
+          for (bool output : {false, true}) {
+            if (output && m->config.tied_embeddings) continue;
+            auto costs = EmbeddingCosts(**probe, *fp_model, cfg.alloc.embed_candidates, output, cfg.n_threads, pp);
+            if (!costs.ok()) return costs.status();
+            entry.extras.push_back({output ? "output" : "token_embd", cfg.alloc.embed_candidates, *std::move(costs)});
+          }
+        }
+        report.sensitivity_seconds = Seconds(ts);
+      }
+      auto est = EstimateAllocation(at, cfg.alloc, cfg.method, cfg.gptq, cfg.n_threads);
+      if (!est.ok()) return est.status();
+      entry.estimates = *std::move(est);
+      entry.weights = std::move(weights);
+      if (!cfg.alloc.cache_path.empty()) {
+        if (auto s = SaveAllocCache(cfg.alloc.cache_path, entry); !s.ok())
+          NIBBLE_LOG(WARNING) << s.message() << " (continuing without a cache)";
+      }
+    }
+    if (entry.estimates.names.size() != at.size())
+      return absl::InternalError("bit allocation: cached estimates do not match the model's matrices");
+    const std::vector<AllocExtra>& extras = entry.extras;
+    auto a = SolveAllocation(entry.estimates, entry.weights, budget, extras);
+    if (!a.ok()) return a.status();
     allocation = *std::move(a);
     for (size_t e = 0; e < extras.size(); ++e) {
       const fmt::Format chosen = extras[e].formats[allocation.extra_choice[e]];
@@ -222,7 +282,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     const auto tt = Clock::now();
     HostTensor& w = *j.tensor;
     absl::StatusOr<QuantTensor> q;
-    const bool use_gptq = cfg.method == "gptq" && j.hessian != nullptr;
+    const bool use_gptq = (cfg.method == "gptq" || boa) && j.hessian != nullptr;
     if (use_gptq && factored != j.hessian) {
       auto f = FactorHessian(*j.hessian, cfg.gptq);
       if (!f.ok()) return absl::Status(f.status().code(), absl::StrCat(j.name, ": ", f.status().message()));
@@ -242,6 +302,11 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       oo.gptq = cfg.gptq;
       oo.n_threads = cfg.n_threads;
       q = QuantizeWithOutliers(w, j.hessian, use_gptq ? factor.get() : nullptr, j.format, oo);
+    } else if (use_gptq && boa && j.linear && BoaHandles(j.weight) && j.layer >= 0 &&
+               j.layer < static_cast<int>(boa_stats.size())) {
+      GptqOptions go = cfg.gptq;
+      go.n_threads = cfg.n_threads;
+      q = BoaQuantizeAttention(w, j.weight, boa_stats[j.layer], *factor, j.format, go);
     } else if (use_gptq) {
       GptqOptions go = cfg.gptq;
       go.n_threads = cfg.n_threads;
@@ -257,6 +322,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     TensorReport tr;
     tr.name = j.name;
     tr.format = j.plan != nullptr ? FormatMix(*j.plan) : j.format.Name();
+    tr.method = !use_gptq ? "rtn" : (boa && j.linear && BoaHandles(j.weight) && j.layer >= 0) ? "boa" : "gptq";
     tr.rows = w.rows();
     tr.cols = w.cols();
     tr.bpw = q->BitsPerWeight();
@@ -310,6 +376,11 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     m->metadata["quant.alloc.formats"] = names;
     m->metadata["quant.alloc.estimate"] = cfg.alloc.estimate.empty() ? cfg.method : cfg.alloc.estimate;
     m->metadata["quant.alloc.mix"] = report.alloc_mix;
+    m->metadata["quant.alloc.sensitivity"] =
+        cfg.alloc.sensitivity == "kld" ? absl::StrCat("kld(probe ", cfg.alloc.probe_format.Name(), ", ",
+                                                      cfg.alloc.probe_tokens, " tokens)")
+                                       : cfg.alloc.sensitivity;
+    if (!report.alloc_embed.empty()) m->metadata["quant.alloc.embed"] = report.alloc_embed;
   }
   m->metadata["quant.embed_format"] = cfg.embed_format ? cfg.embed_format->Name() : "f32";
   m->metadata["quant.bpw_all"] = absl::StrFormat("%.4f", report.bpw_all);
@@ -324,7 +395,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     m->metadata["quant.outlier_type"] = SidecarTypeName(cfg.outlier_type);
     m->metadata["quant.outlier_saliency"] = SaliencyName(cfg.outlier_saliency);
   }
-  if (cfg.method == "gptq") {
+  if (cfg.method == "gptq" || boa) {
     m->metadata["quant.gptq.percdamp"] = absl::StrCat(cfg.gptq.percdamp);
     m->metadata["quant.gptq.act_order"] = cfg.gptq.act_order ? "true" : "false";
     m->metadata["quant.gptq.block_size"] = absl::StrCat(cfg.gptq.block_size);

@@ -6,9 +6,13 @@
 // calibration Hessian's diagonal as importance when calibration text is given)
 // and "gptq" (Hessians from calibration activations of the full-precision model,
 // collected in one pass over the calibration text).
+// "boa" (BoA, quantizers/boa.h: attention-aware Hessians for wq/wk/wv from the
+// same calibration pass, GPTQ for the rest; not with bit allocation/outliers).
 // Bit allocation: with target_bpw > 0 the linear layers get per-row-block
 // formats chosen under a bits-per-weight budget (quantizers/bit_allocation.h);
-// `format` is then ignored. Non-goals here: BoA, DF-MPC (later revisions).
+// `format` is then ignored.
+// "dfmpc" (DF-MPC, quantizers/dfmpc.h): data-free; wv/w_up in `format`, wo/w_down
+// compensated in closed form and quantized in dfmpc.high.
 #pragma once
 
 #include <functional>
@@ -20,19 +24,20 @@
 #include "engine/core/loaded_model.h"
 #include "kernels/formats/format.h"
 #include "quantizers/bit_allocation.h"
+#include "quantizers/dfmpc.h"
 #include "quantizers/gptq.h"
 #include "quantizers/outliers.h"
 
 namespace nibble {
 
 struct QuantizeConfig {
-  std::string method = "rtn";  // "rtn" | "gptq"
+  std::string method = "rtn";  // "rtn" | "gptq" | "boa" | "dfmpc"
   fmt::Format format;          // linear layers
   // Token embeddings (and the tied output head); nullopt keeps them fp32.
   std::optional<fmt::Format> embed_format = fmt::Format{fmt::Kind::kInt, 8, 32, false};
   // Separate output head, if the model has one; nullopt: same as embed_format.
   std::optional<fmt::Format> output_format;
-  std::string calib_path;      // calibration text (required for gptq)
+  std::string calib_path;      // calibration text (required for gptq and boa)
   int calib_tokens = 8192;
   int calib_ctx = 256;
   GptqOptions gptq;
@@ -50,11 +55,15 @@ struct QuantizeConfig {
   // Needs calibration text; incompatible with outliers.
   double target_bpw = 0.0;
   BitAllocOptions alloc;
+  // Method "dfmpc" (quantizers/dfmpc.h): `format` is the low format of wv/w_up,
+  // these options the compensating high format of wo/w_down and the rest.
+  DfmpcOptions dfmpc;
 };
 
 struct TensorReport {
   std::string name;
   std::string format;  // with bit allocation: the segment mix, "int3_g64:2,int4_g128:1"
+  std::string method;  // what quantized this tensor: "rtn", "gptq" or "boa" (wq/wk/wv under method boa)
   int64_t rows = 0, cols = 0;
   double bpw = 0;         // storage bits per weight of this tensor
   double rel_error = 0;   // ||W - Q||_F / ||W||_F
@@ -81,6 +90,9 @@ struct QuantizeReport {
   double alloc_est_error = 0, alloc_gap_bound = 0;
   std::string alloc_embed;          // with embedding candidates: "token_embd:int4_g32"
   double sensitivity_seconds = 0;   // time spent in KLD sensitivity probes
+  bool alloc_cache_hit = false;     // probes/estimates came from BitAllocOptions::cache_path
+  // Method dfmpc: per layer, the relative composite errors of (wv, wo) and (w_up, w_down).
+  std::vector<DfmpcLayerError> dfmpc_layers;
 };
 
 using QuantizeProgress = std::function<void(int done, int total, const std::string& tensor)>;

@@ -91,6 +91,19 @@ TEST_F(ProbeTest, UntouchedModelHasZeroDivergenceAndTensorsAreRestored) {
   EXPECT_LT(*k1, 1e-9);
 }
 
+// Starting at the perturbed layer from the recorded residual stream gives
+// the full pass's divergence exactly.
+TEST_F(ProbeTest, PartialPassEqualsFullPass) {
+  HostTensor& w = model_->mutable_loaded().weights.layers[3].w_up;
+  auto q = Rtn(w, "int3_g64");
+  auto full = probe_->KldWith(&w, q, -1);
+  auto part = probe_->KldWith(&w, q, 3);
+  ASSERT_TRUE(full.ok() && part.ok());
+  EXPECT_GT(*full, 0.0);
+  EXPECT_DOUBLE_EQ(*full, *part);
+  EXPECT_FALSE(probe_->Kld(model_->config().n_layers + 1).ok());
+}
+
 TEST_F(ProbeTest, CoarserFormatsMoveTheDistributionMore) {
   HostTensor& w = model_->mutable_loaded().weights.layers[0].w_down;
   double prev = 0;

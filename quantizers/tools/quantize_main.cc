@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -68,6 +69,10 @@ int main(int argc, char** argv) {
   std::string alloc_formats, alloc_estimate;
   std::string alloc_sensitivity = "kld", alloc_probe_format = "int3_g64", alloc_embed_formats = "auto";
   int alloc_probe_tokens = 256;
+  std::string alloc_cache;
+  std::string dfmpc_high = "int4_g64", dfmpc_rest, dfmpc_weighting = "norm";
+  double dfmpc_ridge = 0.0;
+  bool dfmpc_no_comp = false;
   app.add_flag("--list-formats", list, "list the weight formats and exit");
   app.add_option("-m,--model", src, "source model (GGUF, llama2.c .bin, HF directory)");
   app.add_option("--tokenizer", tokenizer_path, "tokenizer file (llama2.c tok*.bin or SentencePiece .model)");
@@ -75,7 +80,10 @@ int main(int argc, char** argv) {
   app.add_option("--format", format_name, "format of the linear layers (see --list-formats)");
   app.add_option("--embed-format", embed_name, "format of token embeddings / output head, or f32")
       ->capture_default_str();
-  app.add_option("--method", method, "rtn | gptq")->capture_default_str();
+  app.add_option("--method", method,
+                 "rtn | gptq | boa (BoA: attention-aware wq/wk/wv, needs --calib) | dfmpc (data-free mixed-precision "
+                 "compensation: wv/w_up in --format, wo/w_down compensated in --dfmpc-high)")
+      ->capture_default_str();
   app.add_option("--calib", calib, "calibration text (gptq; optional for rtn: importance-weighted clipping)");
   app.add_option("--calib-tokens", calib_tokens, "calibration tokens")->capture_default_str();
   app.add_option("--calib-ctx", calib_ctx, "tokens per calibration chunk")->capture_default_str();
@@ -107,10 +115,25 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--alloc-probe-tokens", alloc_probe_tokens, "bit allocation: calibration tokens per KLD probe")
       ->capture_default_str();
+  app.add_option("--alloc-cache", alloc_cache,
+                 "bit allocation: reuse/store the sensitivity probes and error estimates in this file (a sweep over "
+                 "budgets then pays them once)");
   app.add_option("--alloc-embed-formats", alloc_embed_formats,
                  "bit allocation: candidate formats of the token embedding/output head, chosen by measured KLD "
                  "(auto: int8_g32,int4_g32,int4_g64,int3_g64,int2_g64; none: keep --embed-format)")
       ->capture_default_str();
+  auto* dfmpc_high_opt = app.add_option("--dfmpc-high", dfmpc_high,
+                                        "dfmpc: format of the compensating layers wo and w_down")
+                             ->capture_default_str();
+  auto* dfmpc_rest_opt = app.add_option("--dfmpc-rest", dfmpc_rest, "dfmpc: format of wq, wk, w_gate (default: --format)");
+  auto* dfmpc_ridge_opt = app.add_option("--dfmpc-ridge", dfmpc_ridge,
+                                         "dfmpc: relative ridge pulling the compensation toward identity (>= 0)")
+                              ->capture_default_str();
+  auto* dfmpc_w_opt = app.add_option("--dfmpc-weighting", dfmpc_weighting,
+                                     "dfmpc: input-column weights: norm (RMSNorm gain squared) | none")
+                          ->capture_default_str();
+  auto* dfmpc_nc_opt = app.add_flag("--dfmpc-no-compensation", dfmpc_no_comp,
+                                    "dfmpc: same per-tensor formats, no compensation (equal-bits RTN baseline)");
   app.add_option("-t,--threads", threads, "CPU threads (default: all cores)");
   app.add_option("--report", report_path, "write a JSON report (per-tensor format, bits, error, time)");
   CLI11_PARSE(app, argc, argv);
@@ -144,6 +167,7 @@ int main(int argc, char** argv) {
       cfg.alloc.candidates = *std::move(list);
     }
     cfg.alloc.sensitivity = alloc_sensitivity;
+    cfg.alloc.cache_path = alloc_cache;
     auto pf = nibble::fmt::Format::Parse(alloc_probe_format);
     if (!pf)
       return Fail(absl::InvalidArgumentError(absl::StrCat("--alloc-probe-format: unknown format '", alloc_probe_format, "'")));
@@ -172,6 +196,34 @@ int main(int argc, char** argv) {
     cfg.embed_format = *e;
   }
   cfg.method = method;
+  if (method != "dfmpc") {
+    for (auto* o : {dfmpc_high_opt, dfmpc_rest_opt, dfmpc_ridge_opt, dfmpc_w_opt, dfmpc_nc_opt})
+      if (o->count() > 0)
+        return Fail(absl::InvalidArgumentError(absl::StrCat(o->get_name(), " needs --method dfmpc")));
+  } else {
+    if (allocate) return Fail(absl::InvalidArgumentError("--method dfmpc cannot be combined with --bpw"));
+    auto hf = nibble::fmt::Format::Parse(dfmpc_high);
+    if (!hf)
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--dfmpc-high: unknown format '", dfmpc_high,
+                                                          "' (see --list-formats)")));
+    cfg.dfmpc.high = *hf;
+    if (!dfmpc_rest.empty()) {
+      auto rf = nibble::fmt::Format::Parse(dfmpc_rest);
+      if (!rf)
+        return Fail(absl::InvalidArgumentError(absl::StrCat("--dfmpc-rest: unknown format '", dfmpc_rest,
+                                                            "' (see --list-formats)")));
+      cfg.dfmpc.rest = *rf;
+    }
+    if (!(std::isfinite(dfmpc_ridge) && dfmpc_ridge >= 0.0))
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--dfmpc-ridge: ", dfmpc_ridge, " is not finite and >= 0")));
+    cfg.dfmpc.ridge = dfmpc_ridge;
+    if (dfmpc_weighting != "norm" && dfmpc_weighting != "none")
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--dfmpc-weighting: '", dfmpc_weighting,
+                                                          "' is not norm or none")));
+    cfg.dfmpc.norm_weighted = dfmpc_weighting == "norm";
+    cfg.dfmpc.compensate = !dfmpc_no_comp;
+    if (!calib.empty()) fprintf(stderr, "quantize: dfmpc is data-free; --calib is ignored\n");
+  }
   cfg.calib_path = calib;
   cfg.calib_tokens = calib_tokens;
   cfg.calib_ctx = calib_ctx;
@@ -227,6 +279,9 @@ int main(int argc, char** argv) {
             "quantize: bit allocation: target %.4f bpw, achieved %.4f (all weights, every scale/zero byte counted); "
             "segments %s; estimated error %.6g (gap bound %.3g)\n",
             target_bpw, report->bpw_all, report->alloc_mix.c_str(), report->alloc_est_error, report->alloc_gap_bound);
+  for (size_t l = 0; l < report->dfmpc_layers.size(); ++l)
+    fprintf(stderr, "quantize: dfmpc layer %zu: composite error (wv,wo) %.5f  (w_up,w_down) %.5f\n", l,
+            report->dfmpc_layers[l].attn, report->dfmpc_layers[l].ffn);
   if (allocate && !report->alloc_embed.empty())
     fprintf(stderr, "quantize: bit allocation: embeddings %s (sensitivity probes %.0f s)\n", report->alloc_embed.c_str(),
             report->sensitivity_seconds);
@@ -251,11 +306,21 @@ int main(int argc, char** argv) {
       j["alloc_sensitivity"] = alloc_sensitivity;
       j["alloc_embed"] = report->alloc_embed;
       j["sensitivity_seconds"] = report->sensitivity_seconds;
+      j["alloc_cache_hit"] = report->alloc_cache_hit;
     }
     if (outliers > 0.0) {
       j["outliers"] = outliers;
       j["outlier_type"] = nibble::SidecarTypeName(cfg.outlier_type);
       j["outlier_saliency"] = nibble::SaliencyName(cfg.outlier_saliency);
+    }
+    if (method == "dfmpc") {
+      j["dfmpc_high"] = cfg.dfmpc.high.Name();
+      j["dfmpc_rest"] = cfg.dfmpc.rest ? cfg.dfmpc.rest->Name() : cfg.format.Name();
+      j["dfmpc_ridge"] = cfg.dfmpc.ridge;
+      j["dfmpc_compensate"] = cfg.dfmpc.compensate;
+      j["dfmpc_weighting"] = dfmpc_weighting;
+      for (const auto& e : report->dfmpc_layers)
+        j["dfmpc_layers"].push_back({{"attn_composite_error", e.attn}, {"ffn_composite_error", e.ffn}});
     }
     for (const auto& t : report->tensors) {
       j["tensors"].push_back({{"name", t.name}, {"format", t.format}, {"rows", t.rows}, {"cols", t.cols},

@@ -45,6 +45,19 @@ class QuantizeE2E : public ::testing::Test {
     return out;
   }
 
+  // nibble-quantize with arbitrary arguments (GPTQ on the calibration text); returns the output path.
+  static std::string QuantizeWith(const std::string& tag, const std::string& args) {
+    const std::string out = dir_ + "/" + tag + ".nbl";
+    RunResult r = RunCommand(testing::BinDir() + "/nibble-quantize -m " + testing::Stories260KModel() +
+                             " --tokenizer " + testing::Stories260KTokenizer() + " -o " + out + " --method gptq --calib " +
+                             dir_ + "/calib.txt --calib-tokens 4096 --report " + out + ".json " + args + " 2>&1");
+    EXPECT_EQ(r.exit_code, 0) << r.out;
+    return out;
+  }
+  static double ReportBpw(const std::string& nbl) {
+    return nlohmann::json::parse(std::ifstream(nbl + ".json"))["bpw_all"].get<double>();
+  }
+
   static nlohmann::json Perplexity(const std::string& model) {
     RunResult r = RunCommand(testing::BinDir() + "/nibble-perplexity -m " + model + " --tokenizer " +
                              testing::Stories260KTokenizer() + " -f " + testing::SharedDir() +
@@ -81,6 +94,28 @@ TEST_F(QuantizeE2E, GptqBeatsRtnAtThreeAndTwoBits) {
     EXPECT_LT(gptq["ppl"].get<double>(), rtn["ppl"].get<double>()) << format;
     EXPECT_LT(gptq["kld"].get<double>(), rtn["kld"].get<double>()) << format;
   }
+}
+
+// The bit allocator (KLD-probe sensitivities, embedding allocated too) at the
+// size of the best uniform 3-bit configuration beats it, and the probes are
+// what makes it work: without them (Hessian proxy alone) it is worse.
+TEST_F(QuantizeE2E, AllocatorBeatsUniformFormatOfTheSameSize) {
+  const std::string uni = QuantizeWith("uniform", "--format int3_g64_sym --embed-format int4_g64");
+  const double bpw = ReportBpw(uni);
+  char budget[32];
+  std::snprintf(budget, sizeof budget, "%.4f", bpw);
+  const std::string alloc = QuantizeWith("alloc", std::string("--bpw ") + budget);
+  const std::string plain = QuantizeWith("alloc_plain", std::string("--bpw ") + budget +
+                                                            " --alloc-sensitivity none --embed-format int4_g64");
+  EXPECT_LE(ReportBpw(alloc), bpw + 1e-4);
+  EXPECT_LE(ReportBpw(plain), bpw + 1e-4);
+  const nlohmann::json pu = Perplexity(uni), pa = Perplexity(alloc), pp = Perplexity(plain);
+  ASSERT_TRUE(pu.is_object() && pa.is_object() && pp.is_object());
+  std::printf("  %s bpw: uniform int3_g64_sym ppl %.4f, allocated ppl %.4f, allocated without probes ppl %.4f\n",
+              budget, pu["ppl"].get<double>(), pa["ppl"].get<double>(), pp["ppl"].get<double>());
+  EXPECT_LT(pa["ppl"].get<double>(), pu["ppl"].get<double>()) << "allocated at " << budget << " bpw";
+  EXPECT_LT(pa["kld"].get<double>(), pu["kld"].get<double>());
+  EXPECT_LT(pa["ppl"].get<double>(), pp["ppl"].get<double>());
 }
 
 TEST_F(QuantizeE2E, BadArgumentsFailCleanly) {
