@@ -11,9 +11,11 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "engine/core/config.h"
 #include "engine/core/weights.h"
+#include "kernels/cpu/paged_attention.h"
 
 namespace nibble {
 
@@ -29,6 +31,10 @@ struct AttentionArgs {
   int pos0;              // position of the first query token
   int n_heads, n_kv_heads, head_dim;
 };
+
+// Attention over a paged KV cache (serving): one sequence's query rows and
+// its block table (see kernels/cpu/paged_attention.h for the layout).
+using PagedAttentionArgs = cpu::PagedAttentionArgs;
 
 class Backend {
  public:
@@ -46,6 +52,16 @@ class Backend {
   virtual void Attention(const AttentionArgs& a) = 0;
   // gate = silu(gate) * up, element-wise over n values.
   virtual void SwiGLU(float* gate, const float* up, int64_t n) = 0;
+
+  // Causal attention of one sequence's query rows over its paged cache
+  // (added for the serving scheduler). Default: the host CPU kernel
+  // (kernels/cpu/paged_attention.h), on a pool of n_threads() threads that the
+  // base class creates on first use; a device backend overrides it.
+  virtual void PagedAttention(const PagedAttentionArgs& a);
+
+ private:
+  std::shared_ptr<ThreadPool> paged_pool_;  // lazily created by the default PagedAttention
+  std::vector<float> paged_scores_;
 };
 
 // The fp32 CPU backend (kernels/cpu), multi-threaded over n_threads (<= 0: all cores).

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "engine/model/backend.h"
 #include "engine/model/kv_cache.h"
+#include "engine/model/paged_kv_cache.h"
 #include "engine/core/loaded_model.h"
 
 namespace nibble {
@@ -48,6 +49,16 @@ class ActivationObserver {
   virtual void OnAttention(int /*layer*/, const AttentionObservation& /*a*/) {}
 };
 
+// One sequence's share of a ForwardBatched step (serving): tokens.size() >= 1
+// tokens at positions [pos, pos + tokens.size()); `blocks` must already cover
+// positions [0, pos + tokens.size()) and hold the sequence's K/V for [0, pos).
+struct BatchSequence {
+  std::span<const int32_t> tokens;
+  int pos = 0;
+  const BlockTable* blocks = nullptr;
+  bool want_logits = false;  // write logits for the last token of this sequence
+};
+
 class LlamaModel {
  public:
   // Takes ownership of the loaded weights. n_threads <= 0 uses every core.
@@ -80,6 +91,17 @@ class LlamaModel {
   // later probes start from. Errors: bad layer/size/capacity.
   absl::Status ForwardFromLayer(int first_layer, std::span<const float> x, int n, KVCache* cache,
                                 std::span<float> logits, float* layer_inputs = nullptr);
+
+  // Serving: runs several sequences in one step. All their token rows are
+  // stacked so every weight matrix is read once per layer for the whole batch;
+  // RoPE and attention are per sequence (attention through `cache`'s block
+  // tables after this step's K/V rows are written into their blocks). Writes
+  // vocab_size logits per sequence with want_logits, in batch order, into
+  // `logits`. The observer is not called. Total tokens <= kMaxBatch.
+  // Errors (nothing is computed): INVALID_ARGUMENT for an empty or too large
+  // batch, a bad token id, a small logits buffer or a null block table;
+  // OUT_OF_RANGE for positions past max_seq_len or past the block table.
+  absl::Status ForwardBatched(std::span<const BatchSequence> batch, PagedKVCache* cache, std::span<float> logits);
 
   // Installs (or with nullptr removes) a calibration observer. Not owned.
   void SetObserver(ActivationObserver* observer) { observer_ = observer; }

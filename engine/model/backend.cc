@@ -1,0 +1,12 @@
+#include "engine/model/backend.h"
+
+#include "kernels/cpu/thread_pool.h"
+
+namespace nibble {
+
+void Backend::PagedAttention(const PagedAttentionArgs& a) {
+  if (paged_pool_ == nullptr && n_threads() > 1) paged_pool_ = std::make_shared<ThreadPool>(n_threads());
+  cpu::PagedAttention(a, paged_pool_.get(), &paged_scores_);
+}
+
+}  // namespace nibble

@@ -1,0 +1,168 @@
+#include "engine/model/paged_kv_cache.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace nibble {
+
+absl::StatusOr<std::unique_ptr<PagedKVCache>> PagedKVCache::Create(const ModelConfig& c, const Options& opts) {
+  if (opts.block_size < 1 || opts.block_size > 1024)
+    return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: block_size ", opts.block_size,
+                                                   " is not in [1, 1024]"));
+  if (opts.num_blocks < 1)
+    return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: num_blocks ", opts.num_blocks, " must be > 0"));
+  if (c.n_layers < 1 || c.kv_dim() < 1)
+    return absl::InvalidArgumentError("PagedKVCache: the model config has no layers or an empty kv_dim");
+  const int64_t stride = int64_t{2} * c.n_layers * opts.block_size * c.kv_dim();
+  const int64_t max_floats = std::numeric_limits<int64_t>::max() / 8;
+  if (stride > max_floats / opts.num_blocks)
+    return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: ", opts.num_blocks, " blocks of ", stride,
+                                                   " floats overflow the address space"));
+  auto cache = std::unique_ptr<PagedKVCache>(new PagedKVCache());
+  cache->block_size_ = opts.block_size;
+  cache->num_blocks_ = opts.num_blocks;
+  cache->n_layers_ = c.n_layers;
+  cache->kv_dim_ = c.kv_dim();
+  cache->prefix_caching_ = opts.prefix_caching;
+  cache->block_stride_ = stride;
+  cache->data_.reset(new (std::nothrow) float[size_t(stride) * opts.num_blocks]);
+  if (cache->data_ == nullptr)
+    return absl::ResourceExhaustedError(absl::StrCat("PagedKVCache: cannot allocate ", opts.num_blocks,
+                                                     " blocks of ", stride * 4, " bytes"));
+  cache->meta_.resize(opts.num_blocks);
+  cache->free_.reserve(opts.num_blocks);
+  // Hand out low ids first (pop_back).
+  for (int32_t b = opts.num_blocks - 1; b >= 0; --b) cache->free_.push_back(b);
+  return cache;
+}
+
+uint64_t PagedKVCache::BlockKey(uint64_t parent, std::span<const int32_t> tokens) {
+  // splitmix64-style mixing of the parent key and each token.
+  auto mix = [](uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  };
+  uint64_t h = mix(parent + 0x9e3779b97f4a7c15ULL);
+  for (int32_t t : tokens) h = mix(h ^ (static_cast<uint64_t>(static_cast<uint32_t>(t)) + 0x9e3779b97f4a7c15ULL));
+  return mix(h ^ tokens.size());
+}
+
+absl::StatusOr<int32_t> PagedKVCache::AllocateOne() {
+  int32_t b;
+  if (!free_.empty()) {
+    b = free_.back();
+    free_.pop_back();
+  } else if (!lru_.empty()) {
+    b = lru_.front();
+    lru_.pop_front();
+    BlockMeta& m = meta_[b];
+    index_.erase(m.key);
+    m.cached = false;
+    m.tokens.clear();
+    --cached_;
+    ++evictions_;
+  } else {
+    return absl::ResourceExhaustedError(absl::StrCat("PagedKVCache: all ", num_blocks_, " blocks are in use"));
+  }
+  meta_[b].refs = 1;
+  ++used_;
+  return b;
+}
+
+void PagedKVCache::Retain(int32_t b) {
+  BlockMeta& m = meta_[b];
+  if (m.refs == 0) {
+    if (m.cached) lru_.erase(m.lru_it);
+    ++used_;
+  }
+  ++m.refs;
+}
+
+void PagedKVCache::Release(int32_t b) {
+  BlockMeta& m = meta_[b];
+  if (m.refs <= 0) return;  // defensive: never underflow
+  if (--m.refs > 0) return;
+  --used_;
+  if (m.cached) {
+    m.lru_it = lru_.insert(lru_.end(), b);
+  } else {
+    free_.push_back(b);
+  }
+}
+
+absl::Status PagedKVCache::Reserve(BlockTable* t, int64_t n_positions) {
+  const int64_t need = (n_positions + block_size_ - 1) / block_size_ - static_cast<int64_t>(t->blocks.size());
+  if (need <= 0) return absl::OkStatus();
+  if (need > available())
+    return absl::ResourceExhaustedError(absl::StrCat("PagedKVCache: ", need, " more blocks needed, ", available(),
+                                                     " available"));
+  for (int64_t i = 0; i < need; ++i) t->blocks.push_back(*AllocateOne());  // cannot fail: checked above
+  return absl::OkStatus();
+}
+
+void PagedKVCache::Free(BlockTable* t) {
+  // Release the tail first so a prefix's leading blocks are evicted last.
+  for (auto it = t->blocks.rbegin(); it != t->blocks.rend(); ++it) Release(*it);
+  t->blocks.clear();
+  t->keys.clear();
+}
+
+int64_t PagedKVCache::MatchPrefix(std::span<const int32_t> tokens, int64_t max_positions, BlockTable* t) {
+  if (!prefix_caching_ || !t->blocks.empty()) return 0;
+  const int64_t limit = std::min<int64_t>(max_positions, static_cast<int64_t>(tokens.size()));
+  uint64_t parent = kRootKey;
+  int64_t pos = 0;
+  while (pos + block_size_ <= limit) {
+    std::span<const int32_t> blk = tokens.subspan(pos, block_size_);
+    const uint64_t key = BlockKey(parent, blk);
+    auto it = index_.find(key);
+    if (it == index_.end()) break;
+    const BlockMeta& m = meta_[it->second];
+    if (m.parent != parent || !std::equal(blk.begin(), blk.end(), m.tokens.begin(), m.tokens.end())) break;
+    Retain(it->second);
+    t->blocks.push_back(it->second);
+    t->keys.push_back(key);
+    ++prefix_hits_;
+    parent = key;
+    pos += block_size_;
+  }
+  return pos;
+}
+
+void PagedKVCache::Publish(std::span<const int32_t> tokens, int64_t n_computed, BlockTable* t) {
+  if (!prefix_caching_) return;
+  const int64_t limit = std::min<int64_t>(n_computed, static_cast<int64_t>(tokens.size()));
+  const int64_t full = std::min<int64_t>(limit / block_size_, static_cast<int64_t>(t->blocks.size()));
+  for (int64_t i = static_cast<int64_t>(t->keys.size()); i < full; ++i) {
+    const uint64_t parent = i == 0 ? kRootKey : t->keys[i - 1];
+    std::span<const int32_t> blk = tokens.subspan(i * block_size_, block_size_);
+    const uint64_t key = BlockKey(parent, blk);
+    t->keys.push_back(key);
+    const int32_t b = t->blocks[i];
+    BlockMeta& m = meta_[b];
+    if (m.cached || index_.contains(key)) continue;
+    m.cached = true;
+    m.key = key;
+    m.parent = parent;
+    m.tokens.assign(blk.begin(), blk.end());
+    index_.emplace(key, b);
+    ++cached_;
+  }
+}
+
+PagedKVCache::Stats PagedKVCache::stats() const {
+  Stats s;
+  s.blocks_total = num_blocks_;
+  s.blocks_used = used_;
+  s.blocks_free = num_blocks_ - used_;
+  s.blocks_cached = cached_;
+  s.bytes_total = block_stride_ * num_blocks_ * int64_t{sizeof(float)};
+  s.prefix_hits = prefix_hits_;
+  s.evictions = evictions_;
+  return s;
+}
+
+}  // namespace nibble

@@ -1,0 +1,166 @@
+#include "engine/model/paged_kv_cache.h"
+
+#include <numeric>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace nibble {
+namespace {
+
+ModelConfig TinyConfig() {
+  ModelConfig c;
+  c.dim = 8;
+  c.hidden_dim = 16;
+  c.n_layers = 2;
+  c.n_heads = 2;
+  c.n_kv_heads = 1;
+  c.head_dim = 4;
+  c.vocab_size = 32;
+  c.max_seq_len = 64;
+  c.rope_dim = 4;
+  return c;
+}
+
+std::unique_ptr<PagedKVCache> Make(int blocks, int block_size = 4, bool prefix = true) {
+  auto c = PagedKVCache::Create(TinyConfig(), {.block_size = block_size, .num_blocks = blocks, .prefix_caching = prefix});
+  EXPECT_TRUE(c.ok()) << c.status();
+  return *std::move(c);
+}
+
+TEST(PagedKVCache, RejectsBadOptions) {
+  EXPECT_FALSE(PagedKVCache::Create(TinyConfig(), {.block_size = 0, .num_blocks = 4}).ok());
+  EXPECT_FALSE(PagedKVCache::Create(TinyConfig(), {.block_size = 4, .num_blocks = 0}).ok());
+  EXPECT_FALSE(PagedKVCache::Create(TinyConfig(), {.block_size = 1024, .num_blocks = 1 << 30}).ok());
+}
+
+TEST(PagedKVCache, LayoutDoesNotOverlap) {
+  auto c = Make(3);
+  // Every (block, layer, K/V, slot) row is distinct and inside the pool.
+  std::vector<int> hits(size_t(c->block_stride()) * c->num_blocks(), 0);
+  for (int b = 0; b < 3; ++b)
+    for (int l = 0; l < c->n_layers(); ++l)
+      for (int s = 0; s < c->block_size(); ++s)
+        for (float* r : {c->k_row(b, l, s), c->v_row(b, l, s)})
+          for (int i = 0; i < c->kv_dim(); ++i) ++hits.at(r - c->base() + i);
+  for (int h : hits) ASSERT_EQ(h, 1);
+}
+
+TEST(PagedKVCache, ReserveFreeAndExhaustion) {
+  auto c = Make(5);
+  BlockTable a, b;
+  ASSERT_TRUE(c->Reserve(&a, 9).ok());  // 3 blocks
+  EXPECT_EQ(a.blocks.size(), 3u);
+  ASSERT_TRUE(c->Reserve(&a, 12).ok());  // still 3
+  EXPECT_EQ(a.blocks.size(), 3u);
+  EXPECT_EQ(c->stats().blocks_used, 3);
+  const absl::Status s = c->Reserve(&b, 13);  // 4 > 2 left: all-or-nothing
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(b.blocks.empty());
+  ASSERT_TRUE(c->Reserve(&b, 8).ok());
+  EXPECT_EQ(c->stats().blocks_free, 0);
+  for (int32_t x : a.blocks)
+    for (int32_t y : b.blocks) EXPECT_NE(x, y);
+  c->Free(&a);
+  EXPECT_TRUE(a.blocks.empty());
+  EXPECT_EQ(c->stats().blocks_used, 2);
+  EXPECT_EQ(c->stats().blocks_free, 3);
+  c->Free(&b);
+  EXPECT_EQ(c->stats().blocks_used, 0);
+  EXPECT_EQ(c->available(), 5);
+}
+
+TEST(PagedKVCache, PrefixSharingRefCountsAndEviction) {
+  auto c = Make(6);
+  std::vector<int32_t> prompt(11);
+  std::iota(prompt.begin(), prompt.end(), 1);
+  BlockTable a;
+  EXPECT_EQ(c->MatchPrefix(prompt, 11, &a), 0);  // nothing cached yet
+  ASSERT_TRUE(c->Reserve(&a, 11).ok());
+  c->Publish(prompt, 11, &a);  // 2 full blocks published, the partial third is not
+  EXPECT_EQ(c->stats().blocks_cached, 2);
+  EXPECT_EQ(a.keys.size(), 2u);
+
+  // Same first 9 tokens, different after: shares exactly the 2 full blocks.
+  std::vector<int32_t> other = prompt;
+  other[9] = 30;
+  BlockTable b;
+  EXPECT_EQ(c->MatchPrefix(other, 11, &b), 8);
+  ASSERT_EQ(b.blocks.size(), 2u);
+  EXPECT_EQ(b.blocks[0], a.blocks[0]);
+  EXPECT_EQ(b.blocks[1], a.blocks[1]);
+  EXPECT_EQ(c->ref_count(a.blocks[0]), 2);
+  EXPECT_EQ(c->ref_count(a.blocks[2]), 1);
+  EXPECT_EQ(c->stats().prefix_hits, 2);
+
+  // A different second block shares only the first.
+  std::vector<int32_t> third = prompt;
+  third[5] = 31;
+  BlockTable d;
+  EXPECT_EQ(c->MatchPrefix(third, 11, &d), 4);
+  // max_positions caps the match (a caller keeps >= 1 token to compute).
+  BlockTable e;
+  EXPECT_EQ(c->MatchPrefix(prompt, 7, &e), 4);
+  c->Free(&d);
+  c->Free(&e);
+
+  const int32_t shared0 = a.blocks[0];
+  c->Free(&a);
+  EXPECT_EQ(c->ref_count(shared0), 1);
+  c->Free(&b);
+  // Nothing used; the 2 published blocks stay cached and count as free.
+  EXPECT_EQ(c->stats().blocks_used, 0);
+  EXPECT_EQ(c->stats().blocks_cached, 2);
+  EXPECT_EQ(c->available(), 6);
+  BlockTable again;
+  EXPECT_EQ(c->MatchPrefix(prompt, 11, &again), 8);
+  c->Free(&again);
+
+  // Filling the pool evicts the cached blocks (free list first, then LRU).
+  BlockTable big;
+  ASSERT_TRUE(c->Reserve(&big, 24).ok());
+  EXPECT_EQ(c->stats().blocks_cached, 0);
+  EXPECT_EQ(c->stats().evictions, 2);
+  BlockTable miss;
+  EXPECT_EQ(c->MatchPrefix(prompt, 11, &miss), 0);
+  c->Free(&big);
+  EXPECT_EQ(c->stats().blocks_used, 0);
+}
+
+TEST(PagedKVCache, DuplicatePublishKeepsOneCachedCopy) {
+  auto c = Make(6);
+  std::vector<int32_t> p = {5, 6, 7, 8, 9};
+  BlockTable a, b;
+  ASSERT_TRUE(c->Reserve(&a, 5).ok());
+  ASSERT_TRUE(c->Reserve(&b, 5).ok());  // computed independently (same step)
+  c->Publish(p, 5, &a);
+  c->Publish(p, 5, &b);
+  EXPECT_EQ(c->stats().blocks_cached, 1);
+  EXPECT_EQ(b.keys.size(), 1u);  // key known, block left private
+  c->Free(&a);
+  c->Free(&b);
+  EXPECT_EQ(c->stats().blocks_used, 0);
+  EXPECT_EQ(c->available(), 6);
+}
+
+TEST(PagedKVCache, PrefixCachingOff) {
+  auto c = Make(4, 4, /*prefix=*/false);
+  std::vector<int32_t> p = {1, 2, 3, 4, 5};
+  BlockTable a, b;
+  ASSERT_TRUE(c->Reserve(&a, 5).ok());
+  c->Publish(p, 5, &a);
+  EXPECT_EQ(c->MatchPrefix(p, 5, &b), 0);
+  EXPECT_EQ(c->stats().blocks_cached, 0);
+}
+
+TEST(PagedKVCache, BlockKeyChains) {
+  std::vector<int32_t> t = {1, 2, 3, 4};
+  const uint64_t k1 = PagedKVCache::BlockKey(PagedKVCache::kRootKey, t);
+  EXPECT_EQ(k1, PagedKVCache::BlockKey(PagedKVCache::kRootKey, t));
+  EXPECT_NE(k1, PagedKVCache::BlockKey(k1, t));  // same tokens, other prefix
+  std::vector<int32_t> u = {1, 2, 4, 3};
+  EXPECT_NE(k1, PagedKVCache::BlockKey(PagedKVCache::kRootKey, u));
+}
+
+}  // namespace
+}  // namespace nibble
