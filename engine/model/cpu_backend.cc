@@ -1,10 +1,13 @@
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
 #include <vector>
 
 #include "engine/core/quant_tensor.h"
 #include "engine/model/backend.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/qmatmul.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace nibble {
@@ -25,10 +28,44 @@ class CpuBackend final : public Backend {
     cpu::MatMulF32(w.data.data(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
   }
 
-  // Reference path for packed weights: each thread dequantizes one row at a time
-  // (side-car applied) into L1-resident scratch and dots it with every token.
-  // The fused SIMD kernels of the engine-speed issue replace this.
+  // Packed weights: the fused int8-activation kernels (kernels/cpu/qmatmul.h)
+  // on the active ISA (NIBBLE_FORCE_ISA=scalar runs their scalar version).
+  // NIBBLE_QMATMUL=f32ref selects the exact path instead: each row
+  // dequantized (side-car applied) to fp32 and dotted in fp32.
   void QuantMatMul(const QuantTensor& q, const float* x, int n_tokens, float* y) {
+    if (UseF32Reference()) {
+      QuantMatMulF32(q, x, n_tokens, y);
+      return;
+    }
+    seg_views_.clear();  // keeps its capacity: no allocation after the first call
+    for (const QuantSegment& s : q.segments) seg_views_.push_back({s.row_begin, s.row_end, s.format, s.data.data()});
+    cpu::QMatrixView v;
+    v.rows = q.rows;
+    v.cols = q.cols;
+    v.segments = seg_views_;
+    const Sidecar& sc = q.sidecar;
+    if (!sc.empty()) {
+      v.sidecar.type = sc.type == Sidecar::ValueType::kF16 ? cpu::QSidecarView::Type::kF16 : cpu::QSidecarView::Type::kI8;
+      v.sidecar.row_ptr = sc.row_ptr.data();
+      v.sidecar.col = sc.col.data();
+      v.sidecar.f16 = sc.f16.data();
+      v.sidecar.i8 = sc.i8.data();
+      v.sidecar.row_scale = sc.row_scale.data();
+    }
+    cpu::QuantMatMul(v, x, n_tokens, y, &pool_, &qscratch_);
+  }
+
+  static bool UseF32Reference() {
+    static const bool ref = [] {
+      const char* e = std::getenv("NIBBLE_QMATMUL");
+      return e != nullptr && std::string_view(e) == "f32ref";
+    }();
+    return ref;
+  }
+
+  // The exact (slow) path: dequantize one row at a time into per-thread
+  // scratch, fp32 dot with every token.
+  void QuantMatMulF32(const QuantTensor& q, const float* x, int n_tokens, float* y) {
     const int64_t rows = q.rows, cols = q.cols;
     if (static_cast<int64_t>(row_scratch_.size()) < pool_.size() * cols) row_scratch_.resize(pool_.size() * cols);
     pool_.ParallelFor(rows, 16, [&](int thread, int64_t b, int64_t e) {
@@ -87,6 +124,8 @@ class CpuBackend final : public Backend {
   ThreadPool pool_;
   std::vector<float> scores_;
   std::vector<float> row_scratch_;
+  std::vector<cpu::QSegmentView> seg_views_;
+  cpu::QMatMulScratch qscratch_;
 };
 
 }  // namespace

@@ -1,0 +1,103 @@
+// Speed of the packed-weight matmul (kernels/cpu/qmatmul.h) at 1 thread on
+// SmolLM2-135M shapes: GEMV (1 token: decode) and a 16-token GEMM (prefill).
+// Reports bytes_per_second = packed weight bytes streamed per second, plus
+// the fp32 dequantize-then-dot reference for scale.
+//
+//   build-simd/bin/qmatmul_bench --benchmark_filter='int4_g32/' --benchmark_min_time=0.2
+// Args: {rows, cols, n_tokens, isa (0 scalar, 1 avx2, 2 avx512)}.
+#include <benchmark/benchmark.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/qmatmul.h"
+#include "kernels/formats/format.h"
+
+namespace nibble::cpu {
+namespace {
+
+struct Packed {
+  std::vector<uint8_t> bytes;
+  QSegmentView seg;
+  QMatrixView view;
+};
+
+Packed MakePacked(const fmt::Format& f, int64_t rows, int64_t cols) {
+  Packed p;
+  const int64_t rb = f.RowBytes(cols);
+  p.bytes.resize(static_cast<size_t>(rows * rb));
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd(0.0f, 0.05f);
+  std::vector<float> w(static_cast<size_t>(cols));
+  // Quantize a few distinct rows and tile them (quantizing 49152 rows is slow).
+  const int64_t distinct = std::min<int64_t>(rows, 64);
+  for (int64_t r = 0; r < distinct; ++r) {
+    for (float& v : w) v = nd(rng);
+    fmt::QuantizeRowRef(f, w.data(), cols, nullptr, p.bytes.data() + r * rb);
+  }
+  for (int64_t r = distinct; r < rows; ++r)
+    std::copy_n(p.bytes.data() + (r % distinct) * rb, rb, p.bytes.data() + r * rb);
+  p.seg = {0, rows, f, p.bytes.data()};
+  p.view.rows = rows;
+  p.view.cols = cols;
+  p.view.segments = std::span<const QSegmentView>(&p.seg, 1);
+  return p;
+}
+
+void BM_QMatMul(benchmark::State& state, fmt::Format f) {
+  const int64_t rows = state.range(0), cols = state.range(1), n_tokens = state.range(2);
+  const QIsa isa = static_cast<QIsa>(state.range(3));
+  if (!QIsaSupported(isa)) {
+    state.SkipWithError("ISA not supported");
+    return;
+  }
+  const Packed p = MakePacked(f, rows, cols);
+  std::vector<float> x(static_cast<size_t>(n_tokens * cols)), y(static_cast<size_t>(n_tokens * rows));
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (float& v : x) v = nd(rng);
+  QMatMulScratch scratch;
+  for (auto _ : state) {
+    QuantMatMulIsa(isa, p.view, x.data(), n_tokens, y.data(), nullptr, &scratch);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(p.bytes.size()));
+  state.SetLabel(QIsaName(isa));
+}
+
+void BM_F32Ref(benchmark::State& state, fmt::Format f) {
+  const int64_t rows = state.range(0), cols = state.range(1);
+  const Packed p = MakePacked(f, rows, cols);
+  std::vector<float> x(static_cast<size_t>(cols), 0.5f), y(static_cast<size_t>(rows));
+  for (auto _ : state) {
+    QuantMatMulF32Ref(p.view, x.data(), 1, y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(p.bytes.size()));
+}
+
+const char* const kBenchFormats[] = {"int8_g32", "int4_g32", "int4_g64_sym", "int4_g128", "int3_g64", "int2_g64",
+                                     "int2_g128_sym", "ternary_g64", "binary_g64", "bintern_g64"};
+
+int Register() {
+  const int64_t shapes[][2] = {{576, 576}, {1536, 576}, {576, 1536}, {49152, 576}};
+  for (const char* name : kBenchFormats) {
+    const fmt::Format f = *fmt::Format::Parse(name);
+    auto* b = benchmark::RegisterBenchmark((std::string(name) + "/gemv").c_str(), BM_QMatMul, f);
+    for (const auto& s : shapes)
+      for (int isa : {2, 1}) b->Args({s[0], s[1], 1, isa});
+    b->Args({576, 576, 1, 0});
+    auto* g = benchmark::RegisterBenchmark((std::string(name) + "/gemm16").c_str(), BM_QMatMul, f);
+    g->Args({1536, 576, 16, 2})->Args({1536, 576, 16, 1});
+    benchmark::RegisterBenchmark((std::string(name) + "/f32ref").c_str(), BM_F32Ref, f)->Args({1536, 576});
+  }
+  return 0;
+}
+const int kRegistered = Register();
+
+}  // namespace
+}  // namespace nibble::cpu
+
+BENCHMARK_MAIN();

@@ -1,0 +1,355 @@
+// Dispatch, activation quantization, side-car, references and the scalar
+// kernel of the packed-weight matmul (kernels/cpu/qmatmul.h).
+#include "kernels/cpu/qmatmul.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+#include <vector>
+
+#include "kernels/common/fp16.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/qmatmul_internal.h"
+#include "kernels/cpu/thread_pool.h"
+#include "kernels/formats/blocks.h"
+
+namespace nibble::cpu {
+
+// ------------------------------------------------------------- scratch ---
+
+struct QMatMulScratch::Impl {
+  // 64-byte aligned views into owned vectors; grow only.
+  std::vector<uint8_t> bytes;
+  int8_t* xq = nullptr;
+  float *dx = nullptr, *dxs = nullptr, *dx16 = nullptr;
+  int32_t* xs4 = nullptr;
+  float* xs4f = nullptr;
+  int64_t cap_blocks = 0;  // n_tokens * nb the buffers hold
+
+  void Reserve(int64_t total_blocks) {
+    if (total_blocks <= cap_blocks) return;
+    // Per block: 32 B codes + 4 B dx + 4 B dxs + 32 B dx16 (16 floats per pair) + 32 B xs4.
+    const size_t need = static_cast<size_t>(total_blocks) * (32 + 4 + 4 + 32 + 32 + 32) + 6 * 64;
+    bytes.assign(need, 0);
+    uintptr_t p = (reinterpret_cast<uintptr_t>(bytes.data()) + 63) & ~uintptr_t{63};
+    xq = reinterpret_cast<int8_t*>(p);
+    p += static_cast<size_t>(total_blocks) * 32;
+    dx16 = reinterpret_cast<float*>(p);
+    p += static_cast<size_t>(total_blocks) * 32;
+    p = (p + 63) & ~uintptr_t{63};
+    dx = reinterpret_cast<float*>(p);
+    p += static_cast<size_t>(total_blocks) * 4;
+    dxs = reinterpret_cast<float*>(p);
+    p += static_cast<size_t>(total_blocks) * 4;
+    p = (p + 63) & ~uintptr_t{63};
+    xs4 = reinterpret_cast<int32_t*>(p);
+    p += static_cast<size_t>(total_blocks) * 32;
+    xs4f = reinterpret_cast<float*>(p);
+    cap_blocks = total_blocks;
+  }
+};
+
+QMatMulScratch::QMatMulScratch() : impl_(std::make_unique<Impl>()) {}
+QMatMulScratch::~QMatMulScratch() = default;
+
+namespace qmm {
+
+// ------------------------------------------------- activation quantization ---
+
+void QuantizeActs(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx, float* dxs,
+                  float* dx16, int32_t* xs4, float* xs4f) {
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* xt = x + t * cols;
+    int8_t* qt = xq + t * nb * kBlock;
+    float* dxt = dx + t * nb;
+    float* dxst = dxs + t * nb;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c0 = b * kBlock;
+      const int n = static_cast<int>(std::clamp<int64_t>(cols - c0, 0, kBlock));
+      float amax = 0.0f;
+      for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xt[c0 + i]));
+      int8_t* q = qt + c0;
+      int sum = 0;
+      // !(amax > 0) also catches NaN: the block then contributes 0.
+      if (!(amax > 0.0f) || !std::isfinite(amax)) {
+        std::memset(q, 0, kBlock);
+        dxt[b] = 0.0f;
+      } else {
+        const float inv = 127.0f / amax;
+        for (int i = 0; i < n; ++i) {
+          const float v = std::clamp(std::nearbyint(xt[c0 + i] * inv), -127.0f, 127.0f);
+          q[i] = static_cast<int8_t>(v);
+          sum += q[i];
+        }
+        for (int i = n; i < kBlock; ++i) q[i] = 0;
+        dxt[b] = amax / 127.0f;
+      }
+      dxst[b] = dxt[b] * static_cast<float>(sum);
+      int32_t* l4 = xs4 + (t * nb + b) * 8;
+      float* l4f = xs4f + (t * nb + b) * 8;
+      for (int l = 0; l < 8; ++l) {
+        l4[l] = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
+        l4f[l] = static_cast<float>(l4[l]);
+      }
+    }
+    float* d16 = dx16 + t * nb * 8;  // nb / 2 pairs x 16
+    for (int64_t p = 0; p < nb / 2; ++p)
+      for (int l = 0; l < 16; ++l) d16[p * 16 + l] = dxt[2 * p + l / 8];
+  }
+}
+
+// --------------------------------------------------------- scalar kernel ---
+
+namespace {
+
+inline int CodeAt(const FormatInfo& fi, const GroupAffine& ga, int i) {
+  switch (fi.code) {
+    case CodeKind::kU8: return ga.codes[i];
+    case CodeKind::kU4: return fmt::GetCode(ga.codes, 4, i);
+    case CodeKind::kU3: return fmt::GetCode3(ga.codes, fi.group, i);
+    case CodeKind::kU2: return fmt::GetCode(ga.codes, 2, i);
+    case CodeKind::kU1: return fmt::GetCode(ga.codes, 1, i);
+    case CodeKind::kBinTern: return fmt::GetCode(ga.codes, ga.ternary ? 2 : 1, i);
+  }
+  return 0;
+}
+
+}  // namespace
+
+void RowsScalar(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
+                int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
+  const FormatInfo fi = Describe(f);
+  const int64_t row_bytes = f.RowBytes(a.cols);
+  const int spg = fi.group / kBlock;
+  const int64_t nb_used = (a.cols + kBlock - 1) / kBlock;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int8_t* xq = a.xq + t * a.nb * kBlock;
+    const float* dx = a.dx + t * a.nb;
+    const float* x4 = a.xs4f + t * a.nb * 8;
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const uint8_t* row = data + r * row_bytes;
+      float dacc[32] = {}, macc[32] = {};
+      for (int64_t b = 0; b < nb_used; ++b) {
+        const int64_t g = b / spg;
+        const int k = static_cast<int>(b % spg);
+        const GroupAffine ga = ParseGroup(fi.header, fi.bits, row + g * fi.block_bytes, fmt::LoadF16);
+        const float ds = ga.d * dx[b], ms = ga.m * dx[b];
+        float* dl = dacc + (b % 4) * 8;
+        float* ml = macc + (b % 4) * 8;
+        for (int l = 0; l < 8; ++l) {
+          int lane = 0;
+          for (int i = 4 * l; i < 4 * l + 4; ++i) lane += CodeAt(fi, ga, k * kBlock + i) * xq[b * kBlock + i];
+          dl[l] = std::fma(static_cast<float>(lane), ds, dl[l]);
+          ml[l] = std::fma(x4[b * 8 + l], ms, ml[l]);
+        }
+      }
+      y[t * ldy + r] = Reduce32(dacc) + Reduce32(macc);
+    }
+  }
+}
+
+}  // namespace qmm
+
+// ------------------------------------------------------------ dispatch ---
+
+bool QIsaSupported(QIsa isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  switch (isa) {
+    case QIsa::kScalar: return true;
+    case QIsa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case QIsa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
+  }
+  return false;
+#else
+  return isa == QIsa::kScalar;
+#endif
+}
+
+const char* QIsaName(QIsa isa) {
+  switch (isa) {
+    case QIsa::kAvx512: return "avx512";
+    case QIsa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+QIsa ActiveQIsa() {
+  static const bool has512 = QIsaSupported(QIsa::kAvx512);
+  static const bool has2 = QIsaSupported(QIsa::kAvx2);
+  // NIBBLE_QMATMUL_ISA=scalar|avx2|avx512 overrides for these kernels only
+  // (the fp32 ops keep ActiveIsa()): isolates the packed kernels in A/B runs.
+  static const char* const own = std::getenv("NIBBLE_QMATMUL_ISA");
+  const std::string_view isa = own != nullptr ? own : ActiveIsa();
+  if (isa == "avx512") return has512 ? QIsa::kAvx512 : has2 ? QIsa::kAvx2 : QIsa::kScalar;
+  if (isa == "avx2") return has2 ? QIsa::kAvx2 : QIsa::kScalar;
+  return QIsa::kScalar;
+}
+
+namespace {
+
+qmm::RowsKernel KernelFor(QIsa isa) {
+#if defined(__x86_64__)
+  if (isa == QIsa::kAvx512) return qmm::RowsAvx512;
+  if (isa == QIsa::kAvx2) return qmm::RowsAvx2;
+#endif
+  return qmm::RowsScalar;
+}
+
+// The packed value of column c of one packed row (blocks.h formulas, i.e.
+// exactly what DequantizeRowRef gives).
+float PackedValueInRow(const fmt::Format& f, const uint8_t* row, int64_t c) {
+  const uint8_t* block = row + (c / f.group) * f.BlockBytes();
+  const int i = static_cast<int>(c % f.group);
+  const float a = fmt::LoadF16(block);
+  switch (f.kind) {
+    case fmt::Kind::kInt: {
+      const uint8_t* codes = block + fmt::IntHeaderBytes(f.symmetric);
+      const int q = fmt::GetIntCode(codes, f.bits, f.group, i);
+      return f.symmetric ? fmt::IntSymValue(a, f.bits, q) : fmt::IntAsymValue(a, fmt::LoadF16(block + 2), q);
+    }
+    case fmt::Kind::kTernary: return fmt::TernaryValue(a, fmt::GetCode(block + fmt::kTernaryHeaderBytes, 2, i));
+    case fmt::Kind::kBinary: return fmt::BinaryValue(a, fmt::GetCode(block + fmt::kBinaryHeaderBytes, 1, i));
+    case fmt::Kind::kBinTern: {
+      const uint8_t* codes = block + fmt::kBinTernHeaderBytes;
+      return fmt::BinTernIsTernary(block) ? fmt::TernaryValue(a, fmt::GetCode(codes, 2, i))
+                                          : fmt::BinaryValue(a, fmt::GetCode(codes, 1, i));
+    }
+  }
+  return 0.0f;
+}
+
+const QSegmentView& SegmentOf(const QMatrixView& w, int64_t r) {
+  for (const QSegmentView& s : w.segments)
+    if (r >= s.row_begin && r < s.row_end) return s;
+  return w.segments.back();
+}
+
+float KeptValue(const QSidecarView& sc, int64_t r, uint32_t i) {
+  if (sc.type == QSidecarView::Type::kF16) return Fp16ToFp32(sc.f16[i]);
+  return Fp16ToFp32(sc.row_scale[r]) * static_cast<float>(sc.i8[i]);
+}
+
+// Rows [rb, re) for all tokens: packed part per segment, then the side-car.
+void RunRows(qmm::RowsKernel kernel, const QMatrixView& w, const qmm::QActs& a, float* y, int64_t rb, int64_t re) {
+  constexpr int64_t kRowChunk = 32;  // rows kept hot in L1/L2 across token tiles
+  for (int64_t c0 = rb; c0 < re; c0 += kRowChunk) {
+    const int64_t c1 = std::min(re, c0 + kRowChunk);
+    for (const QSegmentView& s : w.segments) {
+      const int64_t lo = std::max(c0, s.row_begin), hi = std::min(c1, s.row_end);
+      if (lo >= hi) continue;
+      kernel(s.format, s.data, lo - s.row_begin, hi - s.row_begin, a, 0, a.n_tokens, y + s.row_begin, w.rows);
+    }
+  }
+  const QSidecarView& sc = w.sidecar;
+  if (sc.type == QSidecarView::Type::kNone) return;
+  for (int64_t r = rb; r < re; ++r) {
+    const uint32_t b = sc.row_ptr[r], e = sc.row_ptr[r + 1];
+    if (b == e) continue;
+    const QSegmentView& s = SegmentOf(w, r);
+    const uint8_t* row = s.data + (r - s.row_begin) * s.format.RowBytes(w.cols);
+    for (uint32_t i = b; i < e; ++i) {
+      const int64_t c = sc.col[i];
+      const float delta = KeptValue(sc, r, i) - PackedValueInRow(s.format, row, c);
+      for (int64_t t = 0; t < a.n_tokens; ++t) y[t * w.rows + r] += delta * a.x[t * w.cols + c];
+    }
+  }
+}
+
+}  // namespace
+
+void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
+                    QMatMulScratch* scratch) {
+  if (n_tokens <= 0 || w.rows <= 0 || w.cols <= 0) return;
+  QMatMulScratch::Impl* s = scratch->impl();
+  const int64_t nb = (w.cols + 63) / 64 * 2;
+  s->Reserve(n_tokens * nb);
+  qmm::QuantizeActs(x, n_tokens, w.cols, nb, s->xq, s->dx, s->dxs, s->dx16, s->xs4, s->xs4f);
+  qmm::QActs a;
+  a.n_tokens = n_tokens;
+  a.cols = w.cols;
+  a.nb = nb;
+  a.xq = s->xq;
+  a.dx = s->dx;
+  a.dxs = s->dxs;
+  a.dx16 = s->dx16;
+  a.xs4 = s->xs4;
+  a.xs4f = s->xs4f;
+  a.x = x;
+  const qmm::RowsKernel kernel = KernelFor(isa);
+  if (pool == nullptr || pool->size() == 1 || w.rows * w.cols * n_tokens < 65536) {
+    RunRows(kernel, w, a, y, 0, w.rows);
+    return;
+  }
+  // 16 rows per grain: each thread's output runs cover whole 64-byte lines.
+  pool->ParallelFor(w.rows, 16, [&](int, int64_t b, int64_t e) { RunRows(kernel, w, a, y, b, e); });
+}
+
+void QuantMatMul(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
+                 QMatMulScratch* scratch) {
+  QuantMatMulIsa(ActiveQIsa(), w, x, n_tokens, y, pool, scratch);
+}
+
+// ------------------------------------------------------------ references ---
+
+float PackedWeightAt(const QMatrixView& w, int64_t r, int64_t c) {
+  const QSegmentView& s = SegmentOf(w, r);
+  return PackedValueInRow(s.format, s.data + (r - s.row_begin) * s.format.RowBytes(w.cols), c);
+}
+
+void QuantMatMulF32Ref(const QMatrixView& w, const float* x, int64_t n_tokens, float* y) {
+  std::vector<float> row(static_cast<size_t>(w.cols));
+  const QSidecarView& sc = w.sidecar;
+  for (int64_t r = 0; r < w.rows; ++r) {
+    const QSegmentView& s = SegmentOf(w, r);
+    fmt::DequantizeRowRef(s.format, s.data + (r - s.row_begin) * s.format.RowBytes(w.cols), w.cols, row.data());
+    if (sc.type != QSidecarView::Type::kNone)
+      for (uint32_t i = sc.row_ptr[r]; i < sc.row_ptr[r + 1]; ++i) row[sc.col[i]] = KeptValue(sc, r, i);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      float acc = 0.0f;
+      for (int64_t c = 0; c < w.cols; ++c) acc += row[c] * x[t * w.cols + c];
+      y[t * w.rows + r] = acc;
+    }
+  }
+}
+
+// ------------------------------------------------------------ validation ---
+
+bool ValidateQMatrix(const QMatrixView& w, std::string* error) {
+  auto fail = [&](const std::string& m) {
+    if (error) *error = m;
+    return false;
+  };
+  if (w.rows < 1 || w.cols < 1 || w.cols > 65536) return fail("rows/cols out of range");
+  if (w.segments.empty()) return fail("segments: none");
+  int64_t next = 0;
+  for (size_t i = 0; i < w.segments.size(); ++i) {
+    const QSegmentView& s = w.segments[i];
+    const std::string where = "segments[" + std::to_string(i) + "]";
+    if (s.row_begin != next || s.row_end <= s.row_begin) return fail(where + ": rows not contiguous");
+    if (s.format.BlockBytes() == 0) return fail(where + ": format not in AllFormats()");
+    if (s.data == nullptr) return fail(where + ": null data");
+    next = s.row_end;
+  }
+  if (next != w.rows) return fail("segments: cover " + std::to_string(next) + " of " + std::to_string(w.rows) + " rows");
+  const QSidecarView& sc = w.sidecar;
+  if (sc.type == QSidecarView::Type::kNone) return true;
+  if (sc.row_ptr == nullptr || sc.col == nullptr) return fail("sidecar: null row_ptr/col");
+  if (sc.type == QSidecarView::Type::kF16 && sc.f16 == nullptr) return fail("sidecar: null f16 values");
+  if (sc.type == QSidecarView::Type::kI8 && (sc.i8 == nullptr || sc.row_scale == nullptr))
+    return fail("sidecar: null i8 values/row_scale");
+  for (int64_t r = 0; r < w.rows; ++r) {
+    if (sc.row_ptr[r + 1] < sc.row_ptr[r]) return fail("sidecar: row_ptr decreases at row " + std::to_string(r));
+    for (uint32_t i = sc.row_ptr[r]; i < sc.row_ptr[r + 1]; ++i)
+      if (sc.col[i] >= w.cols) return fail("sidecar: column out of range at row " + std::to_string(r));
+  }
+  return true;
+}
+
+}  // namespace nibble::cpu

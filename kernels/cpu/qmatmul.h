@@ -1,0 +1,141 @@
+// Fused CPU matmul over nibble's packed weight formats (decode GEMV and
+// prefill GEMM), AVX-512 VNNI / AVX2 / scalar with run-time dispatch.
+//
+// Goals: y = x W^T straight from the packed rows of every format in
+// fmt::AllFormats() without materialising fp32 weights; mixed-format row
+// segments; the fp16/int8 side-car of kept weights fused per row; no
+// allocation on the hot path (buffers live in a reusable QMatMulScratch).
+// Non-goals: AMX tiles, load-time repacking (the file layout is used as is),
+// CUDA, validation per call (ValidateQMatrix checks a view once).
+//
+// Algorithm (all ISAs):
+//  1. Activations are quantized once per call, per token and per block of 32
+//     columns, to int8: dx_b = max|x| / 127, xq = rint(x * (127 / max|x|))
+//     in [-127, 127] (dx_b = 0 for an all-zero or non-finite block). Columns
+//     past `cols` are zero up to the next multiple of 64. Also kept per block:
+//     the 8 lane sums X_b[l] = sum of xq over columns 4l .. 4l+3.
+//  2. Every format's value is written as w = d * q + m with an unsigned code
+//     q and per-group d, m: int asym (d, m as stored), int sym (m = -2^(B-1) d),
+//     ternary (d = a, m = -a), binary (q = sign bit, d = 2a, m = -a), bintern
+//     per group as ternary or binary.
+//  3. row . x = sum_b sum_{l<8} [ d_g dx_b L_b[l] + m_g dx_b X_b[l] ]
+//     where L_b[l] = sum of q * xq over columns 4l .. 4l+3 of block b is an
+//     exact int32 (u8 x s8: _mm512_dpbusd_epi32 on AVX-512 VNNI; on AVX2
+//     _mm256_maddubs_epi16 + madd, int8 codes as q - 128 with the sign trick
+//     and 128 X_b[l] added back in int32, so nothing saturates; plain ints
+//     in scalar). The fp32 sums follow one canonical order in every ISA
+//     (kernels/cpu/qmatmul_internal.h: 32 + 32 lanes, 4 block slots, fixed
+//     reduction tree), so scalar, AVX2 and AVX-512 give bit-identical y.
+//  4. Side-car: y[r] += sum over kept (c, v) of (v - packed(r, c)) * x[c] in
+//     fp32 with the exact x (kept values REPLACE the packed value), fused per
+//     row after its packed dot.
+//  Prefill: the kernel runs over tiles of up to 4 tokens, so each packed
+//  step is unpacked once per tile; rows go in chunks of 32 (hot in cache
+//  across tiles) and are split over the ThreadPool in grains of 16 rows
+//  (each thread writes disjoint output rows / cache lines).
+//
+// Numerics: the fast path quantizes activations, so it is NOT the fp32
+// reference (QuantMatMulF32Ref). Rounding x to xq * dx_b moves each x_c by at
+// most dx_b / 2 (plus a few ulps), hence per output
+//     |fast - exact| <= sum_c |w_c| * dx_{b(c)} / 2  + fp32 accumulation error
+// (w_c the packed value, i.e. before the side-car replaces it; the side-car
+// term itself uses the exact x). qmatmul_test.cc asserts this bound (with a
+// 1e-3 slack on the rounding and 1e-5 of the sum of |terms| for fp32) for
+// every format, and asserts that every ISA equals the scalar version of the
+// same int8 algorithm bit for bit.
+//
+// Thread safety: QuantMatMul may run concurrently only with distinct scratch
+// objects; the pool's rules apply (one ParallelFor at a time).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "kernels/formats/format.h"
+
+namespace nibble {
+
+class ThreadPool;
+
+namespace cpu {
+
+// One run of rows [row_begin, row_end) in one format; data holds
+// (row_end - row_begin) * format.RowBytes(cols) bytes, row after row.
+struct QSegmentView {
+  int64_t row_begin = 0, row_end = 0;
+  fmt::Format format;
+  const uint8_t* data = nullptr;
+};
+
+// CSR side-car (engine/core/quant_tensor.h Sidecar, as raw pointers).
+struct QSidecarView {
+  enum class Type : uint8_t { kNone = 0, kF16 = 1, kI8 = 2 };
+  Type type = Type::kNone;
+  const uint32_t* row_ptr = nullptr;    // rows + 1
+  const uint16_t* col = nullptr;        // nnz
+  const uint16_t* f16 = nullptr;        // kF16: nnz values
+  const int8_t* i8 = nullptr;           // kI8: nnz values, value = row_scale[r] * i8
+  const uint16_t* row_scale = nullptr;  // kI8: rows fp16 scales
+};
+
+struct QMatrixView {
+  int64_t rows = 0, cols = 0;
+  std::span<const QSegmentView> segments;  // contiguous, covering [0, rows) in order
+  QSidecarView sidecar;
+};
+
+// Checks a view's shape: rows, cols >= 1 (cols <= 65536), segments in
+// AllFormats() that tile [0, rows) in order with non-null data, side-car
+// pointers present for its type, row_ptr non-decreasing with columns < cols.
+// (Byte counts behind the pointers cannot be checked here.) Returns false
+// and an error message naming the field on failure.
+bool ValidateQMatrix(const QMatrixView& w, std::string* error);
+
+// Reusable buffers of QuantMatMul (quantized activations). Grows to the
+// largest call seen, then never allocates again.
+class QMatMulScratch {
+ public:
+  QMatMulScratch();
+  ~QMatMulScratch();
+  QMatMulScratch(const QMatMulScratch&) = delete;
+  QMatMulScratch& operator=(const QMatMulScratch&) = delete;
+  struct Impl;
+  Impl* impl() { return impl_.get(); }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+enum class QIsa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The ISA QuantMatMul uses now: cpu::ActiveIsa() (NIBBLE_FORCE_ISA /
+// ForceIsaForTesting), where "avx512" also needs AVX-512 VNNI (else AVX2).
+// NIBBLE_QMATMUL_ISA=scalar|avx2|avx512 (read once) overrides it for these
+// kernels alone, leaving the fp32 ops on ActiveIsa().
+QIsa ActiveQIsa();
+// Whether this CPU can run `isa`'s kernels.
+bool QIsaSupported(QIsa isa);
+const char* QIsaName(QIsa isa);
+
+// y[t, r] = sum_c W[r, c] x[t, c], t < n_tokens, r < rows (x [n_tokens, cols],
+// y [n_tokens, rows], row-major), by the int8-activation algorithm above on
+// ActiveQIsa(). pool may be null (single thread).
+// REQUIRES: ValidateQMatrix(w) holds; x, y do not overlap; n_tokens >= 1.
+void QuantMatMul(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
+                 QMatMulScratch* scratch);
+// Same on an explicit ISA (tests, benchmarks). REQUIRES: QIsaSupported(isa).
+void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_tokens, float* y,
+                    ThreadPool* pool, QMatMulScratch* scratch);
+
+// Exact fp32 reference: each row dequantized by fmt::DequantizeRowRef, the
+// side-car applied, then an fp32 dot in column order. Single-threaded, slow.
+void QuantMatMulF32Ref(const QMatrixView& w, const float* x, int64_t n_tokens, float* y);
+
+// The packed value of weight (r, c) before the side-car (for tolerances, the
+// side-car term). REQUIRES: r < rows, c < cols.
+float PackedWeightAt(const QMatrixView& w, int64_t r, int64_t c);
+
+}  // namespace cpu
+}  // namespace nibble

@@ -1,0 +1,207 @@
+// AVX2 (+FMA, F16C) kernel of the packed-weight matmul (kernels/cpu/qmatmul.h).
+// 32 weights (one activation block) per step: codes unpacked to u8 in a ymm,
+// _mm256_maddubs_epi16 with the int8 activations (pairs of products, which
+// cannot saturate for codes <= 15) then _mm256_madd_epi16 to int32 lanes.
+// int8 codes use the signed code q - 128 (|.| <= 128 times |x| <= 127 per
+// product, sign trick) and add 128 * (lane sum of x) back in int32, so the
+// lane sums equal dpbusd's and the fp32 order is the canonical one
+// (qmatmul_internal.h): results are bit-identical to the other ISAs. Up to 4 tokens share
+// each unpacked block (prefill tiles).
+#include <cstring>
+
+#include "kernels/cpu/qmatmul_internal.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define NIBBLE_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace nibble::cpu::qmm {
+namespace {
+
+struct F16 {
+  NIBBLE_AVX2 float operator()(const uint8_t* p) const {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+  }
+};
+
+NIBBLE_AVX2 inline __m256i Spread2(const uint8_t* p) {
+  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  v = _mm256_or_si256(_mm256_or_si256(v, _mm256_slli_epi32(v, 6)),
+                      _mm256_or_si256(_mm256_slli_epi32(v, 12), _mm256_slli_epi32(v, 18)));
+  return _mm256_and_si256(v, _mm256_set1_epi32(0x03030303));
+}
+
+// 32 sign bits -> 0xff / 0x00 per byte.
+NIBBLE_AVX2 inline __m256i BitsToMask(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                                        3, 3, 3, 3, 3, 3);
+  const __m256i bm = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), shuf);
+  return _mm256_cmpeq_epi8(_mm256_and_si256(v, bm), bm);
+}
+
+template <CodeKind C>
+NIBBLE_AVX2 inline __m256i Unpack32(const uint8_t* codes, int group, int k, bool ternary) {
+  if constexpr (C == CodeKind::kU8) {
+    // Signed q - 128.
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * k)),
+                            _mm256_set1_epi8(static_cast<char>(0x80)));
+  } else if constexpr (C == CodeKind::kU4) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k)));
+    return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x000f)),
+                           _mm256_and_si256(_mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f00)));
+  } else if constexpr (C == CodeKind::kU2) {
+    return Spread2(codes + 8 * k);
+  } else if constexpr (C == CodeKind::kU1) {
+    return _mm256_and_si256(BitsToMask(codes + 4 * k), _mm256_set1_epi8(1));
+  } else if constexpr (C == CodeKind::kU3) {
+    return _mm256_or_si256(Spread2(codes + 8 * k),
+                           _mm256_and_si256(BitsToMask(codes + group / 4 + 4 * k), _mm256_set1_epi8(4)));
+  } else {
+    return ternary ? Spread2(codes + 8 * k) : _mm256_and_si256(BitsToMask(codes + 4 * k), _mm256_set1_epi8(1));
+  }
+}
+
+// int32 lane sums of 4 products code * xq.
+template <CodeKind C>
+NIBBLE_AVX2 inline __m256i Dot32(__m256i q, __m256i x) {
+  __m256i p;
+  if constexpr (C == CodeKind::kU8) {
+    p = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q));
+  } else {
+    p = _mm256_maddubs_epi16(q, x);
+  }
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+// Reduce16 (qmatmul_internal.h) of acc = [even-block lanes, odd-block lanes].
+NIBBLE_AVX2 inline float Reduce(__m256 even, __m256 odd) {
+  const __m256 v8 = _mm256_add_ps(even, odd);
+  const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  const __m128 p = _mm_add_ps(v4, _mm_shuffle_ps(v4, v4, _MM_SHUFFLE(2, 3, 0, 1)));  // [v0+v1, ., v2+v3, .]
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehl_ps(p, p)));
+}
+
+template <int T>
+struct Acc256 {
+  __m256 d[4][T], m[4][T];  // [block slot b % 4][token]
+};
+
+// Block b (< nb_used) into slot P = b % 4.
+template <CodeKind C, int T, int P>
+NIBBLE_AVX2 inline void BlockStep(const FormatInfo& fi, const uint8_t* row, int64_t b, const QActs& a,
+                                  const int8_t* const* xq, const float* const* dx, const int32_t* const* xs4,
+                                  const float* const* x4, Acc256<T>& acc) {
+  const int spg = fi.group / kBlock;
+  const GroupAffine ga = ParseGroup(fi.header, fi.bits, row + (b / spg) * fi.block_bytes, F16{});
+  const __m256i q = Unpack32<C>(ga.codes, fi.group, static_cast<int>(b % spg), ga.ternary);
+  for (int t = 0; t < T; ++t) {
+    const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq[t] + b * kBlock));
+    __m256i i = Dot32<C>(q, x);
+    if constexpr (C == CodeKind::kU8) {  // lanes of (q - 128) x: add back 128 * sum(x) per lane
+      const __m256i l4 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xs4[t] + b * 8));
+      i = _mm256_add_epi32(i, _mm256_slli_epi32(l4, 7));
+    }
+    acc.d[P][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(ga.d * dx[t][b]), acc.d[P][t]);
+    acc.m[P][t] = _mm256_fmadd_ps(_mm256_load_ps(x4[t] + b * 8), _mm256_set1_ps(ga.m * dx[t][b]), acc.m[P][t]);
+  }
+}
+
+template <CodeKind C, int T>
+NIBBLE_AVX2 void RowT(const FormatInfo& fi, const uint8_t* row, int64_t nb_used, const QActs& a, int64_t t0,
+                      float* out) {
+  Acc256<T> acc;
+  const int8_t* xq[T];
+  const float* dx[T];
+  const int32_t* xs4[T];
+  const float* x4[T];
+  for (int t = 0; t < T; ++t) {
+    for (int p = 0; p < 4; ++p) acc.d[p][t] = acc.m[p][t] = _mm256_setzero_ps();
+    xq[t] = a.xq + (t0 + t) * a.nb * kBlock;
+    dx[t] = a.dx + (t0 + t) * a.nb;
+    xs4[t] = a.xs4 + (t0 + t) * a.nb * 8;
+    x4[t] = a.xs4f + (t0 + t) * a.nb * 8;
+  }
+  int64_t b = 0;
+  for (; b + 4 <= nb_used; b += 4) {
+    BlockStep<C, T, 0>(fi, row, b, a, xq, dx, xs4, x4, acc);
+    BlockStep<C, T, 1>(fi, row, b + 1, a, xq, dx, xs4, x4, acc);
+    BlockStep<C, T, 2>(fi, row, b + 2, a, xq, dx, xs4, x4, acc);
+    BlockStep<C, T, 3>(fi, row, b + 3, a, xq, dx, xs4, x4, acc);
+  }
+  if (b < nb_used) BlockStep<C, T, 0>(fi, row, b, a, xq, dx, xs4, x4, acc);
+  if (b + 1 < nb_used) BlockStep<C, T, 1>(fi, row, b + 1, a, xq, dx, xs4, x4, acc);
+  if (b + 2 < nb_used) BlockStep<C, T, 2>(fi, row, b + 2, a, xq, dx, xs4, x4, acc);
+  for (int t = 0; t < T; ++t) {
+    const float d = Reduce(_mm256_add_ps(acc.d[0][t], acc.d[2][t]), _mm256_add_ps(acc.d[1][t], acc.d[3][t]));
+    const float m = Reduce(_mm256_add_ps(acc.m[0][t], acc.m[2][t]), _mm256_add_ps(acc.m[1][t], acc.m[3][t]));
+    out[t] = d + m;
+  }
+}
+
+template <CodeKind C, int T>
+NIBBLE_AVX2 void RowsT(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin, int64_t r_end,
+                       const QActs& a, int64_t t0, float* y, int64_t ldy) {
+  const int64_t nb_used = (a.cols + kBlock - 1) / kBlock;
+  float out[T];
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    RowT<C, T>(fi, data + r * row_bytes, nb_used, a, t0, out);
+    for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r] = out[t];
+  }
+}
+
+template <CodeKind C>
+void RowsCode(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin, int64_t r_end,
+              const QActs& a, int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
+  for (int64_t t0 = t_begin; t0 < t_end;) {
+    const int64_t n = t_end - t0;
+    if (n >= 4) {
+      RowsT<C, 4>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      t0 += 4;
+    } else if (n == 3) {
+      RowsT<C, 3>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      t0 += 3;
+    } else if (n == 2) {
+      RowsT<C, 2>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      t0 += 2;
+    } else {
+      RowsT<C, 1>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      t0 += 1;
+    }
+  }
+}
+
+}  // namespace
+
+void RowsAvx2(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
+              int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
+  const FormatInfo fi = Describe(f);
+  const int64_t rb = f.RowBytes(a.cols);
+  switch (fi.code) {
+    case CodeKind::kU8: return RowsCode<CodeKind::kU8>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case CodeKind::kU4: return RowsCode<CodeKind::kU4>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case CodeKind::kU3: return RowsCode<CodeKind::kU3>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case CodeKind::kU2: return RowsCode<CodeKind::kU2>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case CodeKind::kU1: return RowsCode<CodeKind::kU1>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case CodeKind::kBinTern:
+      return RowsCode<CodeKind::kBinTern>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
+  }
+}
+
+}  // namespace nibble::cpu::qmm
+
+#else  // !__x86_64__
+
+namespace nibble::cpu::qmm {
+void RowsAvx2(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
+              int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
+  RowsScalar(f, data, r_begin, r_end, a, t_begin, t_end, y, ldy);
+}
+}  // namespace nibble::cpu::qmm
+
+#endif

@@ -1,0 +1,134 @@
+// Private to kernels/cpu/qmatmul*.cc: the quantized-activation layout, the
+// per-format code/affine description and the per-ISA kernel entry points.
+// Not for use elsewhere (the public API is kernels/cpu/qmatmul.h).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/formats/blocks.h"
+#include "kernels/formats/format.h"
+
+namespace nibble::cpu::qmm {
+
+inline constexpr int kBlock = 32;  // activation block (columns)
+
+// Activations of n_tokens rows quantized per 32-column block.
+// Token t's arrays start at t * nb (blocks) / t * nb * 32 (codes); nb is even
+// and covers cols rounded up to 64; padding blocks have xq = 0, dx = dxs = 0.
+struct QActs {
+  int64_t n_tokens = 0, cols = 0;
+  int64_t nb = 0;             // blocks per token (even)
+  const int8_t* xq = nullptr;  // [n_tokens][nb * 32], 64-byte aligned per token
+  const float* dx = nullptr;   // [n_tokens][nb]
+  const float* dxs = nullptr;  // [n_tokens][nb]: dx_b * sum(xq_b)
+  const float* dx16 = nullptr; // [n_tokens][nb / 2][16]: dx of block 2p in lanes 0-7, 2p+1 in 8-15
+  const int32_t* xs4 = nullptr; // [n_tokens][nb][8]: sums of xq over columns 4l..4l+3 of each block
+  const float* xs4f = nullptr;  // the same as float (exact)
+  const float* x = nullptr;    // the fp32 activations [n_tokens][cols] (side-car)
+};
+
+// How a format's codes are stored and turned into w = d * q + m.
+enum class CodeKind : uint8_t { kU8, kU4, kU3, kU2, kU1, kBinTern };
+enum class HeaderKind : uint8_t { kIntAsym, kIntSym, kTernary, kBinary, kBinTern };
+
+struct FormatInfo {
+  CodeKind code;
+  HeaderKind header;
+  int bits;       // int bits (kInt), 2 ternary, 1 binary, 2 bintern
+  int group;
+  int block_bytes;
+};
+inline FormatInfo Describe(const fmt::Format& f) {
+  FormatInfo i{};
+  i.group = f.group;
+  i.bits = f.bits;
+  i.block_bytes = static_cast<int>(f.BlockBytes());
+  switch (f.kind) {
+    case fmt::Kind::kInt:
+      i.header = f.symmetric ? HeaderKind::kIntSym : HeaderKind::kIntAsym;
+      i.code = f.bits == 8 ? CodeKind::kU8 : f.bits == 4 ? CodeKind::kU4 : f.bits == 3 ? CodeKind::kU3 : CodeKind::kU2;
+      break;
+    case fmt::Kind::kTernary:
+      i.header = HeaderKind::kTernary;
+      i.code = CodeKind::kU2;
+      break;
+    case fmt::Kind::kBinary:
+      i.header = HeaderKind::kBinary;
+      i.code = CodeKind::kU1;
+      break;
+    case fmt::Kind::kBinTern:
+      i.header = HeaderKind::kBinTern;
+      i.code = CodeKind::kBinTern;
+      break;
+  }
+  return i;
+}
+
+// One group's affine parameters and where its codes start. For kBinTern,
+// ternary says which code layout the group uses (2-bit if true, 1-bit else).
+struct GroupAffine {
+  float d, m;
+  const uint8_t* codes;
+  bool ternary;
+};
+// `f16` converts an fp16 at a pointer (LoadF16 or an F16C version: same value).
+// Always inlined: called from target("avx2"/"avx512") kernels, an out-of-line
+// default-target copy would run legacy-SSE float code between AVX code
+// (transition stalls measured at ~10x on some formats).
+template <typename F16>
+__attribute__((always_inline)) inline GroupAffine ParseGroup(HeaderKind h, int bits, const uint8_t* block, F16 f16) {
+  const float a = f16(block);
+  switch (h) {
+    case HeaderKind::kIntAsym: return {a, f16(block + 2), block + 4, false};
+    case HeaderKind::kIntSym: return {a, -static_cast<float>(1 << (bits - 1)) * a, block + 2, false};
+    case HeaderKind::kTernary: return {a, -a, block + 2, true};
+    case HeaderKind::kBinary: return {2.0f * a, -a, block + 2, false};
+    case HeaderKind::kBinTern: {
+      const bool t = fmt::BinTernIsTernary(block);
+      return {t ? a : 2.0f * a, -a, block + fmt::kBinTernHeaderBytes, t};
+    }
+  }
+  return {0.0f, 0.0f, block, false};
+}
+
+// Rows [r_begin, r_end) of one segment (data = its row 0), tokens
+// [t_begin, t_end): y[t * ldy + r] = packed row r . x_t (no side-car).
+using RowsKernel = void (*)(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end,
+                            const QActs& a, int64_t t_begin, int64_t t_end, float* y, int64_t ldy);
+
+void RowsScalar(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
+                int64_t t_begin, int64_t t_end, float* y, int64_t ldy);
+void RowsAvx2(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
+              int64_t t_begin, int64_t t_end, float* y, int64_t ldy);
+void RowsAvx512(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
+                int64_t t_begin, int64_t t_end, float* y, int64_t ldy);
+
+// Quantizes x [n_tokens][cols] into the buffers (sizes from QActs). One
+// scalar implementation for every ISA (O(n_tokens * cols), negligible next
+// to the matmul), so all ISAs see identical quantized activations.
+void QuantizeActs(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx, float* dxs,
+                  float* dx16, int32_t* xs4, float* xs4f);
+
+// The canonical fp32 order every ISA follows, so that all ISAs give
+// bit-identical results (the int32 lane sums are exact in any order):
+//  * lane sums L_b[l] = sum_{i<4} q[4l+i] * xq[4l+i] (l < 8) of block b, and
+//    X_b[l] = sum_{i<4} xq[4l+i] (xs4);
+//  * two sets of 32 fp32 lanes, for blocks b < ceil(cols/32) in order, lane
+//    j = 8 (b % 4) + l:  D[j] = fma(float(L_b[l]), fl(d_g * dx_b), D[j]),
+//                        M[j] = fma(float(X_b[l]), fl(m_g * dx_b), M[j])
+//    (SIMD padding blocks add fma(0, ., .) = no change);
+//  * packed row . x = Reduce32(D) + Reduce32(M).
+// Four block slots keep independent fma chains (latency) in every ISA.
+inline float Reduce16(const float* acc) {
+  float v8[8], v4[4];
+  for (int l = 0; l < 8; ++l) v8[l] = acc[l] + acc[l + 8];
+  for (int l = 0; l < 4; ++l) v4[l] = v8[l] + v8[l + 4];
+  return (v4[0] + v4[1]) + (v4[2] + v4[3]);
+}
+inline float Reduce32(const float* acc) {
+  float v16[16];
+  for (int l = 0; l < 16; ++l) v16[l] = acc[l] + acc[l + 16];
+  return Reduce16(v16);
+}
+
+}  // namespace nibble::cpu::qmm

@@ -1,0 +1,282 @@
+// Tests of the packed-weight matmul (kernels/cpu/qmatmul.h): every format x
+// every ISA this CPU has x odd shapes and token counts, with and without a
+// side-car, and mixed-format segments. Each fast result is checked against
+// (1) the scalar implementation of the same int8-activation algorithm
+// (bit for bit: same exact int32 lane sums, same canonical fp32 order) and
+// (2) the exact fp32 dequantize reference (fmt::DequantizeRowRef + side-car,
+// independent of the kernels) within the bound the activation rounding
+// implies: |err| <= sum_c |w_c| * dx_b(c) / 2 plus fp32 rounding.
+#include "kernels/cpu/qmatmul.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/common/fp16.h"
+#include "kernels/cpu/qmatmul_internal.h"
+#include "kernels/cpu/thread_pool.h"
+#include "kernels/formats/blocks.h"
+#include "kernels/formats/format.h"
+
+namespace nibble::cpu {
+namespace {
+
+// Every ISA follows the canonical fp32 order of qmatmul_internal.h on the
+// same exact int32 lane sums, so fast and scalar must agree bit for bit
+// (tolerance 0; kept as a named constant should an ISA ever need slack).
+constexpr double kIsaTolRel = 0.0;
+// fp32 accumulation allowance against the exact reference, relative to the
+// same magnitude (sum of |terms|).
+constexpr double kFpRel = 1e-5;
+// Activation rounding: |x - xq dx| <= dx/2 up to the fp32 rounding of
+// x * (127 / amax) and of dx = amax / 127 (a few ulps of 127): 1e-3 slack.
+constexpr double kActRoundSlack = 1.001;
+
+std::vector<QIsa> Isas() {
+  std::vector<QIsa> v;
+  for (QIsa i : {QIsa::kScalar, QIsa::kAvx2, QIsa::kAvx512})
+    if (QIsaSupported(i)) v.push_back(i);
+  return v;
+}
+
+// A packed matrix owning its bytes, plus an optional side-car.
+struct TestMatrix {
+  int64_t rows = 0, cols = 0;
+  std::vector<std::vector<uint8_t>> seg_bytes;
+  std::vector<QSegmentView> segs;
+  std::vector<uint32_t> row_ptr;
+  std::vector<uint16_t> col, f16, row_scale;
+  std::vector<int8_t> i8;
+  QSidecarView::Type sc_type = QSidecarView::Type::kNone;
+
+  QMatrixView View() const {
+    QMatrixView v;
+    v.rows = rows;
+    v.cols = cols;
+    v.segments = segs;
+    v.sidecar.type = sc_type;
+    if (sc_type != QSidecarView::Type::kNone) {
+      v.sidecar.row_ptr = row_ptr.data();
+      v.sidecar.col = col.data();
+      v.sidecar.f16 = f16.data();
+      v.sidecar.i8 = i8.data();
+      v.sidecar.row_scale = row_scale.data();
+    }
+    return v;
+  }
+};
+
+// Packs rows [r0, r1): even rows quantized from Gaussian weights (bintern:
+// alternately lambda 0 and 1 so both group kinds occur), odd rows random
+// code bytes with small random scales (every code value, ternary code 3).
+std::vector<uint8_t> PackRows(const fmt::Format& f, int64_t n_rows, int64_t cols, std::mt19937& rng) {
+  const int64_t rb = f.RowBytes(cols);
+  std::vector<uint8_t> out(static_cast<size_t>(n_rows * rb));
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> scale(-0.3f, 0.3f);
+  std::vector<float> w(static_cast<size_t>(cols));
+  for (int64_t r = 0; r < n_rows; ++r) {
+    uint8_t* row = out.data() + r * rb;
+    if (r % 2 == 0) {
+      for (float& v : w) v = nd(rng) * 0.1f;
+      fmt::QuantizeRowRef(f, w.data(), cols, nullptr, row, (r / 2) % 2 == 0 ? 0.0f : 1.0f);
+    } else {
+      for (int64_t i = 0; i < rb; ++i) row[i] = static_cast<uint8_t>(byte(rng));
+      for (int64_t g = 0; g < f.BlocksPerRow(cols); ++g) {
+        uint8_t* blk = row + g * f.BlockBytes();
+        fmt::StoreF16(blk, scale(rng));
+        if (f.kind == fmt::Kind::kInt && !f.symmetric) fmt::StoreF16(blk + 2, scale(rng));
+        if (f.kind == fmt::Kind::kBinTern) blk[3] = 0;  // flag byte blk[2] stays random
+      }
+    }
+  }
+  return out;
+}
+
+TestMatrix MakeMatrix(const std::vector<fmt::Format>& formats, int64_t rows, int64_t cols,
+                      QSidecarView::Type sc, uint32_t seed) {
+  std::mt19937 rng(seed);
+  TestMatrix m;
+  m.rows = rows;
+  m.cols = cols;
+  const int64_t n = static_cast<int64_t>(formats.size());
+  m.seg_bytes.reserve(formats.size());
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t r0 = rows * s / n, r1 = rows * (s + 1) / n;
+    if (r0 == r1) continue;
+    m.seg_bytes.push_back(PackRows(formats[s], r1 - r0, cols, rng));
+    m.segs.push_back({r0, r1, formats[s], m.seg_bytes.back().data()});
+  }
+  m.sc_type = sc;
+  if (sc != QSidecarView::Type::kNone) {
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    std::uniform_int_distribution<int> i8(-127, 127);
+    m.row_ptr.push_back(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        if (u(rng) < 0.06f) {
+          m.col.push_back(static_cast<uint16_t>(c));
+          m.f16.push_back(Fp32ToFp16(u(rng) * 4.0f - 2.0f));
+          m.i8.push_back(static_cast<int8_t>(i8(rng)));
+        }
+      }
+      m.row_ptr.push_back(static_cast<uint32_t>(m.col.size()));
+      m.row_scale.push_back(Fp32ToFp16(0.01f + u(rng) * 0.02f));
+    }
+    if (m.col.empty()) {  // keep data() non-null
+      m.f16.push_back(0);
+      m.i8.push_back(0);
+      m.col.push_back(0);
+    }
+  }
+  return m;
+}
+
+std::vector<float> RandomActs(int64_t n_tokens, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(n_tokens * cols));
+  for (float& v : x) v = nd(rng);
+  // An outlier channel and an all-zero token block exercise the per-block scales.
+  if (cols > 5) x[5] = 40.0f;
+  for (int64_t c = 0; c < std::min<int64_t>(cols, 32); ++c) x[(n_tokens - 1) * cols + c] = 0.0f;
+  return x;
+}
+
+// Per output: the activation-rounding bound and the magnitude of the terms.
+struct Bounds {
+  double act = 0, mag = 0;
+};
+Bounds ComputeBounds(const QMatrixView& w, const float* x, int64_t r) {
+  Bounds b;
+  const QSegmentView* seg = nullptr;
+  for (const QSegmentView& s : w.segments)
+    if (r >= s.row_begin && r < s.row_end) seg = &s;
+  const qmm::FormatInfo fi = qmm::Describe(seg->format);
+  const uint8_t* row = seg->data + (r - seg->row_begin) * seg->format.RowBytes(w.cols);
+  const double qmax = fi.code == qmm::CodeKind::kU8 ? 255 : fi.code == qmm::CodeKind::kU4 ? 15 : 7;
+  for (int64_t c = 0; c < w.cols; ++c) {
+    const int64_t b0 = c / 32 * 32;
+    double amax = 0;
+    for (int64_t i = b0; i < std::min(w.cols, b0 + 32); ++i) amax = std::max(amax, std::fabs(double(x[i])));
+    const double dx = amax / 127.0;
+    const double p = std::fabs(PackedWeightAt(w, r, c));
+    const qmm::GroupAffine ga =
+        qmm::ParseGroup(fi.header, fi.bits, row + (c / fi.group) * fi.block_bytes, fmt::LoadF16);
+    b.act += p * dx / 2 * kActRoundSlack;
+    b.mag += (p + 2 * std::fabs(ga.m) + 2 * qmax * std::fabs(ga.d)) * std::fabs(x[c]);
+  }
+  const QSidecarView& sc = w.sidecar;
+  if (sc.type != QSidecarView::Type::kNone) {
+    for (uint32_t i = sc.row_ptr[r]; i < sc.row_ptr[r + 1]; ++i) {
+      const double v = sc.type == QSidecarView::Type::kF16 ? Fp16ToFp32(sc.f16[i])
+                                                            : Fp16ToFp32(sc.row_scale[r]) * sc.i8[i];
+      b.mag += (std::fabs(v) + std::fabs(PackedWeightAt(w, r, sc.col[i]))) * std::fabs(x[sc.col[i]]);
+    }
+  }
+  return b;
+}
+
+// Runs every ISA on one matrix and checks both references for every output.
+void CheckAll(const TestMatrix& m, int64_t n_tokens, ThreadPool* pool, const std::string& what) {
+  const QMatrixView w = m.View();
+  std::string err;
+  ASSERT_TRUE(ValidateQMatrix(w, &err)) << what << ": " << err;
+  const std::vector<float> x = RandomActs(n_tokens, m.cols, static_cast<uint32_t>(m.rows * 131 + m.cols));
+  std::vector<float> exact(static_cast<size_t>(n_tokens * m.rows));
+  QuantMatMulF32Ref(w, x.data(), n_tokens, exact.data());
+  QMatMulScratch scratch;
+  std::vector<float> scalar(exact.size(), NAN), fast(exact.size(), NAN);
+  QuantMatMulIsa(QIsa::kScalar, w, x.data(), n_tokens, scalar.data(), nullptr, &scratch);
+  std::vector<Bounds> bounds;
+  for (int64_t t = 0; t < n_tokens; ++t)
+    for (int64_t r = 0; r < m.rows; ++r) bounds.push_back(ComputeBounds(w, x.data() + t * m.cols, r));
+  for (QIsa isa : Isas()) {
+    std::fill(fast.begin(), fast.end(), NAN);
+    QuantMatMulIsa(isa, w, x.data(), n_tokens, fast.data(), pool, &scratch);
+    int bad = 0;
+    for (int64_t t = 0; t < n_tokens && bad < 3; ++t) {
+      for (int64_t r = 0; r < m.rows && bad < 3; ++r) {
+        const size_t i = static_cast<size_t>(t * m.rows + r);
+        const Bounds& b = bounds[i];
+        const double tight = kIsaTolRel * b.mag;
+        const double loose = b.act + kFpRel * b.mag + 1e-30;
+        if (!(std::fabs(double(fast[i]) - scalar[i]) <= tight) || !(std::fabs(double(fast[i]) - exact[i]) <= loose)) {
+          ++bad;
+          ADD_FAILURE() << what << " isa=" << QIsaName(isa) << " t=" << t << " r=" << r << ": fast " << fast[i]
+                        << " scalar-int8 " << scalar[i] << " (tol " << tight << ") exact " << exact[i] << " (tol "
+                        << loose << ")";
+        }
+      }
+    }
+  }
+}
+
+struct Shape {
+  int64_t rows, cols, tokens;
+};
+constexpr Shape kShapes[] = {{1, 172, 17}, {7, 100, 3}, {33, 172, 1}, {33, 576, 5}, {5, 32, 2}, {3, 17, 1}};
+
+class QMatMulFormatTest : public ::testing::TestWithParam<fmt::Format> {};
+
+TEST_P(QMatMulFormatTest, MatchesReferencesOnOddShapes) {
+  const fmt::Format f = GetParam();
+  uint32_t seed = 1;
+  for (const Shape& s : kShapes) {
+    const TestMatrix m = MakeMatrix({f}, s.rows, s.cols, QSidecarView::Type::kNone, seed++);
+    CheckAll(m, s.tokens, nullptr, f.Name() + " " + std::to_string(s.rows) + "x" + std::to_string(s.cols));
+  }
+}
+
+TEST_P(QMatMulFormatTest, SidecarReplacesPackedValues) {
+  const fmt::Format f = GetParam();
+  const TestMatrix m16 = MakeMatrix({f}, 9, 172, QSidecarView::Type::kF16, 7);
+  CheckAll(m16, 3, nullptr, f.Name() + " sidecar f16");
+  const TestMatrix m8 = MakeMatrix({f}, 9, 100, QSidecarView::Type::kI8, 8);
+  CheckAll(m8, 1, nullptr, f.Name() + " sidecar i8");
+}
+
+INSTANTIATE_TEST_SUITE_P(AllFormats, QMatMulFormatTest, ::testing::ValuesIn(fmt::AllFormats()),
+                         [](const ::testing::TestParamInfo<fmt::Format>& i) { return i.param.Name(); });
+
+TEST(QMatMulTest, MixedSegmentsWithSidecarAndThreads) {
+  const auto P = [](const char* n) { return *fmt::Format::Parse(n); };
+  const std::vector<fmt::Format> formats = {P("int4_g32"), P("ternary_g64"), P("int3_g128_sym"), P("binary_g32"),
+                                            P("int8_g64"),  P("bintern_g128"), P("int2_g64")};
+  ThreadPool pool(2);
+  const TestMatrix m = MakeMatrix(formats, 97, 300, QSidecarView::Type::kI8, 3);
+  CheckAll(m, 1, &pool, "mixed t1");
+  CheckAll(m, 6, &pool, "mixed t6");
+  const TestMatrix big = MakeMatrix({P("int4_g64"), P("int2_g128")}, 600, 256, QSidecarView::Type::kF16, 4);
+  CheckAll(big, 2, &pool, "mixed threaded");
+}
+
+TEST(QMatMulTest, ActiveIsaFollowsForcedIsa) {
+  EXPECT_TRUE(QIsaSupported(QIsa::kScalar));
+  const QIsa isa = ActiveQIsa();
+  EXPECT_TRUE(QIsaSupported(isa));
+}
+
+TEST(QMatMulTest, ValidateRejectsBadViews) {
+  TestMatrix m = MakeMatrix({*fmt::Format::Parse("int4_g32")}, 4, 64, QSidecarView::Type::kF16, 9);
+  std::string err;
+  QMatrixView v = m.View();
+  EXPECT_TRUE(ValidateQMatrix(v, &err)) << err;
+  std::vector<QSegmentView> gap = m.segs;
+  gap[0].row_end = 3;
+  v.segments = gap;
+  EXPECT_FALSE(ValidateQMatrix(v, &err));
+  EXPECT_NE(err.find("segments"), std::string::npos) << err;
+  v = m.View();
+  m.col[0] = 64;  // column out of range
+  EXPECT_FALSE(ValidateQMatrix(v, &err));
+  EXPECT_NE(err.find("column"), std::string::npos) << err;
+}
+
+}  // namespace
+}  // namespace nibble::cpu
