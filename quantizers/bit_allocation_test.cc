@@ -331,3 +331,38 @@ TEST(BitAllocE2E, AllocatedModelRoundTripsAndRuns) {
 
 }  // namespace
 }  // namespace nibble
+
+namespace nibble {
+namespace {
+
+// The SIMD-matmul proxy against a naive fp64 e^T H e, odd sizes.
+TEST(RowProxyErrors, MatchesNaiveDouble) {
+  for (const auto [rows, cols] : {std::pair<int64_t, int64_t>{3, 17}, {300, 64}, {7, 172}}) {
+    std::mt19937 rng(static_cast<uint32_t>(rows * cols));
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> x(static_cast<size_t>(40 * cols));
+    for (float& v : x) v = nd(rng);
+    HessianAccumulator acc(cols);
+    acc.Add(x.data(), 40, 1);
+    const Hessian h = acc.Finish();
+    std::vector<float> w(static_cast<size_t>(rows * cols)), q(w.size());
+    for (size_t i = 0; i < w.size(); ++i) {
+      w[i] = nd(rng);
+      q[i] = w[i] + 0.1f * nd(rng);
+    }
+    for (int threads : {1, 2}) {
+      const std::vector<double> got = RowProxyErrors(w.data(), q.data(), rows, cols, h, threads);
+      ASSERT_EQ(got.size(), static_cast<size_t>(rows));
+      for (int64_t r = 0; r < rows; ++r) {
+        double want = 0;
+        for (int64_t i = 0; i < cols; ++i)
+          for (int64_t j = 0; j < cols; ++j)
+            want += (double{w[r * cols + i]} - q[r * cols + i]) * h.at(i, j) * (double{w[r * cols + j]} - q[r * cols + j]);
+        EXPECT_NEAR(got[r], want, 1e-4 * want + 1e-9) << rows << "x" << cols << " row " << r;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace nibble
