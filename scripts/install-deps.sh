@@ -25,14 +25,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-py_pkgs=(numpy gguf safetensors matplotlib)
-need_py=0
-for p in "${py_pkgs[@]}"; do
-  python3 -c "import $p" 2>/dev/null || need_py=1
+# pip package:import name. openai/grpcio*: real clients of nibble-server's endpoints in the tests.
+py_pkgs=(numpy:numpy gguf:gguf safetensors:safetensors matplotlib:matplotlib openai:openai grpcio:grpc
+         grpcio-tools:grpc_tools grpcio-health-checking:grpc_health)
+need_py=()
+for pm in "${py_pkgs[@]}"; do
+  python3 -c "import ${pm#*:}" 2>/dev/null || need_py+=("${pm%%:*}")
 done
-if [ $need_py -eq 1 ]; then
-  echo "install-deps: pip install ${py_pkgs[*]}"
-  python3 -m pip install --quiet --disable-pip-version-check "${py_pkgs[@]}"
+if [ ${#need_py[@]} -gt 0 ]; then
+  echo "install-deps: pip install ${need_py[*]}"
+  python3 -m pip install --quiet --disable-pip-version-check "${need_py[@]}"
 fi
 
 if [ "${NIBBLE_WITH_LLAMACPP:-0}" = "1" ] && ! python3 -c "import llama_cpp" 2>/dev/null; then
