@@ -79,7 +79,10 @@ void QuantizeActs(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, in
       } else {
         const float inv = 127.0f / amax;
         for (int i = 0; i < n; ++i) {
-          const float v = std::clamp(std::nearbyint(xt[c0 + i] * inv), -127.0f, 127.0f);
+          // Round half to even as nearbyint in the default mode: |x * inv|
+          // <= 127 (+ulps) < 2^22, where adding and removing 1.5 * 2^23
+          // rounds exactly (and vectorizes, unlike the libm call).
+          const float v = std::clamp((xt[c0 + i] * inv + 12582912.0f) - 12582912.0f, -127.0f, 127.0f);
           q[i] = static_cast<int8_t>(v);
           sum += q[i];
         }

@@ -29,8 +29,12 @@
 //  4. Side-car: y[r] += sum over kept (c, v) of (v - packed(r, c)) * x[c] in
 //     fp32 with the exact x (kept values REPLACE the packed value), fused per
 //     row after its packed dot.
-//  Prefill: the kernel runs over tiles of up to 4 tokens, so each packed
-//  step is unpacked once per tile; rows go in chunks of 32 (hot in cache
+//  Tiling (AVX-512): decode (1 token) runs 4-row micro-tiles that share the
+//  activation loads and finish with one joint 4-row reduction (same adds as
+//  the canonical tree), with software prefetch of the weight rows 2 tiles
+//  ahead; prefill runs tiles of up to 6 tokens, so each packed step is
+//  unpacked once per tile. Kernels are specialised per (code layout, header
+//  kind, group size) at compile time. Rows go in chunks of 32 (hot in cache
 //  across tiles) and are split over the ThreadPool in grains of 16 rows
 //  (each thread writes disjoint output rows / cache lines).
 //

@@ -3,10 +3,20 @@
 // unpacked to u8 codes in one zmm and multiplied with the int8 activations
 // by _mm512_dpbusd_epi32 (exact int32 lane sums of 4 products), converted to
 // fp32 and scaled by d_g * dx_b per 8-lane half; the additive term is
-// fma(xs4, m_g * dx_b) on the lane sums of the activations. Up to 4 tokens
-// share each unpacked step (prefill tiles). fp32 order: the canonical one of
-// qmatmul_internal.h (bit-identical to the scalar and AVX2 kernels).
+// fma(xs4, m_g * dx_b) on the lane sums of the activations. Kernels are
+// templates on (code layout, header kind, group / 32), so the per-step header
+// parse has no switch and the group index no division. Decode: 4-row x
+// 1-token tiles (activation loads shared, one joint reduction, prefetch 2
+// tiles ahead). Prefill: 1-row x up-to-6-token tiles (each unpacked step
+// serves 6 tokens). fp32 order: the canonical one of qmatmul_internal.h
+// (bit-identical to the scalar and AVX2 kernels; qmatmul_test asserts it).
+#include <algorithm>
 #include <cstring>
+
+// Decode prefetch distance in 4-row tiles (override with -DNIBBLE_QMM_PF=N).
+#ifndef NIBBLE_QMM_PF
+#define NIBBLE_QMM_PF 2
+#endif
 
 #include "kernels/cpu/qmatmul_internal.h"
 
@@ -19,6 +29,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #define NIBBLE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma,avx2")))
+// Helpers of the hot loop must inline into their (target-attributed) callers.
+#define NIBBLE_AVX512_INLINE NIBBLE_AVX512 __attribute__((always_inline)) inline
 
 namespace nibble::cpu::qmm {
 namespace {
@@ -42,7 +54,7 @@ NIBBLE_AVX512 inline uint64_t Load64(const uint8_t* p) {
 }
 
 // Reduce16 (qmatmul_internal.h) in registers, same order.
-NIBBLE_AVX512 inline float Reduce(__m512 acc) {
+NIBBLE_AVX512_INLINE float Reduce(__m512 acc) {
   const __m256 v8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
   const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
   const __m128 p = _mm_add_ps(v4, _mm_shuffle_ps(v4, v4, _MM_SHUFFLE(2, 3, 0, 1)));  // [v0+v1, ., v2+v3, .]
@@ -51,28 +63,27 @@ NIBBLE_AVX512 inline float Reduce(__m512 acc) {
 
 // 2-bit stream -> one code per byte: each dword (one source byte) spreads
 // its 4 codes over its 4 bytes.
-NIBBLE_AVX512 inline __m256i Spread2x32(const uint8_t* p) {
+NIBBLE_AVX512_INLINE __m256i Spread2x32(const uint8_t* p) {
   __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   v = _mm256_or_si256(_mm256_or_si256(v, _mm256_slli_epi32(v, 6)),
                       _mm256_or_si256(_mm256_slli_epi32(v, 12), _mm256_slli_epi32(v, 18)));
   return _mm256_and_si256(v, _mm256_set1_epi32(0x03030303));
 }
-NIBBLE_AVX512 inline __m512i Spread2x64(const uint8_t* p) {
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  v = _mm512_or_si512(_mm512_or_si512(v, _mm512_slli_epi32(v, 6)),
-                      _mm512_or_si512(_mm512_slli_epi32(v, 12), _mm512_slli_epi32(v, 18)));
-  return _mm512_and_si512(v, _mm512_set1_epi32(0x03030303));
+NIBBLE_AVX512_INLINE __m512i Spread2x64(const uint8_t* p) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i t = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 6), _mm512_slli_epi32(v, 12), 0xfe);  // a|b|c
+  return _mm512_ternarylogic_epi32(t, _mm512_slli_epi32(v, 18), _mm512_set1_epi32(0x03030303), 0xa8);  // (a|b)&c
 }
 
 // Codes of sub-block k (32 weights) of a group, one u8 per weight.
 template <CodeKind C>
-NIBBLE_AVX512 inline __m256i Unpack32(const uint8_t* codes, int group, int k, bool ternary) {
+NIBBLE_AVX512_INLINE __m256i Unpack32(const uint8_t* codes, int group, int k, bool ternary) {
   if constexpr (C == CodeKind::kU8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * k));
   } else if constexpr (C == CodeKind::kU4) {
+    // Word i = 0x00HL -> bytes L, H: (v | v << 4) & 0x0f0f in one ternlog.
     const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k)));
-    return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x000f)),
-                           _mm256_and_si256(_mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f00)));
+    return _mm256_ternarylogic_epi32(v, _mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f0f), 0xa8);
   } else if constexpr (C == CodeKind::kU2) {
     return Spread2x32(codes + 8 * k);
   } else if constexpr (C == CodeKind::kU1) {
@@ -86,13 +97,12 @@ NIBBLE_AVX512 inline __m256i Unpack32(const uint8_t* codes, int group, int k, bo
 
 // Codes of sub-blocks k, k + 1 of one group (k even, both inside the block).
 template <CodeKind C>
-NIBBLE_AVX512 inline __m512i Unpack64(const uint8_t* codes, int group, int k, bool ternary) {
+NIBBLE_AVX512_INLINE __m512i Unpack64(const uint8_t* codes, int group, int k, bool ternary) {
   if constexpr (C == CodeKind::kU8) {
     return _mm512_loadu_si512(codes + 32 * k);
   } else if constexpr (C == CodeKind::kU4) {
     const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 16 * k)));
-    return _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi16(0x000f)),
-                           _mm512_and_si512(_mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x0f00)));
+    return _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
   } else if constexpr (C == CodeKind::kU2) {
     return Spread2x64(codes + 8 * k);
   } else if constexpr (C == CodeKind::kU1) {
@@ -104,103 +114,224 @@ NIBBLE_AVX512 inline __m512i Unpack64(const uint8_t* codes, int group, int k, bo
   }
 }
 
-// Accumulators of one row x T tokens: D and M lane sets (canonical order in
-// qmatmul_internal.h), [pair parity][token]; a zmm holds block slots 2P, 2P+1.
-template <int T>
-struct Acc512 {
-  __m512 d[2][T], m[2][T];
-};
-
-// Blocks b, b + 1 (b even, b < nb_used) into slot pair P.
-template <CodeKind C, int T, int P>
-NIBBLE_AVX512 inline void PairStep(const FormatInfo& fi, const uint8_t* row, int64_t b, int64_t nb_used,
-                                   const int8_t* const* xq, const float* const* d16, const float* const* x4,
-                                   Acc512<T>& acc) {
-  const int group = fi.group;
-  __m512i q;
-  __m512 dv, mv;
-  if (group == kBlock) {
-    const GroupAffine g0 = ParseGroup(fi.header, fi.bits, row + b * fi.block_bytes, F16{});
-    if (b + 1 < nb_used) {
-      const GroupAffine g1 = ParseGroup(fi.header, fi.bits, row + (b + 1) * fi.block_bytes, F16{});
-      q = _mm512_inserti64x4(_mm512_castsi256_si512(Unpack32<C>(g0.codes, group, 0, g0.ternary)),
-                             Unpack32<C>(g1.codes, group, 0, g1.ternary), 1);
-      dv = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(g0.d)), _mm256_set1_ps(g1.d), 1);
-      mv = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(g0.m)), _mm256_set1_ps(g1.m), 1);
+// One pair step's weights for one row: u8 codes of blocks b, b + 1 in one
+// zmm, d_g and m_g per 8-lane half (block b in lanes 0-7, b + 1 in 8-15).
+// H and SPG (= group / 32) are compile-time, so the header parse and the
+// group/sub-block index need no switch and no division. `two` is false only
+// for the last pair of a row with an odd block count (SPG == 1).
+template <CodeKind C, HeaderKind H, int SPG>
+NIBBLE_AVX512_INLINE void LoadPair(const FormatInfo& fi, const uint8_t* row, int64_t b, bool two, __m512i& q,
+                                   __m512& dv, __m512& mv) {
+  if constexpr (SPG == 1) {
+    const uint8_t* p0 = row + b * fi.block_bytes;
+    const uint8_t* p1 = p0 + fi.block_bytes;
+    if constexpr (H == HeaderKind::kIntAsym) {
+      if (two) {
+        // [d0 m0 d1 m1] in one conversion, then per-half broadcasts.
+        const __m128 h = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(static_cast<int>(Load32(p0))),
+                                                       static_cast<int>(Load32(p1)), 1));
+        const __m512 h4 = _mm512_castps128_ps512(h);
+        dv = _mm512_permutexvar_ps(_mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0), h4);
+        mv = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1), h4);
+        q = _mm512_inserti64x4(_mm512_castsi256_si512(Unpack32<C>(p0 + 4, 32, 0, false)),
+                               Unpack32<C>(p1 + 4, 32, 0, false), 1);
+        return;
+      }
+    }
+    const GroupAffine g0 = ParseGroup(H, fi.bits, p0, F16{});
+    if (two) {
+      const GroupAffine g1 = ParseGroup(H, fi.bits, p1, F16{});
+      q = _mm512_inserti64x4(_mm512_castsi256_si512(Unpack32<C>(g0.codes, 32, 0, g0.ternary)),
+                             Unpack32<C>(g1.codes, 32, 0, g1.ternary), 1);
+      dv = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(g0.d), _mm512_set1_ps(g1.d));
+      mv = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(g0.m), _mm512_set1_ps(g1.m));
     } else {
-      q = _mm512_zextsi256_si512(Unpack32<C>(g0.codes, group, 0, g0.ternary));
-      dv = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(g0.d)), _mm256_setzero_ps(), 1);
-      mv = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(g0.m)), _mm256_setzero_ps(), 1);
+      q = _mm512_zextsi256_si512(Unpack32<C>(g0.codes, 32, 0, g0.ternary));
+      dv = _mm512_maskz_mov_ps(0x00ff, _mm512_set1_ps(g0.d));
+      mv = _mm512_maskz_mov_ps(0x00ff, _mm512_set1_ps(g0.m));
     }
   } else {
-    const int spg = group / kBlock;
-    const GroupAffine ga = ParseGroup(fi.header, fi.bits, row + (b / spg) * fi.block_bytes, F16{});
-    // Both sub-blocks lie in this group's block (spg even); a sub-block past
+    // Both sub-blocks lie in this group's block (SPG even); a sub-block past
     // cols meets zero activations (xq, dx, xs4 of padding blocks are 0).
-    q = Unpack64<C>(ga.codes, group, static_cast<int>(b % spg), ga.ternary);
+    const GroupAffine ga = ParseGroup(H, fi.bits, row + (b / SPG) * fi.block_bytes, F16{});
+    q = Unpack64<C>(ga.codes, SPG * kBlock, static_cast<int>(b % SPG), ga.ternary);
     dv = _mm512_set1_ps(ga.d);
     mv = _mm512_set1_ps(ga.m);
   }
+}
+
+// R rows x T tokens: accumulators [slot pair][row][token] (canonical lane
+// order of qmatmul_internal.h: a zmm holds block slots 2P, 2P + 1).
+template <int R, int T>
+struct Acc512 {
+  __m512 d[2][R][T], m[2][R][T];
+};
+
+// Blocks b, b + 1 (b even, b < nb_used) of R rows into slot pair P.
+template <CodeKind C, HeaderKind H, int SPG, int R, int T, int P>
+NIBBLE_AVX512_INLINE void TileStep(const FormatInfo& fi, const uint8_t* row0, int64_t row_bytes, int64_t b,
+                                   bool two, const int8_t* const* xq, const float* const* d16,
+                                   const float* const* x4, Acc512<R, T>& acc) {
+  __m512i x[T];
+  __m512 dx[T], xs[T];
   for (int t = 0; t < T; ++t) {
-    const __m512i x = _mm512_load_si512(xq[t] + b * kBlock);
-    const __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x);
-    const __m512 dx = _mm512_load_ps(d16[t] + b * 8);
-    acc.d[P][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv, dx), acc.d[P][t]);
-    acc.m[P][t] = _mm512_fmadd_ps(_mm512_load_ps(x4[t] + b * 8), _mm512_mul_ps(mv, dx), acc.m[P][t]);
+    x[t] = _mm512_load_si512(xq[t] + b * kBlock);
+    dx[t] = _mm512_load_ps(d16[t] + b * 8);
+    xs[t] = _mm512_load_ps(x4[t] + b * 8);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512i q;
+    __m512 dv, mv;
+    LoadPair<C, H, SPG>(fi, row0 + r * row_bytes, b, two, q, dv, mv);
+    for (int t = 0; t < T; ++t) {
+      const __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x[t]);
+      acc.d[P][r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv, dx[t]), acc.d[P][r][t]);
+      acc.m[P][r][t] = _mm512_fmadd_ps(xs[t], _mm512_mul_ps(mv, dx[t]), acc.m[P][r][t]);
+    }
   }
 }
 
-// One row x T tokens (t0 .. t0 + T - 1).
-template <CodeKind C, int T>
-NIBBLE_AVX512 void RowT(const FormatInfo& fi, const uint8_t* row, int64_t nb_used, const QActs& a, int64_t t0,
-                        float* out /*[T]*/) {
-  Acc512<T> acc;
+// Four rows' results at once: D_r = Reduce32(d lanes of row r), M_r likewise,
+// out[r] = D_r + M_r, with exactly the pairwise adds of Reduce32/Reduce16
+// (qmatmul_internal.h; fp32 addition is commutative, so operand order within
+// an add does not matter) done on several rows per instruction.
+NIBBLE_AVX512_INLINE __m128 Reduce4Rows(const __m512* d /*[4]: slots 0-1 + 2-3 added*/, const __m512* m) {
+  // v8[l] = a[l] + a[l + 8]: two rows per zmm (row A in lanes 0-7, B in 8-15).
+  auto half = [](__m512 a, __m512 b) NIBBLE_AVX512 {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+  };
+  const __m512 d01 = half(d[0], d[1]), d23 = half(d[2], d[3]);
+  const __m512 m01 = half(m[0], m[1]), m23 = half(m[2], m[3]);
+  // v4[l] = v8[l] + v8[l + 4]: four rows per zmm (row r in 128-bit lane r).
+  auto quarter = [](__m512 a, __m512 b) NIBBLE_AVX512 {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
+  };
+  const __m512 dv4 = quarter(d01, d23), mv4 = quarter(m01, m23);
+  // (v4[0] + v4[1]) + (v4[2] + v4[3]) per row, D and M side by side.
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(dv4, mv4, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(dv4, mv4, _MM_SHUFFLE(3, 1, 3, 1)));
+  // w per lane: [D01, D23, M01, M23] -> z: [D, M, D, M]
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(w, w, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(w, w, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 o = _mm512_add_ps(z, _mm512_shuffle_ps(z, z, _MM_SHUFFLE(1, 1, 1, 1)));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), o));
+}
+
+// R rows from row0 x tokens t0 .. t0 + T - 1; out[t * ldy + r].
+template <CodeKind C, HeaderKind H, int SPG, int R, int T>
+NIBBLE_AVX512 void Tile(const FormatInfo& fi, const uint8_t* row0, int64_t row_bytes, int64_t nb_used,
+                        const QActs& a, int64_t t0, float* out, int64_t ldy) {
+  Acc512<R, T> acc;
   const int8_t* xq[T];
   const float* d16[T];
   const float* x4[T];
   for (int t = 0; t < T; ++t) {
-    for (int p = 0; p < 2; ++p) acc.d[p][t] = acc.m[p][t] = _mm512_setzero_ps();
+    for (int p = 0; p < 2; ++p)
+      for (int r = 0; r < R; ++r) acc.d[p][r][t] = acc.m[p][r][t] = _mm512_setzero_ps();
     xq[t] = a.xq + (t0 + t) * a.nb * kBlock;
     d16[t] = a.dx16 + (t0 + t) * a.nb * 8;
     x4[t] = a.xs4f + (t0 + t) * a.nb * 8;
   }
-  for (int64_t b = 0; b < nb_used; b += 4) {
-    PairStep<C, T, 0>(fi, row, b, nb_used, xq, d16, x4, acc);
-    if (b + 2 < nb_used) PairStep<C, T, 1>(fi, row, b + 2, nb_used, xq, d16, x4, acc);
+  // Full groups of 4 blocks, then the tail (1 to 3 blocks).
+  const int64_t full = nb_used & ~int64_t{3};
+  for (int64_t b = 0; b < full; b += 4) {
+    TileStep<C, H, SPG, R, T, 0>(fi, row0, row_bytes, b, true, xq, d16, x4, acc);
+    TileStep<C, H, SPG, R, T, 1>(fi, row0, row_bytes, b + 2, true, xq, d16, x4, acc);
   }
-  for (int t = 0; t < T; ++t)
-    out[t] = Reduce(_mm512_add_ps(acc.d[0][t], acc.d[1][t])) + Reduce(_mm512_add_ps(acc.m[0][t], acc.m[1][t]));
+  if (full < nb_used) {
+    TileStep<C, H, SPG, R, T, 0>(fi, row0, row_bytes, full, full + 1 < nb_used, xq, d16, x4, acc);
+    if (full + 2 < nb_used)
+      TileStep<C, H, SPG, R, T, 1>(fi, row0, row_bytes, full + 2, full + 3 < nb_used, xq, d16, x4, acc);
+  }
+  if constexpr (R == 4) {
+    for (int t = 0; t < T; ++t) {
+      __m512 d[4], m[4];
+      for (int r = 0; r < 4; ++r) {
+        d[r] = _mm512_add_ps(acc.d[0][r][t], acc.d[1][r][t]);
+        m[r] = _mm512_add_ps(acc.m[0][r][t], acc.m[1][r][t]);
+      }
+      _mm_storeu_ps(out + t * ldy, Reduce4Rows(d, m));
+    }
+  } else {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        out[t * ldy + r] = Reduce(_mm512_add_ps(acc.d[0][r][t], acc.d[1][r][t])) +
+                           Reduce(_mm512_add_ps(acc.m[0][r][t], acc.m[1][r][t]));
+  }
 }
 
-template <CodeKind C, int T>
-NIBBLE_AVX512 void RowsT(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin,
-                         int64_t r_end, const QActs& a, int64_t t0, float* y, int64_t ldy) {
+inline constexpr int64_t kPrefetchTiles = NIBBLE_QMM_PF;
+
+template <CodeKind C, HeaderKind H, int SPG>
+NIBBLE_AVX512 void RowsFmt(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin,
+                           int64_t r_end, const QActs& a, int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
   const int64_t nb_used = (a.cols + kBlock - 1) / kBlock;
-  float out[T];
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    RowT<C, T>(fi, data + r * row_bytes, nb_used, a, t0, out);
-    for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r] = out[t];
-  }
-}
-
-template <CodeKind C>
-void RowsCode(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin, int64_t r_end,
-              const QActs& a, int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
   for (int64_t t0 = t_begin; t0 < t_end;) {
     const int64_t n = t_end - t0;
-    if (n >= 4) {
-      RowsT<C, 4>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+    float* yt = y + t0 * ldy;
+    if (n >= 6) {
+      for (int64_t r = r_begin; r < r_end; ++r)
+        Tile<C, H, SPG, 1, 6>(fi, data + r * row_bytes, row_bytes, nb_used, a, t0, yt + r, ldy);
+      t0 += 6;
+    } else if (n >= 4) {
+      for (int64_t r = r_begin; r < r_end; ++r)
+        Tile<C, H, SPG, 1, 4>(fi, data + r * row_bytes, row_bytes, nb_used, a, t0, yt + r, ldy);
       t0 += 4;
     } else if (n == 3) {
-      RowsT<C, 3>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      for (int64_t r = r_begin; r < r_end; ++r)
+        Tile<C, H, SPG, 1, 3>(fi, data + r * row_bytes, row_bytes, nb_used, a, t0, yt + r, ldy);
       t0 += 3;
     } else if (n == 2) {
-      RowsT<C, 2>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      for (int64_t r = r_begin; r < r_end; ++r)
+        Tile<C, H, SPG, 1, 2>(fi, data + r * row_bytes, row_bytes, nb_used, a, t0, yt + r, ldy);
       t0 += 2;
     } else {
-      RowsT<C, 1>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      // Decode: 4-row micro-tiles (shared activation loads, one joint
+      // reduction), then single rows.
+      int64_t r = r_begin;
+      for (; r + 4 <= r_end; r += 4) {
+        // Software prefetch of the tile kPrefetchTiles ahead (its rows are
+        // contiguous): the GEMV is bound by the weight stream, and the
+        // hardware prefetcher alone leaves load stalls (perf annotate).
+        const int64_t pb = std::min(r + 4 * kPrefetchTiles, r_end), pe = std::min(pb + 4, r_end);
+        for (const uint8_t *p = data + pb * row_bytes, *e = data + pe * row_bytes; p < e; p += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+        Tile<C, H, SPG, 4, 1>(fi, data + r * row_bytes, row_bytes, nb_used, a, t0, yt + r, ldy);
+      }
+      for (; r < r_end; ++r)
+        Tile<C, H, SPG, 1, 1>(fi, data + r * row_bytes, row_bytes, nb_used, a, t0, yt + r, ldy);
       t0 += 1;
     }
+  }
+}
+
+using FmtKernel = void (*)(const FormatInfo&, const uint8_t*, int64_t, int64_t, int64_t, const QActs&, int64_t,
+                           int64_t, float*, int64_t);
+
+template <CodeKind C, HeaderKind H>
+FmtKernel PickSpg(int spg) {
+  switch (spg) {
+    case 1: return RowsFmt<C, H, 1>;
+    case 2: return RowsFmt<C, H, 2>;
+    default: return RowsFmt<C, H, 4>;
+  }
+}
+
+// Code layouts occurring per header kind (fmt::AllFormats()).
+template <CodeKind C>
+FmtKernel PickHeader(HeaderKind h, int spg) {
+  if constexpr (C == CodeKind::kU8 || C == CodeKind::kU4 || C == CodeKind::kU3) {
+    return h == HeaderKind::kIntSym ? PickSpg<C, HeaderKind::kIntSym>(spg) : PickSpg<C, HeaderKind::kIntAsym>(spg);
+  } else if constexpr (C == CodeKind::kU2) {
+    switch (h) {
+      case HeaderKind::kIntSym: return PickSpg<C, HeaderKind::kIntSym>(spg);
+      case HeaderKind::kTernary: return PickSpg<C, HeaderKind::kTernary>(spg);
+      default: return PickSpg<C, HeaderKind::kIntAsym>(spg);
+    }
+  } else if constexpr (C == CodeKind::kU1) {
+    return PickSpg<C, HeaderKind::kBinary>(spg);
+  } else {
+    return PickSpg<C, HeaderKind::kBinTern>(spg);
   }
 }
 
@@ -210,15 +341,17 @@ void RowsAvx512(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int6
                 int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
   const FormatInfo fi = Describe(f);
   const int64_t rb = f.RowBytes(a.cols);
+  const int spg = fi.group / kBlock;  // 1, 2 or 4 (groups 32, 64, 128)
+  FmtKernel k = nullptr;
   switch (fi.code) {
-    case CodeKind::kU8: return RowsCode<CodeKind::kU8>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
-    case CodeKind::kU4: return RowsCode<CodeKind::kU4>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
-    case CodeKind::kU3: return RowsCode<CodeKind::kU3>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
-    case CodeKind::kU2: return RowsCode<CodeKind::kU2>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
-    case CodeKind::kU1: return RowsCode<CodeKind::kU1>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
-    case CodeKind::kBinTern:
-      return RowsCode<CodeKind::kBinTern>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case CodeKind::kU8: k = PickHeader<CodeKind::kU8>(fi.header, spg); break;
+    case CodeKind::kU4: k = PickHeader<CodeKind::kU4>(fi.header, spg); break;
+    case CodeKind::kU3: k = PickHeader<CodeKind::kU3>(fi.header, spg); break;
+    case CodeKind::kU2: k = PickHeader<CodeKind::kU2>(fi.header, spg); break;
+    case CodeKind::kU1: k = PickHeader<CodeKind::kU1>(fi.header, spg); break;
+    case CodeKind::kBinTern: k = PickHeader<CodeKind::kBinTern>(fi.header, spg); break;
   }
+  k(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
 }
 
 }  // namespace nibble::cpu::qmm

@@ -220,7 +220,11 @@ void CheckAll(const TestMatrix& m, int64_t n_tokens, ThreadPool* pool, const std
 struct Shape {
   int64_t rows, cols, tokens;
 };
-constexpr Shape kShapes[] = {{1, 172, 17}, {7, 100, 3}, {33, 172, 1}, {33, 576, 5}, {5, 32, 2}, {3, 17, 1}};
+// Covers the AVX-512 tilings: 6/4/3/2/1-token tiles (17 = 6 + 6 + 4 + 1),
+// 4-row decode micro-tiles with row tails (9, 13, 33 rows) and software
+// prefetch (>= 12 rows), and block counts with every tail (1, 3, 6, 7 blocks).
+constexpr Shape kShapes[] = {{1, 172, 17}, {7, 100, 3}, {33, 172, 1}, {33, 576, 5}, {5, 32, 2},
+                             {3, 17, 1},   {9, 17, 1},  {13, 224, 1}, {8, 80, 6},   {24, 96, 1}};
 
 class QMatMulFormatTest : public ::testing::TestWithParam<fmt::Format> {};
 
