@@ -74,6 +74,15 @@ def _label(r):
     return f"nibble {r['method']} {r['format']}{emb}"
 
 
+def _kind(r):
+    """Plot/section kind of a row: llama.cpp, alloc (a --bpw budget row), or the nibble method."""
+    if r["engine"] == "llama.cpp":
+        return "llama.cpp"
+    if r["format"].startswith("bpw"):
+        return "alloc"
+    return r["method"]
+
+
 def _f(x, nd=4):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -122,6 +131,47 @@ def gptq_vs_rtn(rows):
         verdict = (f"GPTQ beats RTN (lower PPL and lower KLD) at every int3 and int2 format measured "
                    f"({len(checked)} pairs, models: {', '.join(sorted(models_low))}).")
     return out, verdict
+
+
+def method_vs(rows, method, base):
+    """`method` beside `base` on the same model, format and embedding format."""
+    out = [f"| model | format | embed | bpw_all | {base} PPL | {method} PPL | {base} KLD | {method} KLD | lower PPL |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    wins = losses = 0
+    for model in MODEL_ORDER:
+        nr = {(r["method"], r["format"], r["embed"]): r for r in rows if r["model"] == model and r["engine"] == "nibble"}
+        for (m, fmt, emb), g in sorted(nr.items(), key=lambda kv: -kv[1]["bpw_all"]):
+            if m != method or (base, fmt, emb) not in nr:
+                continue
+            b = nr[(base, fmt, emb)]
+            win = method if g["ppl"] < b["ppl"] else base
+            wins += win == method
+            losses += win != method
+            out.append(f"| {model} | {fmt} | {emb} | {g['bpw_all']:.3f} | {b['ppl']:.4f} | {g['ppl']:.4f} | "
+                       f"{b['kld']:.5f} | {g['kld']:.5f} | {win} |")
+    return out, wins, losses
+
+
+def alloc_vs_uniform(rows):
+    """Each bit-allocation row against every uniform nibble row no larger than it (any method), and the
+    nearest larger uniform rows for context."""
+    out = ["| model | budget | achieved bpw_all | PPL | best uniform at <= that size | bpw_all | PPL | "
+           "allocator wins? | nearest larger uniform rows |",
+           "|---|---|---:|---:|---|---:|---:|---|---|"]
+    verdicts = []
+    for model in MODEL_ORDER:
+        nib = [r for r in rows if r["model"] == model and r["engine"] == "nibble" and not r["ref"]]
+        uni = [r for r in nib if _kind(r) != "alloc"]
+        for a in sorted([r for r in nib if _kind(r) == "alloc"], key=lambda r: r["bpw_all"]):
+            le = _best([u for u in uni if u["bpw_all"] <= a["bpw_all"] + 1e-9])
+            larger = sorted([u for u in uni if u["bpw_all"] > a["bpw_all"]], key=lambda u: u["bpw_all"])[:2]
+            win = le is None or a["ppl"] < le["ppl"]
+            verdicts.append((model, a["format"][3:], win))
+            ctx = "; ".join(f"{_label(u)} {u['bpw_all']:.3f} bpw PPL {u['ppl']:.4f}" for u in larger) or "-"
+            out.append(f"| {model} | {a['format'][3:]} | {a['bpw_all']:.3f} | {a['ppl']:.4f} | "
+                       f"{_label(le) if le else '(none)'} | {_f(le['bpw_all'], 3) if le else '-'} | "
+                       f"{_f(le['ppl']) if le else '-'} | {'**yes**' if win else 'no'} | {ctx} |")
+    return out, verdicts
 
 
 def _best(cands):
@@ -175,7 +225,12 @@ def plot(rows, png_path):
     import matplotlib.ticker
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     styles = {"rtn": dict(marker="o", color="tab:blue"), "gptq": dict(marker="s", color="tab:orange"),
+              "boa": dict(marker="D", color="tab:purple"), "dfmpc": dict(marker="P", color="tab:brown"),
+              "dfmpc-nocomp": dict(marker="X", color="tab:gray"), "alloc": dict(marker="*", color="tab:red"),
               "llama.cpp": dict(marker="^", color="tab:green")}
+    kind_names = {"rtn": "nibble RTN", "gptq": "nibble GPTQ", "boa": "nibble BoA", "dfmpc": "nibble DF-MPC",
+             "dfmpc-nocomp": "nibble DF-MPC formats, no compensation", "alloc": "nibble bit allocation (GPTQ)",
+             "llama.cpp": "llama.cpp"}
     for col, model in enumerate(MODEL_ORDER):
         mr = [r for r in rows if r["model"] == model]
         for row, (metric, ylabel) in enumerate((("ppl", "perplexity"), ("kld", "KLD vs reference (nats)"))):
@@ -188,10 +243,10 @@ def plot(rows, png_path):
             for r in mr:
                 if r["ref"]:
                     continue
-                kind = "llama.cpp" if r["engine"] == "llama.cpp" else r["method"]
-                st = styles[kind]
-                hollow = r["engine"] == "nibble" and r["embed"] != "int8_g32"
-                lab = {"rtn": "nibble RTN", "gptq": "nibble GPTQ", "llama.cpp": "llama.cpp"}[kind]
+                kind = _kind(r)
+                st = styles.get(kind, dict(marker="v", color="black"))
+                hollow = r["engine"] == "nibble" and r["embed"] not in ("int8_g32", "auto")
+                lab = kind_names.get(kind, kind)
                 if hollow:
                     lab += " (embed smaller than int8_g32)"
                 y = max(r[metric], 1e-6)
@@ -204,7 +259,7 @@ def plot(rows, png_path):
                 seen.add(lab)
                 short = (r["format"] if r["engine"] == "llama.cpp" else
                          r["format"].replace("int", "i").replace("_g", "g").replace("ternary", "ter")
-                         .replace("bintern", "bit").replace("binary", "bin"))
+                         .replace("bintern", "bit").replace("binary", "bin").replace("_sym", "s"))
                 # llama.cpp types that fell back to the same file cluster: one label per cluster.
                 if clipped:  # vertical label hanging from the top edge
                     ax.annotate(f"{short} ({r[metric]:.0f})", (r["bpw_all"], y), fontsize=6, rotation=90,
@@ -218,7 +273,7 @@ def plot(rows, png_path):
             for (*_, kind), (x, y, names) in groups.items():
                 text = "/".join(names) if len(names) < 3 else f"{names[0]}/{names[1]} +{len(names) - 2}"
                 ax.annotate(text, (x, max(y, 1e-6)), fontsize=6, xytext=(3, 3 if kind != "gptq" else -8),
-                            textcoords="offset points", color=styles[kind]["color"])
+                            textcoords="offset points", color=styles.get(kind, {"color": "black"})["color"])
             ax.set_yscale("log")
             fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
             ax.yaxis.set_major_formatter(fmt)
@@ -232,7 +287,7 @@ def plot(rows, png_path):
             ax.set_title(f"{model}: {ylabel.split(' ')[0]} vs bpw", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7, loc="lower left" if metric == "ppl" else "best")
-    fig.suptitle("nibble (RTN, GPTQ) vs llama.cpp quantization types (lower is better; "
+    fig.suptitle("nibble (RTN, GPTQ, BoA, DF-MPC, bit allocation) vs llama.cpp quantization types (lower is better; "
                  "PPL above 4x the reference drawn on the top edge, value in parentheses)", fontsize=11)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
@@ -256,7 +311,8 @@ def write(nib, lla, md_path, png_path):
     L = ["# Quantization quality: nibble vs llama.cpp", "",
          "<!-- Generated by bench/quality.py (bench/plot_quality.py); do not edit by hand. -->", "",
          "Perplexity (PPL) and KL divergence against the full-precision reference, versus bits per weight,",
-         "for nibble's formats x methods (RTN, GPTQ) beside llama.cpp's own quantization types of the same model.",
+         "for nibble's formats x methods (RTN, GPTQ, BoA, DF-MPC, bit allocation) beside llama.cpp's own",
+         "quantization types of the same model.",
          "", f"![PPL and KLD vs bits per weight]({os.path.basename(png_path)})", "",
          "## How to reproduce", "",
          "    python3 bench/quality.py --llamacpp   # both halves (resumable: finished rows are skipped), then this doc",
@@ -297,6 +353,33 @@ def write(nib, lla, md_path, png_path):
     gv, verdict = gptq_vs_rtn(rows)
     L += ["## GPTQ vs RTN", "", "Same format and embedding format, both methods (int3/int2 in bold).", "", verdict, ""]
     L += gv + [""]
+    bv, bw, bl = method_vs(rows, "boa", "gptq")
+    L += ["## BoA vs GPTQ", "",
+          "`--method boa`: attention-aware Hessians for wq/wk/wv (row Hessians from post-RoPE keys/queries, value",
+          "inputs weighted by the attention probabilities), head-wise row-sequential compensation on top of GPTQ's",
+          "column pass; wo and the FFN as GPTQ. Same calibration text, format and embedding format as the GPTQ row.",
+          "The paper's exact Hessian relaxation could not be read here (see quantizers/boa.h for what was derived).",
+          "", f"BoA has the lower PPL in {bw} of {bw + bl} pairs.", ""] + bv + [""]
+    dv, dw, dl = method_vs(rows, "dfmpc", "dfmpc-nocomp")
+    L += ["## DF-MPC (data-free compensation)", "",
+          "`--method dfmpc --format LOW --dfmpc-high HIGH` (format column: LOW/HIGH): wv, w_up (and wq, wk, w_gate)",
+          "in LOW; wo and w_down first compensate, in closed form and with no data, the error of the low-bit layer",
+          "before them (per-KV-head map folded into wo, per-channel scale into w_down), then are quantized in HIGH.",
+          "The baseline is the same per-tensor formats without compensation (`--dfmpc-no-compensation`, RTN).",
+          "", f"DF-MPC has the lower PPL in {dw} of {dw + dl} pairs.", ""] + dv + [""]
+    av, averd = alloc_vs_uniform(rows)
+    L += ["## Bit allocation vs uniform formats", "",
+          "`--bpw B` (GPTQ): per-(matrix, 64-row block) formats under the budget, the token embedding allocated",
+          "too. Each block's Hessian proxy error is weighted by its matrix's end-to-end sensitivity (KLD of the",
+          "model with that matrix alone quantized, per unit of proxy; quantizers/sensitivity.h). The table compares",
+          "each allocation with every uniform configuration (any method, any embedding format) that is no larger.",
+          ""]
+    if averd:
+        lost = [f"{m} {b}" for m, b, w in averd if not w]
+        L += [("The allocator beats every uniform configuration of equal or smaller size at every budget measured."
+               if not lost else "The allocator does not (yet) beat every smaller uniform configuration at: "
+               + ", ".join(lost) + "."), ""]
+    L += av + [""]
     L += ["## nibble vs llama.cpp at equal or smaller size", "",
           "The goal: at every budget from 2 to 5 bits per weight, nibble's best result has lower perplexity than",
           "llama.cpp's type of equal or larger size. Two views, both on bpw_all and only over the rows measured:",

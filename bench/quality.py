@@ -79,9 +79,22 @@ CONFIGS = (
                                                 "int2_g64")]
     + [("smollm2", m, f, E8) for f in ("int4_g128", "int3_g64", "int2_g64") for m in ("rtn", "gptq")]
     + [("smollm2", "gptq", "int4_g64", E4), ("smollm2", "gptq", "int3_g128", E4)]
+    # BoA beside GPTQ (same calibration, same embedding format).
+    + [("stories260K", "boa", f, E4) for f in ("int4_g32", "int3_g64", "int2_g64")]
+    + [("smollm2", "boa", "int3_g64", E4)]
+    # DF-MPC against the same per-tensor formats without compensation.
+    + [("stories260K", m, f, E8) for f in ("int2_g64/int4_g64", "int2_g64/int8_g32", "int3_g64/int4_g64")
+       for m in ("dfmpc-nocomp", "dfmpc")]
     # Bit allocation (KLD-sensitivity-weighted, embeddings allocated too) at fixed budgets.
     + [("stories260K", "gptq", f"bpw{b}", "auto") for b in ("2.5", "3.5", "4.5")]
-    + [("smollm2", "gptq", f"bpw{b}", "auto") for b in ("3.5", "5.14", "5.3")]
+    # Uniform formats near those budgets (symmetric, smaller embeddings), and the allocator at exactly their size.
+    + [("stories260K", "gptq", f, e) for f, e in (("int3_g64_sym", "int4_g64"), ("int3_g64_sym", "int3_g64"),
+                                                   ("int2_g64_sym", "int3_g64"), ("int2_g64_sym", "int2_g64"))]
+    + [("stories260K", "gptq", f"bpw{b}", "auto") for b in ("2.5434", "3.5653")]
+    + [("smollm2", "gptq", f"bpw{b}", "auto") for b in ("3.5", "4.5", "5.14")]
+    # SmolLM2's reference is Q4_1 dequantized: int4_g32 asymmetric (fp16 scale + min per 32) can represent
+    # it exactly, so RTN int4_g32 measures how close the clip search gets to that grid.
+    + [("smollm2", "rtn", "int4_g32", E4), ("smollm2", "rtn", "int4_g32", "int8_g64")]
     # Extras (lower budgets), run last.
     + [("smollm2", "gptq", "int2_g64", E4), ("smollm2", "gptq", "int3_g64", E4),
        ("smollm2", "gptq", "int2_g128", "int3_g64"), ("smollm2", "gptq", "int4_g128", E4)]
@@ -121,13 +134,13 @@ def find(doc, key, settings):
 
 
 # ---------------------------------------------------------------- running the tools
-def run(cmd, log_path):
+def run(cmd, log_path, env=None):
     """Runs cmd, stderr appended to log_path; returns (stdout, seconds). Raises on failure."""
     t0 = time.time()
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"exit {p.returncode}: {' '.join(cmd)} (see {log_path})")
     return p.stdout, time.time() - t0
@@ -209,7 +222,7 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     key = key_of(name, method, fmt, embed)
     if not args.force and find(doc, key, settings):
         return
-    tag = f"{name}.{method}.{fmt}.{embed}"
+    tag = f"{name}.{method}.{fmt}.{embed}".replace("/", "+")
     log = os.path.join(WORK, "logs", tag + ".log")
     if os.path.exists(log):
         os.remove(log)
@@ -224,9 +237,17 @@ def run_config(name, method, fmt, embed, args, doc, logits):
         fargs += cfg.get("alloc_args", [])
         fargs += ["--alloc-embed-formats", "auto"] if embed == "auto" else ["--embed-format", embed,
                                                                            "--alloc-embed-formats", "none"]
+    elif method.startswith("dfmpc"):
+        # DF-MPC: "LOW/HIGH" = wv, w_up (and wq, wk, w_gate) in LOW; wo, w_down compensated, in HIGH.
+        # "dfmpc-nocomp" is the same per-tensor formats without compensation (the equal-bits baseline).
+        low, high = fmt.split("/")
+        fargs = ["--format", low, "--dfmpc-high", high, "--embed-format", embed]
+        if method == "dfmpc-nocomp":
+            fargs.append("--dfmpc-no-compensation")
     else:
         fargs = ["--format", fmt, "--embed-format", embed]
-    cmd += ["-o", nbl] + fargs + ["--method", method, "-t", str(args.threads), "--report", rep_path] + qargs
+    cmd += ["-o", nbl] + fargs + ["--method", "dfmpc" if method.startswith("dfmpc") else method,
+                                  "-t", str(args.threads), "--report", rep_path] + qargs
     print(f"-- {key}: quantizing", file=sys.stderr, flush=True)
     try:
         _, qsecs = run(cmd, log)
@@ -235,7 +256,12 @@ def run_config(name, method, fmt, embed, args, doc, logits):
         print(f"   bpw_all={rep['bpw_all']:.3f} ({qsecs:.0f}s); evaluating", file=sys.stderr, flush=True)
         ecmd = [os.path.join(args.bin, "nibble-perplexity"), "-m", nbl] + cfg["eval"] + [
             "-t", str(args.threads), "--json", "--kld-base", logits]
-        out, esecs = run(ecmd, log)
+        # Weight-only quality: evaluate on the exact fp32 dequantize-and-dot path unless --fast-eval (the
+        # fused kernels also round activations to int8; every row so far uses the exact path).
+        env = dict(os.environ)
+        if not args.fast_eval:
+            env["NIBBLE_QMATMUL"] = "f32ref"
+        out, esecs = run(ecmd, log, env)
         r = eval_json(out)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         print(f"   FAILED: {e}", file=sys.stderr, flush=True)
@@ -252,7 +278,11 @@ def run_config(name, method, fmt, embed, args, doc, logits):
              "bpw_blk_linear": b["bpw_blk_linear"], "bpw_linear_nibble_report": rep["bpw_linear"],
              "params_all": rep["params_all"], "ppl": r["ppl"], "mean_nll": r["mean_nll"], "kld": r["kld"],
              "top1": r["top1"], "tokens": r["tokens"], "quant_seconds": qsecs, "eval_seconds": esecs,
-             "calib_tokens": rep.get("calib_tokens", 0), "threads": args.threads}
+             "calib_tokens": rep.get("calib_tokens", 0), "threads": args.threads,
+             # Which matmul path evaluated it: the exact fp32 dequantize-and-dot reference (default) or, with
+             # --fast-eval, the fused kernels, which also round activations to int8 per 32-block (+0.1% PPL
+             # on stories260K int3_g64).
+             "eval_path": "fused-int8-act" if args.fast_eval else "f32ref"}
     if abs(b["bpw_all_check"] - rep["bpw_all"]) > 1e-3:
         entry["bpw_warning"] = f"per-tensor bits + fp32 norms give {b['bpw_all_check']:.4f} bpw"
     put(doc, entry)
@@ -273,6 +303,8 @@ def main():
     ap.add_argument("--force", action="store_true", help="re-run configs that already have results")
     ap.add_argument("--force-ref", action="store_true", help="re-save the reference logits")
     ap.add_argument("--keep", action="store_true", help="keep the quantized .nbl files")
+    ap.add_argument("--fast-eval", action="store_true",
+                    help="evaluate with the fused int8-activation kernels instead of the exact fp32 reference path")
     ap.add_argument("--llamacpp", action="store_true", help="run bench/llamacpp_quality.py (resumable) first")
     ap.add_argument("--doc-only", action="store_true", help="only regenerate docs/QUALITY.md and docs/quality.png")
     ap.add_argument("--doc", default=os.path.join(ROOT, "docs", "QUALITY.md"))
