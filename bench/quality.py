@@ -94,7 +94,8 @@ CONFIGS = (
     + [("smollm2", "gptq", f"bpw{b}", "auto") for b in ("3.5", "4.5", "5.14")]
     # SmolLM2's reference is Q4_1 dequantized: int4_g32 asymmetric (fp16 scale + min per 32) can represent
     # it exactly, so RTN int4_g32 measures how close the clip search gets to that grid.
-    + [("smollm2", "rtn", "int4_g32", E4), ("smollm2", "rtn", "int4_g32", "int8_g64")]
+    + [("smollm2", "rtn", "int4_g32", E4), ("smollm2", "rtn", "int4_g32", "int8_g64"),
+       ("smollm2", "rtn", "int4_g32", "int8_g128")]
     # Extras (lower budgets), run last.
     + [("smollm2", "gptq", "int2_g64", E4), ("smollm2", "gptq", "int3_g64", E4),
        ("smollm2", "gptq", "int2_g128", "int3_g64"), ("smollm2", "gptq", "int4_g128", E4)]
