@@ -442,28 +442,7 @@ absl::StatusOr<QuantizeReport> QuantizeModelDfmpc(
   }
   if (progress) progress(total, total, "");
 
-  // Bits per weight over every tensor (every scale/zero byte counted by BitsPerWeight).
-  double bits_all = 0, bits_linear = 0;
-  auto account = [&](const HostTensor& t, bool linear) {
-    const double n = static_cast<double>(t.numel());
-    const double bits = t.quant ? t.quant->BitsPerWeight() * n : 32.0 * n;
-    report.params_all += t.numel();
-    bits_all += bits;
-    if (linear) {
-      report.params_linear += t.numel();
-      bits_linear += bits;
-    }
-  };
-  account(m->weights.tok_embeddings, false);
-  account(m->weights.final_norm, false);
-  if (!c.tied_embeddings) account(m->weights.output, false);
-  for (LayerWeights& L : m->weights.layers) {
-    account(L.attn_norm, false);
-    account(L.ffn_norm, false);
-    for (LinearWeight w : kAllLinearWeights) account(WeightOf(L, w), true);
-  }
-  report.bpw_all = bits_all / static_cast<double>(report.params_all);
-  report.bpw_linear = bits_linear / static_cast<double>(report.params_linear);
+  AccountBits(*m, &report);  // every scale/zero byte counted
   report.seconds = Seconds(t0);
 
   m->metadata["quant.method"] = "dfmpc";

@@ -44,6 +44,31 @@ double StorageBits(const HostTensor& t, const std::optional<fmt::Format>& f) {
 
 }  // namespace
 
+void AccountBits(const LoadedModel& m, QuantizeReport* report) {
+  double bits_all = 0, bits_linear = 0;
+  report->params_all = report->params_linear = 0;
+  auto account = [&](const HostTensor& t, bool linear) {
+    const double n = static_cast<double>(t.numel());
+    const double bits = t.quant ? t.quant->BitsPerWeight() * n : 32.0 * n;
+    report->params_all += t.numel();
+    bits_all += bits;
+    if (linear) {
+      report->params_linear += t.numel();
+      bits_linear += bits;
+    }
+  };
+  account(m.weights.tok_embeddings, false);
+  account(m.weights.final_norm, false);
+  if (!m.config.tied_embeddings) account(m.weights.output, false);
+  for (const LayerWeights& l : m.weights.layers) {
+    account(l.attn_norm, false);
+    account(l.ffn_norm, false);
+    for (LinearWeight w : kAllLinearWeights) account(WeightOf(l, w), true);
+  }
+  report->bpw_all = bits_all / static_cast<double>(report->params_all);
+  report->bpw_linear = bits_linear / static_cast<double>(report->params_linear);
+}
+
 absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfig& cfg,
                                              const QuantizeProgress& progress) {
   const auto t0 = Clock::now();
@@ -341,28 +366,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   }
   if (progress) progress(static_cast<int>(jobs.size()), static_cast<int>(jobs.size()), "");
 
-  // Bits per weight over every tensor of the model.
-  double bits_all = 0, bits_linear = 0;
-  auto account = [&](const HostTensor& t, bool linear) {
-    const double n = static_cast<double>(t.numel());
-    const double bits = t.quant ? t.quant->BitsPerWeight() * n : 32.0 * n;
-    report.params_all += t.numel();
-    bits_all += bits;
-    if (linear) {
-      report.params_linear += t.numel();
-      bits_linear += bits;
-    }
-  };
-  account(m->weights.tok_embeddings, false);
-  account(m->weights.final_norm, false);
-  if (!m->config.tied_embeddings) account(m->weights.output, false);
-  for (LayerWeights& l : m->weights.layers) {
-    account(l.attn_norm, false);
-    account(l.ffn_norm, false);
-    for (LinearWeight w : kAllLinearWeights) account(WeightOf(l, w), true);
-  }
-  report.bpw_all = bits_all / static_cast<double>(report.params_all);
-  report.bpw_linear = bits_linear / static_cast<double>(report.params_linear);
+  AccountBits(*m, &report);
   report.seconds = Seconds(t0);
 
   m->metadata["quant.method"] = cfg.method;

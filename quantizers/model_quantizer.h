@@ -97,6 +97,10 @@ struct QuantizeReport {
 
 using QuantizeProgress = std::function<void(int done, int total, const std::string& tensor)>;
 
+// Fills report's params_all/params_linear/bpw_all/bpw_linear from m's tensors
+// as stored (every scale, zero and side-car byte counted; fp32 tensors 32 bits).
+void AccountBits(const LoadedModel& m, QuantizeReport* report);
+
 // Quantizes `m` in place (its fp32 matrices are replaced by QuantTensors) and
 // records the settings in m->metadata. Errors name the tensor or file at fault.
 absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfig& cfg,
