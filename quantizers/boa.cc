@@ -82,11 +82,6 @@ Hessian ToHessian(const double* sum, int n, int64_t n_tokens, double scale) {
   return h;
 }
 
-struct ObserverGuard {
-  LlamaModel& m;
-  ~ObserverGuard() { m.SetObserver(nullptr); }
-};
-
 }  // namespace
 
 BoaCollector::BoaCollector(const ModelConfig& config, const CollectorOptions& opts)
@@ -273,26 +268,13 @@ absl::StatusOr<BoaStats> BoaCollector::Finish() const {
 absl::StatusOr<BoaStats> CalibrateBoa(LlamaModel& model, const Tokenizer& tokenizer, const std::string& text_path,
                                       const CalibrateOptions& opts) {
   const ModelConfig& c = model.config();
-  auto chunks = CalibrationChunks(tokenizer, text_path, opts.n_tokens, opts.ctx, c.max_seq_len);
-  if (!chunks.ok()) return chunks.status();
-  int max_len = 1;
-  for (const auto& ch : *chunks) max_len = std::max(max_len, static_cast<int>(ch.size()));
   BoaCollector collector(c, opts.collector);
-  model.SetObserver(&collector);
-  ObserverGuard guard{model};
-  auto cache = model.NewKVCache(max_len);
-  std::vector<float> logits(static_cast<size_t>(c.vocab_size));
-  int64_t seen = 0;
-  for (const auto& chunk : *chunks) {
-    if (auto s = model.Forward(chunk, 0, cache.get(), logits); !s.ok())
-      return absl::Status(s.code(), absl::StrCat(text_path, ": calibration forward pass: ", s.message()));
-    seen += static_cast<int64_t>(chunk.size());
-    if (!collector.status().ok()) return collector.status();
-  }
+  auto run = RunCalibration(model, tokenizer, text_path, opts, &collector, [&] { return collector.status(); });
+  if (!run.ok()) return run.status();
   auto stats = collector.Finish();
   if (!stats.ok()) return stats.status();
-  stats->plain.n_tokens = seen;
-  stats->plain.n_chunks = static_cast<int64_t>(chunks->size());
+  stats->plain.n_tokens = run->n_tokens;
+  stats->plain.n_chunks = run->n_chunks;
   return stats;
 }
 

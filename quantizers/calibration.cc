@@ -1,6 +1,7 @@
 #include "quantizers/calibration.h"
 
 #include <algorithm>
+#include <functional>
 #include <string_view>
 
 #include "absl/strings/str_cat.h"
@@ -228,29 +229,41 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> CalibrationChunks(const Tokeni
   return chunks;
 }
 
-absl::StatusOr<CalibrationStats> Calibrate(LlamaModel& model, const Tokenizer& tokenizer,
-                                           const std::string& text_path, const CalibrateOptions& opts) {
+absl::StatusOr<CalibrationRun> RunCalibration(LlamaModel& model, const Tokenizer& tokenizer,
+                                              const std::string& text_path, const CalibrateOptions& opts,
+                                              ActivationObserver* observer,
+                                              const std::function<absl::Status()>& check) {
   const ModelConfig& c = model.config();
   auto chunks = CalibrationChunks(tokenizer, text_path, opts.n_tokens, opts.ctx, c.max_seq_len);
   if (!chunks.ok()) return chunks.status();
   int max_len = 1;
   for (const auto& ch : *chunks) max_len = std::max(max_len, static_cast<int>(ch.size()));
-
-  HessianCollector collector(opts.collector);
-  model.SetObserver(&collector);
+  model.SetObserver(observer);
   ObserverGuard guard{model};
   auto cache = model.NewKVCache(max_len);
   std::vector<float> logits(static_cast<size_t>(c.vocab_size));
-  int64_t seen = 0;
+  CalibrationRun run;
   for (const auto& chunk : *chunks) {
     if (auto s = model.Forward(chunk, 0, cache.get(), logits); !s.ok())
       return absl::Status(s.code(), absl::StrCat(text_path, ": calibration forward pass: ", s.message()));
-    seen += static_cast<int64_t>(chunk.size());
+    run.n_tokens += static_cast<int64_t>(chunk.size());
+    ++run.n_chunks;
+    if (check) {
+      if (auto s = check(); !s.ok()) return s;
+    }
   }
+  return run;
+}
+
+absl::StatusOr<CalibrationStats> Calibrate(LlamaModel& model, const Tokenizer& tokenizer,
+                                           const std::string& text_path, const CalibrateOptions& opts) {
+  HessianCollector collector(opts.collector);
+  auto run = RunCalibration(model, tokenizer, text_path, opts, &collector);
+  if (!run.ok()) return run.status();
   auto stats = collector.Finish();
   if (!stats.ok()) return stats.status();
-  stats->n_tokens = seen;
-  stats->n_chunks = static_cast<int64_t>(chunks->size());
+  stats->n_tokens = run->n_tokens;
+  stats->n_chunks = run->n_chunks;
   return stats;
 }
 

@@ -15,6 +15,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -100,6 +101,17 @@ struct CalibrateOptions {
 absl::StatusOr<std::vector<std::vector<int32_t>>> CalibrationChunks(const Tokenizer& tokenizer,
                                                                    const std::string& text_path,
                                                                    int64_t n_tokens, int ctx, int max_seq_len);
+
+// The forward passes of Calibrate() with any observer installed (and removed
+// afterwards); `check` (may be null) runs after each chunk and stops the run
+// with its error. Returns the tokens and chunks run.
+struct CalibrationRun {
+  int64_t n_tokens = 0, n_chunks = 0;
+};
+absl::StatusOr<CalibrationRun> RunCalibration(LlamaModel& model, const Tokenizer& tokenizer,
+                                              const std::string& text_path, const CalibrateOptions& opts,
+                                              ActivationObserver* observer,
+                                              const std::function<absl::Status()>& check = nullptr);
 
 // Tokenizes `text_path` document by document (documents are separated by the
 // TinyStories/GPT-2 marker "<|endoftext|>", which is removed; a file without it
