@@ -1,8 +1,8 @@
-// kSentencePieceModel: a SentencePiece .model run through the SentencePiece
-// library (via sp_processor.h), plus ReadSentencePieceVocab().
+// kSentencePieceModel: a SentencePiece .model run through nibble's native
+// SentencePiece implementation (sp_processor.h), plus ReadSentencePieceVocab().
 //
 // Encoding: special-token split first (special_tokens.h); each raw fragment is
-// encoded by the library on its own, so it gets the model's dummy prefix, as
+// encoded by the model on its own, so it gets the model's dummy prefix, as
 // llama.cpp does for fragments after a special token.
 // Decoding: byte pieces give their byte, ▁ gives a space, control/unknown
 // pieces give "" unless `special`.
@@ -10,6 +10,7 @@
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "engine/io/mapped_file.h"
 #include "engine/tokenizer/sentencepiece_vocab.h"
 #include "engine/tokenizer/sp_processor.h"
 #include "engine/tokenizer/special_tokens.h"
@@ -22,28 +23,25 @@ constexpr std::string_view kSpaceMark = "\xE2\x96\x81";  // U+2581 "▁"
 
 absl::StatusOr<std::unique_ptr<internal::SpProcessor>> LoadSp(const std::string& path,
                                                               const std::string& bytes = "") {
-  if (!bytes.empty()) {
-    std::string error;
-    auto sp = internal::SpProcessor::LoadFromBytes(bytes, &error);
-    if (sp == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path.empty() ? "embedded SentencePiece model" : path, ": not a valid SentencePiece model (",
-                       error, ")"));
+  std::string data = bytes;
+  if (data.empty()) {
+    if (path.empty()) {
+      return absl::InvalidArgumentError("SentencePiece vocabulary: no .model path given");
     }
-    return sp;
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(path, ec)) {
+      return absl::NotFoundError(absl::StrCat(path, ": SentencePiece model file not found"));
+    }
+    auto file = io::ReadFileToString(path);
+    if (!file.ok()) return file.status();
+    data = std::move(*file);
   }
-  if (path.empty()) {
-    return absl::InvalidArgumentError("SentencePiece vocabulary: no .model path given");
-  }
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) {
-    return absl::NotFoundError(absl::StrCat(path, ": SentencePiece model file not found"));
-  }
-  std::string error;
-  auto sp = internal::SpProcessor::Load(path, &error);
-  if (sp == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": not a valid SentencePiece model (", error, ")"));
+  auto sp = internal::SpProcessor::FromBytes(std::move(data));
+  if (!sp.ok()) {
+    const std::string where = bytes.empty() || path.empty() ? (path.empty() ? "embedded SentencePiece model" : path)
+                                                            : absl::StrCat(path, " (embedded)");
+    return absl::Status(sp.status().code(), absl::StrCat(where, ": not a usable SentencePiece model (",
+                                                         sp.status().message(), ")"));
   }
   return sp;
 }
@@ -68,11 +66,7 @@ absl::Status FillFromModel(const internal::SpProcessor& sp, const std::string& p
   v->eos_id = sp.eos_id();
   v->unk_id = sp.unk_id();
   v->pad_id = sp.pad_id();
-  std::vector<int> probe;
-  std::string error;
-  if (!sp.Encode("a", &probe, &error)) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": SentencePiece cannot encode: ", error));
-  }
+  const std::vector<int> probe = sp.Encode("a");
   v->add_space_prefix = !probe.empty() && probe[0] >= 0 && probe[0] < n &&
                         sp.Piece(probe[0]).starts_with(kSpaceMark);
   return absl::OkStatus();
@@ -88,17 +82,12 @@ class SentencePieceTokenizer final : public Tokenizer {
     std::vector<int32_t> out;
     const bool add_special = opts.add_bos;
     if (add_special && ShouldAddBos()) out.push_back(spec_.bos_id);
-    std::vector<int> ids;
-    std::string error;
     for (const TextFragment& f : splitter_.Split(text, opts.parse_special)) {
       if (f.token >= 0) {
         out.push_back(f.token);
         continue;
       }
-      if (!sp_->Encode(f.text, &ids, &error)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(spec_.sp_model_path, ": SentencePiece encode failed: ", error));
-      }
+      const std::vector<int> ids = sp_->Encode(f.text);
       out.insert(out.end(), ids.begin(), ids.end());
     }
     if (add_special && spec_.add_eos && spec_.eos_id >= 0) out.push_back(spec_.eos_id);

@@ -1,4 +1,4 @@
-// Reads a SentencePiece .model file (through the SentencePiece library) into
+// Reads a SentencePiece .model file (natively, sp_processor.h) into
 // a VocabSpec, so that callers see its pieces, scores, types and special ids.
 //
 // Non-goals: user-defined piece types (the Debian library exposes no accessor;

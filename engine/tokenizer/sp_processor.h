@@ -1,13 +1,24 @@
-// Internal: a narrow, std-only wrapper over sentencepiece::SentencePieceProcessor.
+// Internal: a SentencePiece .model tokenizer implemented natively (no
+// libsentencepiece in the process): the ModelProto reader
+// (sp_model_proto.h), the normaliser (sp_normalizer.h) and the BPE, Unigram
+// and CHAR segmenters, token-for-token equal to the SentencePiece library
+// (tests/sp_native_test.cc runs both on trained and real models).
 //
-// Why a wrapper: Debian's sentencepiece_processor.h declares
-// `namespace absl { using std::string_view; }`, which clashes with Abseil's
-// own absl::string_view class (ABSL_OPTION_USE_STD_STRING_VIEW is 0 there).
-// So the SentencePiece header is included by sp_processor.cc alone, which
-// includes no Abseil header; everything else talks to this class.
+// Segmentation, as SentencePiece does it:
+//  - BPE: UTF-8 characters merged by score (bpe_merge.h) over the normal,
+//    user-defined and unused pieces; a final unused piece is re-split into
+//    the two pieces it was merged from.
+//  - Unigram: Viterbi over all pieces (normal: their score; user-defined:
+//    length * max_score - 0.1; unused: never), ties to the earliest start; a
+//    character no single-character piece covers is an unknown node scored
+//    min_score - 10.
+//  - CHAR: each character is its piece or unknown.
+//  Unknown pieces become <0xXX> byte pieces with byte_fallback, else a run of
+//  unknowns is one unk id.
+// Non-goals: WORD models, treat_whitespace_as_suffix, sampling/n-best
+// encodings, user-defined symbols protected from normalisation.
 //
-// Thread safety: immutable after Load(); all methods are const and
-// SentencePiece's Encode is thread-safe.
+// Thread safety: immutable after creation; all methods are const.
 #pragma once
 
 #include <memory>
@@ -15,40 +26,68 @@
 #include <string_view>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "engine/tokenizer/sp_model_proto.h"
+#include "engine/tokenizer/sp_normalizer.h"
+
 namespace nibble::internal {
 
 class SpProcessor {
  public:
-  // Loads a SentencePiece .model file. On failure returns nullptr and sets
-  // `error` (without the path; the caller adds it).
-  static std::unique_ptr<SpProcessor> Load(const std::string& path, std::string* error);
-  // Same from the serialized ModelProto bytes of a .model file.
-  static std::unique_ptr<SpProcessor> LoadFromBytes(const std::string& bytes, std::string* error);
-  // The serialized ModelProto (to embed the model in another file).
-  std::string Serialized() const;
-  ~SpProcessor();
+  // From the serialized ModelProto bytes of a .model file. Errors
+  // (INVALID_ARGUMENT) name the field; the caller adds the path.
+  static absl::StatusOr<std::unique_ptr<SpProcessor>> FromBytes(std::string bytes);
 
-  // Text -> ids (the model's normaliser, dummy prefix and byte fallback apply).
-  bool Encode(std::string_view text, std::vector<int>* ids, std::string* error) const;
+  // The serialized ModelProto it was made from (to embed it in another file).
+  const std::string& Serialized() const { return bytes_; }
 
-  int size() const;
-  const std::string& Piece(int id) const;  // REQUIRES: 0 <= id < size()
-  float Score(int id) const;
-  bool IsControl(int id) const;
-  bool IsUnknown(int id) const;
-  bool IsUnused(int id) const;
-  bool IsByte(int id) const;
+  // Text -> ids (normaliser, dummy prefix and byte fallback apply).
+  std::vector<int> Encode(std::string_view text) const;
+
+  int size() const { return static_cast<int>(model_.pieces.size()); }
+  // REQUIRES: 0 <= id < size() for the per-id accessors.
+  const std::string& Piece(int id) const { return model_.pieces[id].piece; }
+  float Score(int id) const { return model_.pieces[id].score; }
+  bool IsControl(int id) const { return Type(id) == SpPieceType::kControl; }
+  bool IsUnknown(int id) const { return Type(id) == SpPieceType::kUnknown; }
+  bool IsUnused(int id) const { return Type(id) == SpPieceType::kUnused; }
+  bool IsByte(int id) const { return Type(id) == SpPieceType::kByte; }
+  bool IsUserDefined(int id) const { return Type(id) == SpPieceType::kUserDefined; }
   // -1 if the piece is not in the vocabulary.
   int PieceToId(std::string_view piece) const;
-  int bos_id() const;  // -1 when the model has none
-  int eos_id() const;
-  int unk_id() const;
-  int pad_id() const;
+  // As the library reports them: the id of the trainer's bos/eos/pad piece if
+  // it is a control piece (unk: an unknown piece), else -1.
+  int bos_id() const { return bos_id_; }
+  int eos_id() const { return eos_id_; }
+  int unk_id() const { return unk_id_; }
+  int pad_id() const { return pad_id_; }
 
  private:
-  struct Impl;
-  explicit SpProcessor(std::unique_ptr<Impl> impl);
-  std::unique_ptr<Impl> impl_;
+  struct Span {
+    uint32_t start, len;
+    int id;
+  };
+  SpPieceType Type(int id) const { return model_.pieces[id].type; }
+  // Id among the segmentable pieces (normal, user-defined, unused), or -1.
+  int SegmentId(std::string_view s) const;
+  void SegmentBpe(std::string_view s, std::vector<Span>* out) const;
+  void SegmentUnigram(std::string_view s, std::vector<Span>* out) const;
+  void SegmentChar(std::string_view s, std::vector<Span>* out) const;
+
+  std::string bytes_;
+  SpModelProto model_;
+  SpNormalizer normalizer_;
+  absl::flat_hash_map<std::string, int> segment_ids_;   // normal, user-defined, unused
+  absl::flat_hash_map<std::string, int> reserved_ids_;  // control, unknown, byte
+  absl::flat_hash_set<std::string> prefixes_;           // unigram: proper prefixes of segmentable pieces
+  int byte_ids_[256];
+  int unk_id_ = -1, bos_id_ = -1, eos_id_ = -1, pad_id_ = -1;
+  int model_unk_ = -1;  // the UNKNOWN piece used for unknown text
+  float min_score_ = 0.0f, max_score_ = 0.0f;
+
+  SpProcessor() = default;
 };
 
 }  // namespace nibble::internal

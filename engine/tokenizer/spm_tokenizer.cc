@@ -9,9 +9,7 @@
 //      character becomes its <0xXX> byte pieces, which never merge;
 //   4. repeatedly the adjacent pair whose concatenation is a piece with the
 //      highest score is merged (leftmost on ties).
-// Step 4 uses a priority queue (binary heap) of candidate pairs with lazy
-// invalidation, so a text of n characters costs O(n log n), not llama2.c's
-// O(n^2).
+// Step 4 is BpeMerge (bpe_merge.h): O(n log n), not llama2.c's O(n^2).
 //
 // Mergeable pieces are those typed normal, user-defined, unused or undefined
 // (SentencePiece keeps control/unknown/byte pieces out of merges).
@@ -23,6 +21,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "engine/tokenizer/bpe_merge.h"
 #include "engine/tokenizer/special_tokens.h"
 #include "engine/tokenizer/tokenizer_impl.h"
 #include "engine/tokenizer/utf8.h"
@@ -53,23 +52,6 @@ class SpmTokenizer final : public Tokenizer {
   }
 
  private:
-  struct Symbol {
-    uint32_t start;  // byte offset in the chunk
-    uint32_t len;    // 0 once merged into the left neighbour
-    int32_t prev, next;
-    int32_t fixed;   // >= 0: a byte-fallback token id; never merges
-  };
-  struct Bigram {
-    float score;
-    int32_t left, right;
-    uint32_t size;
-  };
-  struct BigramLess {
-    bool operator()(const Bigram& a, const Bigram& b) const {
-      return a.score < b.score || (a.score == b.score && a.left > b.left);
-    }
-  };
-
   TokenType Type(int32_t id) const {
     return spec_.token_types.empty() ? TokenType::kNormal : spec_.token_types[id];
   }
@@ -142,66 +124,33 @@ absl::StatusOr<std::vector<int32_t>> SpmTokenizer::Encode(std::string_view text,
 }
 
 void SpmTokenizer::EncodeChunk(std::string_view s, std::vector<int32_t>* out) const {
-  std::vector<Symbol> sym;
+  std::vector<BpeSymbol> sym;
   sym.reserve(s.size());
   for (size_t pos = 0; pos < s.size();) {
     const size_t n = std::min(utf8::LeadLength(static_cast<uint8_t>(s[pos])), s.size() - pos);
     if (MergeableId(s.substr(pos, n)) >= 0) {
-      sym.push_back({static_cast<uint32_t>(pos), static_cast<uint32_t>(n), 0, 0, -1});
+      sym.push_back({.start = static_cast<uint32_t>(pos), .len = static_cast<uint32_t>(n)});
     } else {
       for (size_t i = 0; i < n; ++i) {
         int32_t id = byte_ids_[static_cast<uint8_t>(s[pos + i])];
         if (id < 0) id = spec_.unk_id;
         if (id < 0) continue;  // nothing can stand for this byte
-        sym.push_back({static_cast<uint32_t>(pos + i), 1, 0, 0, id});
+        sym.push_back({.start = static_cast<uint32_t>(pos + i), .len = 1, .fixed = id});
       }
     }
     pos += n;
   }
-  const int32_t count = static_cast<int32_t>(sym.size());
-  for (int32_t i = 0; i < count; ++i) {
-    sym[i].prev = i - 1;
-    sym[i].next = i + 1 < count ? i + 1 : -1;
-  }
-
-  // Byte-fallback symbols never merge, so they cut the text into independent
-  // segments; running the merge loop per segment gives the same result with a
-  // small, cache-friendly heap (e.g. one per line: "\n" is a byte piece).
-  std::vector<Bigram> heap;
-  const BigramLess less;
-  auto try_add = [&](int32_t l, int32_t r) {
-    if (l < 0 || r < 0 || sym[l].fixed >= 0 || sym[r].fixed >= 0) return;
-    const uint32_t size = sym[l].len + sym[r].len;
-    const int32_t id = MergeableId(s.substr(sym[l].start, size));
-    if (id < 0) return;
-    heap.push_back({scores_[id], l, r, size});
-    std::push_heap(heap.begin(), heap.end(), less);
-  };
-  for (int32_t seg = 0; seg < count;) {
-    int32_t end = seg;
-    while (end < count && sym[end].fixed < 0) ++end;
-    heap.clear();
-    for (int32_t i = seg + 1; i < end; ++i) try_add(i - 1, i);
-    while (!heap.empty()) {
-      std::pop_heap(heap.begin(), heap.end(), less);
-      const Bigram b = heap.back();
-      heap.pop_back();
-      Symbol& l = sym[b.left];
-      Symbol& r = sym[b.right];
-      // Stale entry: one side was merged away or grew since it was queued.
-      if (l.len == 0 || r.len == 0 || l.next != b.right || l.len + r.len != b.size) continue;
-      l.len += r.len;
-      r.len = 0;
-      l.next = r.next;
-      if (r.next >= 0) sym[r.next].prev = b.left;
-      try_add(l.prev, b.left);
-      try_add(b.left, l.next);
-    }
-    seg = end + 1;  // skip the fixed symbol
-  }
-
-  for (int32_t i = count > 0 ? 0 : -1; i >= 0; i = sym[i].next) {
-    const Symbol& x = sym[i];
+  BpeMerge(
+      s, sym,
+      [&](std::string_view piece, float* score) {
+        const int32_t id = MergeableId(piece);
+        if (id < 0) return false;
+        *score = scores_[id];
+        return true;
+      },
+      [](uint32_t, uint32_t, uint32_t) {});
+  for (int32_t i = sym.empty() ? -1 : 0; i >= 0; i = sym[i].next) {
+    const BpeSymbol& x = sym[i];
     if (x.fixed >= 0) {
       out->push_back(x.fixed);
     } else {

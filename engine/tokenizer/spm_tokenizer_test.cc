@@ -1,7 +1,8 @@
-// The SentencePiece-library tokenizer (kSentencePieceModel) on the Llama 2
-// tokenizer, and an independent cross-check of our own score-ordered BPE
-// (kSpmScores, ▁ style): built from the same pieces/scores/types, it must
-// encode everything token-for-token like the SentencePiece library does.
+// The SentencePiece .model tokenizer (kSentencePieceModel, native) on the
+// Llama 2 tokenizer, and our score-ordered BPE (kSpmScores, ▁ style) built from
+// the same pieces/scores/types: both must encode everything token for token
+// alike. (Both are checked against the SentencePiece library itself in
+// tests/spm/sp_native_test.cc.)
 #include <chrono>
 #include <fstream>
 #include <sstream>

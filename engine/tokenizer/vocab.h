@@ -17,7 +17,7 @@ enum class TokenizerKind {
   // GPT-2 style byte-level BPE with ranked merges and a pre-tokenizer regex:
   // GGUF tokenizer.ggml.model == "gpt2" (SmolLM2, Llama 3, Qwen...).
   kGpt2Bpe,
-  // A SentencePiece .model file run through the SentencePiece library.
+  // A SentencePiece .model file (native implementation: sp_processor.h).
   kSentencePieceModel,
 };
 
