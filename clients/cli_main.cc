@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <iterator>
 #include <cstdio>
 #include <future>
 #include <iostream>
@@ -45,8 +46,18 @@ void Prepare(const Common& c, grpc::ClientContext* ctx) {
   if (!c.api_key.empty()) ctx->AddMetadata("authorization", "Bearer " + c.api_key);
 }
 
+const char* CodeName(grpc::StatusCode c) {
+  static constexpr const char* kNames[] = {
+      "OK",          "CANCELLED",           "UNKNOWN",           "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+      "NOT_FOUND",   "ALREADY_EXISTS",      "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+      "ABORTED",     "OUT_OF_RANGE",        "UNIMPLEMENTED",     "INTERNAL",         "UNAVAILABLE",
+      "DATA_LOSS",   "UNAUTHENTICATED"};
+  const int i = static_cast<int>(c);
+  return i >= 0 && i < static_cast<int>(std::size(kNames)) ? kNames[i] : "UNKNOWN";
+}
+
 int RpcFail(const char* what, const grpc::Status& s) {
-  fprintf(stderr, "error: %s: %s (%d)\n", what, s.error_message().c_str(), static_cast<int>(s.error_code()));
+  fprintf(stderr, "error: %s: %s: %s\n", what, CodeName(s.error_code()), s.error_message().c_str());
   return 1;
 }
 

@@ -27,7 +27,7 @@ fi
 
 # pip package:import name. openai/grpcio*: real clients of nibble-server's endpoints in the tests.
 py_pkgs=(numpy:numpy gguf:gguf safetensors:safetensors matplotlib:matplotlib openai:openai grpcio:grpc
-         grpcio-tools:grpc_tools grpcio-health-checking:grpc_health)
+         grpcio-tools:grpc_tools grpcio-health-checking:grpc_health grpcio-reflection:grpc_reflection)
 need_py=()
 for pm in "${py_pkgs[@]}"; do
   python3 -c "import ${pm#*:}" 2>/dev/null || need_py+=("${pm%%:*}")

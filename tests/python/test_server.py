@@ -160,5 +160,82 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(r.status, health_pb2.HealthCheckResponse.SERVING)
 
 
+    def test_grpc_reflection(self):
+        try:
+            from google.protobuf import descriptor_pb2
+            from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+        except ImportError:
+            self.skipTest("grpcio-reflection not installed")
+        stub = reflection_pb2_grpc.ServerReflectionStub(self.channel)
+
+        def ask(**kw):
+            out = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**kw)]),
+                                                 metadata=self.md, timeout=10))
+            self.assertEqual(len(out), 1)
+            return out[0]
+
+        names = [x.name for x in ask(list_services="").list_services_response.service]
+        self.assertIn("nibble.v1.Nibble", names)
+        self.assertIn("grpc.health.v1.Health", names)
+        files = ask(file_containing_symbol="nibble.v1.Nibble").file_descriptor_response.file_descriptor_proto
+        protos = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in files]
+        methods = {m.name for f in protos for sv in f.service if sv.name == "Nibble" for m in sv.method}
+        self.assertTrue({"Generate", "GenerateUnary", "Tokenize", "Detokenize", "ModelInfo"} <= methods, methods)
+        err = ask(file_containing_symbol="no.such.Service")
+        self.assertTrue(err.HasField("error_response"))
+
+    def run_tool(self, argv, timeout=60):
+        r = subprocess.run(argv, capture_output=True, timeout=timeout)
+        return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+    def test_nibble_cli(self):
+        cli = [os.path.join(BIN, "nibble-cli"), "--addr", f"127.0.0.1:{self.grpc_port}", "--api-key", "k3y"]
+        rc, out, err = self.run_tool(cli + ["health"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("SERVING", out + err)
+        rc, out, err = self.run_tool(cli + ["info"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("stories260K", out)
+        ids = self.stub.Tokenize(self.pb.TokenizeRequest(text=PROMPT, add_bos=True), metadata=self.md).ids
+        rc, out, err = self.run_tool(cli + ["tokenize", PROMPT])
+        self.assertEqual(rc, 0, err)
+        self.assertEqual([int(x) for x in re.findall(r"-?\d+", out)], list(ids))
+        rc, out, err = self.run_tool(cli + ["detokenize"] + [str(i) for i in ids])
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out.strip(), PROMPT)
+        ref = reference(PROMPT, ["-n", "40", "--temp", "0"])
+        rc, out, err = self.run_tool(cli + ["generate", "-p", PROMPT, "-n", "40", "--temp", "0"])
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out.rstrip("\n"), ref.rstrip("\n"))
+        # Errors are clear, non-zero exits: wrong key, bad argument, no server.
+        rc, out, err = self.run_tool([cli[0], "--addr", f"127.0.0.1:{self.grpc_port}", "--api-key", "bad", "info"])
+        self.assertNotEqual(rc, 0)
+        self.assertIn("UNAUTHENTICATED", err.upper().replace(" ", "_"))
+        rc, out, err = self.run_tool(cli + ["generate", "-p", "x", "-n", "-5"])
+        self.assertNotEqual(rc, 0)
+        self.assertIn("INVALID", err.upper())
+        rc, out, err = self.run_tool([cli[0], "--addr", "127.0.0.1:1", "--timeout", "2", "health"], timeout=30)
+        self.assertNotEqual(rc, 0)
+
+    def test_python_client(self):
+        client = os.path.join(SRC, "clients", "python", "nibble_client.py")
+        base = [sys.executable, client, "--addr", f"127.0.0.1:{self.grpc_port}", "--api-key", "k3y"]
+        ref = reference(PROMPT, ["-n", "40", "--temp", "0"])
+        rc, out, err = self.run_tool(base + ["generate", PROMPT, "-n", "40", "--temp", "0"])
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out, ref)
+        self.assertIn("length", err)
+        ids = self.stub.Tokenize(self.pb.TokenizeRequest(text=PROMPT, add_bos=True), metadata=self.md).ids
+        rc, out, err = self.run_tool(base + ["tokenize", PROMPT])
+        self.assertEqual(rc, 0, err)
+        self.assertEqual([int(x) for x in out.split()], list(ids))
+        rc, out, err = self.run_tool(base + ["info"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("stories260K", out)
+        rc, out, err = self.run_tool([sys.executable, client, "--addr", f"127.0.0.1:{self.grpc_port}", "info"])
+        self.assertNotEqual(rc, 0)
+        self.assertIn("UNAUTHENTICATED", err)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
