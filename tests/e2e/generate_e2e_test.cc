@@ -66,6 +66,14 @@ TEST(GenerateE2E, BadInputsFailCleanly) {
     EXPECT_TRUE(r.out.find("/nonexistent/") != std::string::npos || r.out.find(bogus) != std::string::npos)
         << r.out;
   }
+  // A tokenizer bigger than the model's vocabulary (Llama 2's 32000 pieces on
+  // the 512-token stories260K) is refused at load, naming the tokenizer.
+  const std::string sp = testing::SharedDir() + "/models/llama2-tokenizer.model";
+  RunResult r = RunCommand(testing::BinDir() + "/nibble-generate -m " + testing::Stories260KModel() +
+                           " --tokenizer " + sp + " -p hi -n 4 2>&1");
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find(sp + ": the tokenizer has 32000 tokens but the model's vocabulary is 512"), std::string::npos)
+      << r.out;
 }
 
 // Truncated copies of real model files, cut at many points, through the CLI:
