@@ -292,6 +292,7 @@ int main(int argc, char** argv) {
   std::string model_path, tokenizer_path, input_path, output_path;
   int threads = 0, max_batch = 16;
   int64_t kv_tokens = 0, seed = -1;
+  std::string kv_dtype_name = "f32";
   Defaults d;
   app.add_option("-m,--model", model_path, "model file (GGUF, llama2.c .bin, HF directory)")->required();
   app.add_option("--tokenizer", tokenizer_path, "tokenizer file (llama2.c tok*.bin or SentencePiece .model)");
@@ -303,6 +304,9 @@ int main(int argc, char** argv) {
   app.add_option("--max-batch", max_batch, "requests in flight at once (batched together)")
       ->check(CLI::Range(1, 256))->capture_default_str();
   app.add_option("--kv-cache-tokens", kv_tokens, "KV pool size in tokens (0: 4 x context)")->capture_default_str();
+  app.add_option("--kv-dtype", kv_dtype_name, "KV-cache element type: f32, or int8 (per-token/head scales, ~4x smaller)")
+      ->check(CLI::IsMember({"f32", "int8"}))
+      ->capture_default_str();
   app.add_option("-n,--max-tokens", d.max_tokens, "default tokens to generate per prompt")
       ->check(CLI::Range(1, 1 << 24))->capture_default_str();
   app.add_option("--temp", d.sampling.temperature, "default temperature (0 = greedy)")->capture_default_str();
@@ -336,6 +340,9 @@ int main(int argc, char** argv) {
   so.max_running = max_batch;
   so.max_queue = max_batch;
   so.kv_cache_tokens = kv_tokens;
+  auto kv_dtype = nibble::ParseKvDtype(kv_dtype_name);
+  if (!kv_dtype.ok()) return Fail(kv_dtype.status());
+  so.kv_dtype = *kv_dtype;
   auto sched_or = nibble::Scheduler::Create(&model, &tok, so);
   if (!sched_or.ok()) return Fail(sched_or.status());
   nibble::Scheduler& sched = **sched_or;

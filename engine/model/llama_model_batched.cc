@@ -1,7 +1,10 @@
 // LlamaModel::ForwardBatched: the serving scheduler's multi-sequence step over
 // a paged KV cache (see llama_model.h). Same operators and order as
 // ForwardBatch, so a sequence's logits agree with Forward's up to matmul
-// rounding (row blocking differs with the number of stacked rows).
+// rounding (row blocking differs with the number of stacked rows). With an
+// int8 cache (PagedKVCache::Options::dtype) K/V are quantized as they are
+// written and attention dequantizes on the fly; logits then differ from the
+// fp32 cache's by the quantization error (see paged_int8_forward_test.cc).
 #include <algorithm>
 #include <cstring>
 
@@ -15,7 +18,8 @@ absl::Status LlamaModel::ForwardBatched(std::span<const BatchSequence> batch, Pa
                                         std::span<float> logits) {
   const ModelConfig& c = m_.config;
   if (batch.empty()) return absl::InvalidArgumentError("ForwardBatched: empty batch");
-  if (cache == nullptr || cache->n_layers() != c.n_layers || cache->kv_dim() != c.kv_dim())
+  if (cache == nullptr || cache->n_layers() != c.n_layers || cache->kv_dim() != c.kv_dim() ||
+      cache->n_kv_heads() != c.n_kv_heads)
     return absl::InvalidArgumentError("ForwardBatched: the paged cache is missing or shaped for another model");
   int64_t total = 0, n_logits = 0;
   for (size_t s = 0; s < batch.size(); ++s) {
@@ -84,8 +88,7 @@ absl::Status LlamaModel::ForwardBatched(std::span<const BatchSequence> batch, Pa
       for (int t = 0; t < len; ++t) {
         const int p = b.pos + t;
         const int32_t blk = b.blocks->blocks[p / bs];
-        std::memcpy(cache->k_row(blk, l, p % bs), k + size_t(t) * kvd, kvd * sizeof(float));
-        std::memcpy(cache->v_row(blk, l, p % bs), v + size_t(t) * kvd, kvd * sizeof(float));
+        cache->WriteKV(blk, l, p % bs, k + size_t(t) * kvd, v + size_t(t) * kvd);  // int8: quantized here
       }
       PagedAttentionArgs a;
       a.q = q;
@@ -95,11 +98,7 @@ absl::Status LlamaModel::ForwardBatched(std::span<const BatchSequence> batch, Pa
       a.n_heads = c.n_heads;
       a.n_kv_heads = c.n_kv_heads;
       a.head_dim = c.head_dim;
-      a.base = cache->base();
-      a.block_stride = cache->block_stride();
-      a.k_offset = cache->k_offset(l);
-      a.v_offset = cache->v_offset(l);
-      a.block_size = bs;
+      cache->FillAttentionArgs(l, &a);  // base, strides, offsets, block_size, kv_dtype
       a.block_table = b.blocks->blocks.data();
       a.n_blocks = static_cast<int>(b.blocks->blocks.size());
       be.PagedAttention(a);

@@ -1,41 +1,101 @@
 #include "engine/model/paged_kv_cache.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 
 namespace nibble {
 
+const char* KvDtypeName(KvDtype d) { return d == KvDtype::kInt8 ? "int8" : "f32"; }
+
+absl::StatusOr<KvDtype> ParseKvDtype(std::string_view name) {
+  if (name == "f32" || name == "fp32" || name == "float32") return KvDtype::kF32;
+  if (name == "int8" || name == "i8") return KvDtype::kInt8;
+  return absl::InvalidArgumentError(absl::StrCat("KV cache dtype '", std::string(name), "' is not one of f32, int8"));
+}
+
+absl::StatusOr<int64_t> PagedKVCache::BlockBytes(const ModelConfig& c, int block_size, KvDtype dtype) {
+  if (block_size < 1 || block_size > 1024)
+    return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: block_size ", block_size, " is not in [1, 1024]"));
+  if (c.n_layers < 1 || c.n_kv_heads < 1 || c.head_dim < 1 || c.kv_dim() < 1)
+    return absl::InvalidArgumentError("PagedKVCache: the model config has no layers or an empty kv_dim");
+  // Every factor is < 2^31 (ints), block_size <= 2^10: bound the products before forming them.
+  const int64_t kv = c.kv_dim();
+  if (c.n_layers > (int64_t{1} << 20) || kv > (int64_t{1} << 30))
+    return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: n_layers ", c.n_layers, " / kv_dim ", kv,
+                                                   " are too large for a KV cache"));
+  const int64_t section = dtype == KvDtype::kInt8 ? cpu::KvInt8Section::Bytes(block_size, c.n_kv_heads, c.head_dim)
+                                                  : int64_t{block_size} * kv * 4;
+  return int64_t{2} * c.n_layers * section;  // <= 2 * 2^20 * (2^10 * 2^30 * 5) < 2^63
+}
+
 absl::StatusOr<std::unique_ptr<PagedKVCache>> PagedKVCache::Create(const ModelConfig& c, const Options& opts) {
-  if (opts.block_size < 1 || opts.block_size > 1024)
-    return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: block_size ", opts.block_size,
-                                                   " is not in [1, 1024]"));
   if (opts.num_blocks < 1)
     return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: num_blocks ", opts.num_blocks, " must be > 0"));
-  if (c.n_layers < 1 || c.kv_dim() < 1)
-    return absl::InvalidArgumentError("PagedKVCache: the model config has no layers or an empty kv_dim");
-  const int64_t stride = int64_t{2} * c.n_layers * opts.block_size * c.kv_dim();
-  const int64_t max_floats = std::numeric_limits<int64_t>::max() / 8;
-  if (stride > max_floats / opts.num_blocks)
-    return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: ", opts.num_blocks, " blocks of ", stride,
-                                                   " floats overflow the address space"));
+  if (opts.dtype != KvDtype::kF32 && opts.dtype != KvDtype::kInt8)
+    return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: unknown dtype ", static_cast<int>(opts.dtype)));
+  auto bytes = BlockBytes(c, opts.block_size, opts.dtype);
+  if (!bytes.ok()) return bytes.status();
+  const int64_t block_bytes = *bytes;
+  const int64_t max_bytes = std::numeric_limits<int64_t>::max() / 8;
+  if (block_bytes > max_bytes / opts.num_blocks)
+    return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: ", opts.num_blocks, " blocks of ", block_bytes,
+                                                   " bytes overflow the address space"));
   auto cache = std::unique_ptr<PagedKVCache>(new PagedKVCache());
   cache->block_size_ = opts.block_size;
   cache->num_blocks_ = opts.num_blocks;
   cache->n_layers_ = c.n_layers;
   cache->kv_dim_ = c.kv_dim();
+  cache->n_kv_heads_ = c.n_kv_heads;
+  cache->head_dim_ = c.head_dim;
   cache->prefix_caching_ = opts.prefix_caching;
-  cache->block_stride_ = stride;
-  cache->data_.reset(new (std::nothrow) float[size_t(stride) * opts.num_blocks]);
+  cache->dtype_ = opts.dtype;
+  cache->block_bytes_ = block_bytes;
+  cache->block_stride_ = block_bytes / 4;  // block_bytes is a multiple of 4 for both dtypes
+  cache->i8_section_ = cpu::KvInt8Section::Bytes(opts.block_size, c.n_kv_heads, c.head_dim);
+  cache->data_.reset(new (std::nothrow) float[size_t(cache->block_stride_) * opts.num_blocks]);
   if (cache->data_ == nullptr)
     return absl::ResourceExhaustedError(absl::StrCat("PagedKVCache: cannot allocate ", opts.num_blocks,
-                                                     " blocks of ", stride * 4, " bytes"));
+                                                     " blocks of ", block_bytes, " bytes"));
   cache->meta_.resize(opts.num_blocks);
   cache->free_.reserve(opts.num_blocks);
   // Hand out low ids first (pop_back).
   for (int32_t b = opts.num_blocks - 1; b >= 0; --b) cache->free_.push_back(b);
   return cache;
+}
+
+void PagedKVCache::WriteKV(int32_t block, int layer, int slot, const float* k, const float* v) {
+  if (dtype_ == KvDtype::kF32) {
+    std::memcpy(k_row(block, layer, slot), k, size_t(kv_dim_) * sizeof(float));
+    std::memcpy(v_row(block, layer, slot), v, size_t(kv_dim_) * sizeof(float));
+    return;
+  }
+  uint8_t* blk = reinterpret_cast<uint8_t*>(data_.get()) + int64_t{block} * block_bytes_;
+  const int64_t scales_bytes = cpu::KvInt8Section::ScalesBytes(block_size_, n_kv_heads_);
+  for (int which = 0; which < 2; ++which) {
+    uint8_t* sec = blk + (int64_t{2} * layer + which) * i8_section_;
+    float* scales = reinterpret_cast<float*>(sec) + int64_t{slot} * n_kv_heads_;
+    int8_t* codes = reinterpret_cast<int8_t*>(sec + scales_bytes) + int64_t{slot} * kv_dim_;
+    cpu::QuantizeKvRowInt8(which == 0 ? k : v, n_kv_heads_, head_dim_, codes, scales);
+  }
+}
+
+void PagedKVCache::FillAttentionArgs(int layer, cpu::PagedAttentionArgs* a) const {
+  a->base = data_.get();
+  a->block_size = block_size_;
+  a->kv_dtype = dtype_;
+  if (dtype_ == KvDtype::kF32) {
+    a->block_stride = block_stride_;
+    a->k_offset = k_offset(layer);
+    a->v_offset = v_offset(layer);
+  } else {
+    a->block_stride = block_bytes_;
+    a->k_offset = int64_t{2} * layer * i8_section_;
+    a->v_offset = (int64_t{2} * layer + 1) * i8_section_;
+  }
 }
 
 uint64_t PagedKVCache::BlockKey(uint64_t parent, std::span<const int32_t> tokens) {
@@ -159,7 +219,8 @@ PagedKVCache::Stats PagedKVCache::stats() const {
   s.blocks_used = used_;
   s.blocks_free = num_blocks_ - used_;
   s.blocks_cached = cached_;
-  s.bytes_total = block_stride_ * num_blocks_ * int64_t{sizeof(float)};
+  s.bytes_total = block_bytes_ * num_blocks_;
+  s.block_bytes = block_bytes_;
   s.prefix_hits = prefix_hits_;
   s.evictions = evictions_;
   return s;

@@ -6,11 +6,21 @@
 // free list; reference-counted blocks so identical prompt prefixes share
 // memory (prefix caching); statistics for metrics.
 // Non-goals: copy-on-write (only FULL blocks of already-computed tokens are
-// shared, and a full block is never written again), int8 K/V, swapping to
-// host memory, thread safety.
+// shared, and a full block is never written again), swapping to host
+// memory, thread safety.
+//
+// Element types (Options::dtype): kF32 (default) or kInt8. int8 stores each
+// (position, kv head) K and V vector as symmetric int8 codes with one fp32
+// scale (cpu::QuantizeKvRowInt8), quantized once by WriteKV and dequantized
+// on the fly by the attention kernel: a block takes (kv_dim + 4 * n_kv_heads)
+// / (4 * kv_dim) of the fp32 bytes (~0.27x for head_dim 64), so a byte budget
+// holds ~3.7x the positions. BlockBytes() is the single source of truth for
+// memory accounting.
 //
 // Layout: a block holds, for block_size consecutive positions, every layer's
-// K and V rows: [layer][K|V][slot][kv_dim] fp32. Block memory is allocated
+// K and V rows. kF32: [layer][K|V][slot][kv_dim] fp32. kInt8: [layer][K|V]
+// sections of cpu::KvInt8Section layout (fp32 scales[slot][n_kv_heads], then
+// int8 codes[slot][kv_dim], padded to 4 bytes). Block memory is allocated
 // once (uninitialised, so the OS maps pages on first touch).
 //
 // Prefix caching: a full block whose tokens are final may be published with
@@ -29,14 +39,24 @@
 #include <list>
 #include <memory>
 #include <span>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/core/config.h"
+#include "kernels/cpu/paged_attention.h"
 
 namespace nibble {
+
+// Element type of the paged K/V (see kernels/cpu/paged_attention.h).
+using KvDtype = cpu::KvDtype;
+// "f32" / "int8".
+const char* KvDtypeName(KvDtype d);
+// Accepts "f32", "fp32", "float32", "int8", "i8" (case-sensitive);
+// INVALID_ARGUMENT naming the value otherwise.
+absl::StatusOr<KvDtype> ParseKvDtype(std::string_view name);
 
 // The blocks of one sequence: block i holds positions [i * B, (i + 1) * B).
 struct BlockTable {
@@ -52,6 +72,7 @@ class PagedKVCache {
     int block_size = 16;          // positions per block, in [1, 1024]
     int num_blocks = 0;           // > 0
     bool prefix_caching = true;   // false: Match/Publish are no-ops
+    KvDtype dtype = KvDtype::kF32;
   };
 
   struct Stats {
@@ -60,6 +81,7 @@ class PagedKVCache {
     int64_t blocks_free = 0;    // total - used (includes cached, evictable blocks)
     int64_t blocks_cached = 0;  // published in the prefix cache (used or not)
     int64_t bytes_total = 0;    // memory of the whole pool
+    int64_t block_bytes = 0;    // memory of one block (depends on the dtype)
     int64_t prefix_hits = 0;    // blocks found by MatchPrefix, cumulative
     int64_t evictions = 0;      // cached blocks reclaimed, cumulative
   };
@@ -67,17 +89,34 @@ class PagedKVCache {
   // INVALID_ARGUMENT for bad options or a pool whose size overflows.
   static absl::StatusOr<std::unique_ptr<PagedKVCache>> Create(const ModelConfig& c, const Options& opts);
 
+  // Bytes of one block for this model, block size and dtype; INVALID_ARGUMENT
+  // for a config without layers / kv_dim, a block_size outside [1, 1024], or
+  // a size that overflows int64.
+  static absl::StatusOr<int64_t> BlockBytes(const ModelConfig& c, int block_size, KvDtype dtype);
+
   int block_size() const { return block_size_; }
   int num_blocks() const { return num_blocks_; }
   int n_layers() const { return n_layers_; }
   int kv_dim() const { return kv_dim_; }
+  int n_kv_heads() const { return n_kv_heads_; }
+  int head_dim() const { return head_dim_; }
+  KvDtype dtype() const { return dtype_; }
+  int64_t block_bytes() const { return block_bytes_; }
   // Blocks needed for n_positions positions.
   int BlocksFor(int64_t n_positions) const {
     return static_cast<int>((n_positions + block_size_ - 1) / block_size_);
   }
 
-  // Raw layout for kernels: block b's data starts at base() + b * block_stride();
-  // layer l's K rows at + k_offset(l), V rows at + v_offset(l), slot s at + s * kv_dim().
+  // Writes position `slot` of `block` for `layer`: k and v are kv_dim floats
+  // each (copied for kF32, quantized for kInt8). REQUIRES: all in range.
+  void WriteKV(int32_t block, int layer, int slot, const float* k, const float* v);
+  // Sets a's base, block_stride, k_offset, v_offset, block_size and kv_dtype
+  // for `layer` (in the units the kernel expects for the dtype).
+  void FillAttentionArgs(int layer, cpu::PagedAttentionArgs* a) const;
+
+  // Raw fp32 layout (REQUIRES dtype() == kF32): block b's data starts at
+  // base() + b * block_stride(); layer l's K rows at + k_offset(l), V rows at
+  // + v_offset(l), slot s at + s * kv_dim().
   float* base() { return data_.get(); }
   int64_t block_stride() const { return block_stride_; }
   int64_t k_offset(int layer) const { return int64_t{2 * layer} * block_size_ * kv_dim_; }
@@ -129,9 +168,12 @@ class PagedKVCache {
   void Retain(int32_t b);
   void Release(int32_t b);
 
-  int block_size_ = 0, num_blocks_ = 0, n_layers_ = 0, kv_dim_ = 0;
+  int block_size_ = 0, num_blocks_ = 0, n_layers_ = 0, kv_dim_ = 0, n_kv_heads_ = 0, head_dim_ = 0;
   bool prefix_caching_ = true;
-  int64_t block_stride_ = 0;
+  KvDtype dtype_ = KvDtype::kF32;
+  int64_t block_stride_ = 0;   // floats (kF32 layout)
+  int64_t block_bytes_ = 0;
+  int64_t i8_section_ = 0;     // kInt8: bytes of one K or V section
   std::unique_ptr<float[]> data_;
   std::vector<BlockMeta> meta_;
   std::vector<int32_t> free_;             // uncached blocks with refs == 0

@@ -1,5 +1,7 @@
 #include "engine/model/paged_kv_cache.h"
 
+#include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -160,6 +162,80 @@ TEST(PagedKVCache, BlockKeyChains) {
   EXPECT_NE(k1, PagedKVCache::BlockKey(k1, t));  // same tokens, other prefix
   std::vector<int32_t> u = {1, 2, 4, 3};
   EXPECT_NE(k1, PagedKVCache::BlockKey(PagedKVCache::kRootKey, u));
+}
+
+// Block bytes, checked against sizes computed here from the shape.
+TEST(PagedKVCache, Int8BlockBytesAndRatio) {
+  ModelConfig c = TinyConfig();  // 2 layers, kv_dim 4 (1 kv head of 4)
+  EXPECT_EQ(*PagedKVCache::BlockBytes(c, 4, KvDtype::kF32), 2 * 2 * 4 * 4 * 4);
+  // int8: per layer K and V sections of 4 scales (16 bytes) + 16 codes.
+  EXPECT_EQ(*PagedKVCache::BlockBytes(c, 4, KvDtype::kInt8), 2 * 2 * (16 + 16));
+  // Odd sizes: 3 slots x kv_dim 4 = 12 codes, 3 scales = 12 bytes.
+  EXPECT_EQ(*PagedKVCache::BlockBytes(c, 3, KvDtype::kInt8), 2 * 2 * (12 + 12));
+  c.head_dim = 5;  // 15 codes, padded to 16
+  c.rope_dim = 4;
+  EXPECT_EQ(*PagedKVCache::BlockBytes(c, 3, KvDtype::kInt8), 2 * 2 * (12 + 16));
+  // SmolLM2-135M shape (30 layers, 3 kv heads of 64): 4 * 64 / (64 + 4) = 3.76x.
+  ModelConfig s;
+  s.n_layers = 30;
+  s.n_heads = 9;
+  s.n_kv_heads = 3;
+  s.head_dim = 64;
+  const int64_t f = *PagedKVCache::BlockBytes(s, 16, KvDtype::kF32);
+  const int64_t q = *PagedKVCache::BlockBytes(s, 16, KvDtype::kInt8);
+  EXPECT_EQ(f, int64_t{2} * 30 * 16 * 192 * 4);
+  EXPECT_EQ(q, int64_t{2} * 30 * (16 * 3 * 4 + 16 * 192));
+  EXPECT_GE(double(f) / double(q), 3.5);
+  EXPECT_FALSE(PagedKVCache::BlockBytes(s, 0, KvDtype::kInt8).ok());
+  EXPECT_FALSE(PagedKVCache::BlockBytes(ModelConfig{}, 16, KvDtype::kInt8).ok());
+}
+
+TEST(PagedKVCache, Int8WriteKVLayoutAndStats) {
+  auto r = PagedKVCache::Create(TinyConfig(), {.block_size = 3, .num_blocks = 4, .dtype = KvDtype::kInt8});
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto c = *std::move(r);
+  EXPECT_EQ(c->dtype(), KvDtype::kInt8);
+  EXPECT_EQ(c->stats().block_bytes, c->block_bytes());
+  EXPECT_EQ(c->stats().bytes_total, 4 * c->block_bytes());
+  // Fill the pool with a marker, write every (block, layer, slot) with distinct
+  // values, and read them back through the kernel-facing layout.
+  uint8_t* raw = reinterpret_cast<uint8_t*>(c->base());
+  std::fill(raw, raw + 4 * c->block_bytes(), uint8_t{0xAB});
+  auto val = [](int b, int l, int s, int w, int i) { return float(1 + b * 100 + l * 30 + s * 7 + w * 3 + i) * (i % 2 ? -1 : 1); };
+  for (int b = 0; b < 4; ++b)
+    for (int l = 0; l < 2; ++l)
+      for (int s = 0; s < 3; ++s) {
+        float k[4], v[4];
+        for (int i = 0; i < 4; ++i) k[i] = val(b, l, s, 0, i), v[i] = val(b, l, s, 1, i);
+        c->WriteKV(b, l, s, k, v);
+      }
+  for (int l = 0; l < 2; ++l) {
+    cpu::PagedAttentionArgs a;
+    c->FillAttentionArgs(l, &a);
+    EXPECT_EQ(a.kv_dtype, KvDtype::kInt8);
+    EXPECT_EQ(a.block_stride, c->block_bytes());
+    for (int b = 0; b < 4; ++b)
+      for (int s = 0; s < 3; ++s)
+        for (int w = 0; w < 2; ++w) {
+          const uint8_t* sec = reinterpret_cast<const uint8_t*>(a.base) + b * a.block_stride + (w ? a.v_offset : a.k_offset);
+          float scale;
+          std::memcpy(&scale, sec + s * 4, 4);
+          const int8_t* codes = reinterpret_cast<const int8_t*>(sec + cpu::KvInt8Section::ScalesBytes(3, 1)) + s * 4;
+          for (int i = 0; i < 4; ++i) {
+            const float x = val(b, l, s, w, i);
+            EXPECT_NEAR(scale * codes[i], x, scale / 2 + 1e-6f) << b << l << s << w << i;
+          }
+        }
+  }
+}
+
+TEST(PagedKVCache, ParseKvDtype) {
+  EXPECT_EQ(*ParseKvDtype("f32"), KvDtype::kF32);
+  EXPECT_EQ(*ParseKvDtype("int8"), KvDtype::kInt8);
+  EXPECT_STREQ(KvDtypeName(KvDtype::kInt8), "int8");
+  auto bad = ParseKvDtype("q4");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("q4"), std::string::npos);
 }
 
 }  // namespace

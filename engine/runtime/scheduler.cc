@@ -74,11 +74,30 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(LlamaModel* model, 
                                                    " is not in [0, 2^31]"));
   if (opts.block_size < 1 || opts.block_size > 1024)
     return absl::InvalidArgumentError(absl::StrCat("Scheduler: block_size ", opts.block_size, " is not in [1, 1024]"));
-  const int64_t tokens = opts.kv_cache_tokens > 0 ? opts.kv_cache_tokens : int64_t{4} * c.max_seq_len;
+  if (opts.kv_cache_bytes < 0)
+    return absl::InvalidArgumentError(absl::StrCat("Scheduler: kv_cache_bytes ", opts.kv_cache_bytes, " is < 0"));
+  if (opts.kv_dtype != KvDtype::kF32 && opts.kv_dtype != KvDtype::kInt8)
+    return absl::InvalidArgumentError(absl::StrCat("Scheduler: unknown kv_dtype ", static_cast<int>(opts.kv_dtype)));
   PagedKVCache::Options co;
   co.block_size = opts.block_size;
-  co.num_blocks = static_cast<int>((tokens + opts.block_size - 1) / opts.block_size);
   co.prefix_caching = opts.prefix_caching;
+  co.dtype = opts.kv_dtype;
+  if (opts.kv_cache_bytes > 0) {
+    auto block_bytes = PagedKVCache::BlockBytes(c, opts.block_size, opts.kv_dtype);
+    if (!block_bytes.ok()) return block_bytes.status();
+    const int64_t blocks = opts.kv_cache_bytes / *block_bytes;
+    if (blocks < 1)
+      return absl::InvalidArgumentError(absl::StrCat("Scheduler: kv_cache_bytes ", opts.kv_cache_bytes,
+                                                     " is less than one ", KvDtypeName(opts.kv_dtype), " KV block of ",
+                                                     *block_bytes, " bytes"));
+    if (blocks > (int64_t{1} << 31) / opts.block_size)
+      return absl::InvalidArgumentError(absl::StrCat("Scheduler: kv_cache_bytes ", opts.kv_cache_bytes,
+                                                     " gives more than 2^31 KV positions"));
+    co.num_blocks = static_cast<int>(blocks);
+  } else {
+    const int64_t tokens = opts.kv_cache_tokens > 0 ? opts.kv_cache_tokens : int64_t{4} * c.max_seq_len;
+    co.num_blocks = static_cast<int>((tokens + opts.block_size - 1) / opts.block_size);
+  }
   auto cache = PagedKVCache::Create(c, co);
   if (!cache.ok()) return cache.status();
   return std::unique_ptr<Scheduler>(new Scheduler(model, tokenizer, opts, *std::move(cache)));
@@ -89,6 +108,9 @@ Scheduler::Scheduler(LlamaModel* model, const Tokenizer* tokenizer, const Schedu
     : model_(model), tok_(tokenizer), opts_(opts), cache_(std::move(cache)) {
   stats_.kv_blocks_total = cache_->num_blocks();
   stats_.block_size = cache_->block_size();
+  stats_.kv_block_bytes = cache_->block_bytes();
+  stats_.kv_bytes_total = cache_->block_bytes() * cache_->num_blocks();
+  stats_.kv_dtype = cache_->dtype();
   engine_ = std::thread([this] { EngineLoop(); });
 }
 

@@ -125,6 +125,13 @@ using EventCallback = std::function<void(const GenerationEvent&)>;
 struct SchedulerOptions {
   int block_size = 16;            // KV positions per block
   int64_t kv_cache_tokens = 0;    // pool size in tokens (rounded up to blocks); 0: 4 * max_seq_len
+  // > 0: pool size as a memory budget in bytes instead (overrides
+  // kv_cache_tokens): floor(kv_cache_bytes / block bytes) blocks, so an int8
+  // pool holds ~3.7x the blocks of an fp32 one (PagedKVCache::BlockBytes).
+  int64_t kv_cache_bytes = 0;
+  // Element type of the KV pool: kF32, or kInt8 (K/V quantized per (token,
+  // kv head) with one fp32 scale; see engine/model/paged_kv_cache.h).
+  KvDtype kv_dtype = KvDtype::kF32;
   int max_running = 64;           // sequences batched together, <= max_batch_tokens
   int max_batch_tokens = 256;     // tokens per step (decodes + prefill chunks), <= LlamaModel::kMaxBatch
   int max_queue = 256;            // waiting requests beyond which Submit() fails
@@ -149,6 +156,9 @@ struct SchedulerStats {
   int64_t running = 0;            // sequences holding KV blocks
   int64_t kv_blocks_total = 0, kv_blocks_used = 0, kv_blocks_cached = 0;
   int block_size = 0;
+  int64_t kv_block_bytes = 0;     // memory of one block (smaller for int8)
+  int64_t kv_bytes_total = 0;     // kv_blocks_total * kv_block_bytes
+  KvDtype kv_dtype = KvDtype::kF32;
   // Counters (since Create).
   int64_t requests_submitted = 0;  // accepted by Submit
   int64_t requests_rejected = 0;   // refused by Submit (any reason)

@@ -5,13 +5,24 @@
 // two-pass algorithm as the contiguous CPU Attention (scores = q.k * 1/sqrt(d)
 // with cpu::DotF32, max-subtracted cpu::Softmax, then sum_p w_p * v_p in
 // position order), so results agree with it to the last bit when the keys and
-// values are equal. Non-goals: int8/fp16 K/V, sliding windows, ALiBi.
+// values are equal. Optional int8 K/V (KvDtype::kInt8): each (position, kv
+// head) K and V vector is stored as symmetric int8 codes with one fp32 scale
+// (x ~= scale * code, scale = max|x| / 127) and dequantized on the fly inside
+// the dot products and the weighted V sum (no temporary fp32 rows, no
+// allocation beyond the `scores` scratch). Non-goals: fp16 K/V, sliding
+// windows, ALiBi, asymmetric / per-channel K quantization.
 //
 // Shapes: q and out are [n_tokens, n_heads * head_dim]; query row t sits at
 // position pos0 + t and attends to positions [0, pos0 + t]. The K row of
 // position p is base + block_table[p / block_size] * block_stride + k_offset
 // + (p % block_size) * kv_dim (V likewise with v_offset), kv_dim =
 // n_kv_heads * head_dim.
+//
+// int8 layout (kInt8): `base` is read as bytes and block_stride / k_offset /
+// v_offset are BYTE counts. The K (V) section of one layer in one block, at
+// k_offset (v_offset), is KvInt8Section: float scales[block_size][n_kv_heads]
+// followed by int8 codes[block_size][kv_dim]; the section is padded to a
+// multiple of 4 bytes so scales stay 4-byte aligned.
 //
 // Thread safety: reentrant; parallel over (token, head) pairs on `pool`.
 #pragma once
@@ -24,6 +35,26 @@ namespace nibble {
 class ThreadPool;
 
 namespace cpu {
+
+// Element type of the paged K/V rows.
+enum class KvDtype : int8_t { kF32 = 0, kInt8 = 1 };
+
+// Byte layout of one int8 K or V section (one layer, one block).
+struct KvInt8Section {
+  // Bytes of the scales, codes start there.
+  static int64_t ScalesBytes(int block_size, int n_kv_heads) { return int64_t{block_size} * n_kv_heads * 4; }
+  // Whole section, padded to a multiple of 4 bytes.
+  static int64_t Bytes(int block_size, int n_kv_heads, int head_dim) {
+    const int64_t codes = int64_t{block_size} * n_kv_heads * head_dim;
+    return ScalesBytes(block_size, n_kv_heads) + (codes + 3) / 4 * 4;
+  }
+};
+
+// Quantizes one position's K or V row x[n_kv_heads * head_dim] to symmetric
+// int8: per head scale = max|x_head| / 127 (0 for an all-zero head), code =
+// round-to-nearest(x / scale) in [-127, 127]. A head holding a NaN or an
+// infinity gets scale NaN (its attention output becomes NaN, as with fp32).
+void QuantizeKvRowInt8(const float* x, int n_kv_heads, int head_dim, int8_t* codes, float* scales);
 
 struct PagedAttentionArgs {
   const float* q = nullptr;    // [n_tokens, n_heads * head_dim], RoPE applied
@@ -38,14 +69,22 @@ struct PagedAttentionArgs {
   int block_size = 0;                 // positions per block
   const int32_t* block_table = nullptr;
   int n_blocks = 0;                   // REQUIRES: n_blocks * block_size >= pos0 + n_tokens
+  // kInt8: base points at bytes and block_stride / k_offset / v_offset are in
+  // bytes (see the int8 layout above).
+  KvDtype kv_dtype = KvDtype::kF32;
 };
 
 // `scores` is per-call scratch (grown as needed; may be reused across calls).
 // pool may be null (single-threaded).
 void PagedAttention(const PagedAttentionArgs& a, ThreadPool* pool, std::vector<float>* scores);
 
-// Scalar reference in double precision (tests): same contract, no scratch.
+// Scalar reference in double precision (tests): same contract, no scratch;
+// int8 K/V are dequantized (scale * code) exactly as the fast kernels do.
 void PagedAttentionRef(const PagedAttentionArgs& a);
+
+// Tests: the int8 kernel at a given SIMD level ("scalar", "avx2", "avx512").
+// Returns false (and computes nothing) if this CPU lacks it or a.kv_dtype is not kInt8.
+bool PagedAttentionInt8ForIsaForTesting(const PagedAttentionArgs& a, const char* isa, std::vector<float>* scores);
 
 }  // namespace cpu
 }  // namespace nibble
