@@ -56,6 +56,9 @@ std::string PrometheusText(const SchedulerStats& s, const RequestCounts& request
   Gauge(&out, "nibble_running_sequences", "Sequences holding KV-cache blocks.", s.running);
   Gauge(&out, "nibble_kv_blocks_used", "KV-cache blocks in use by running sequences.", s.kv_blocks_used);
   Gauge(&out, "nibble_kv_blocks_total", "KV-cache blocks in the pool.", s.kv_blocks_total);
+  Gauge(&out, "nibble_kv_cache_bytes", "Memory of the KV-cache block pool (blocks x block bytes; int8 blocks are smaller).",
+        s.kv_bytes_total);
+  Gauge(&out, "nibble_kv_block_bytes", "Memory of one KV-cache block.", s.kv_block_bytes);
   Gauge(&out, "nibble_kv_blocks_cached", "Free KV-cache blocks holding reusable prefix-cache entries.",
         s.kv_blocks_cached);
   Histogram(&out, "nibble_time_to_first_token_seconds", "Submit to first token.", s.time_to_first_token);

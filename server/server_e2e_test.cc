@@ -554,3 +554,34 @@ TEST(ServerSentencePieceE2E, ServesASentencePieceModelTokenizer) {
 
 }  // namespace
 }  // namespace nibble
+
+namespace nibble {
+namespace {
+
+// --kv-dtype int8 with the pool as a memory budget: the server serves, and
+// the metrics show int8-sized blocks (more of them for the same MiB).
+TEST(ServerKvInt8E2E, Int8KvCacheServesAndSizesThePoolInBytes) {
+  if (!fs::exists(testing::Stories260KModel())) GTEST_SKIP() << "stories260K not found";
+  double blocks[2] = {0, 0}, block_bytes[2] = {0, 0};
+  for (int i = 0; i < 2; ++i) {
+    ServerProcess srv({"--kv-dtype", i == 0 ? "f32" : "int8", "--kv-cache-mib", "2"});
+    ASSERT_TRUE(srv.ok()) << srv.log();
+    json body = {{"prompt", kPrompt}, {"max_tokens", 24}, {"temperature", 0}};
+    auto res = srv.Http().Post("/v1/completions", body.dump(), "application/json");
+    ASSERT_TRUE(res);
+    ASSERT_EQ(res->status, 200) << res->body;
+    EXPECT_EQ(json::parse(res->body)["usage"]["completion_tokens"], 24);
+    auto m = srv.Http().Get("/metrics");
+    ASSERT_TRUE(m);
+    blocks[i] = Metric(m->body, "nibble_kv_blocks_total");
+    block_bytes[i] = Metric(m->body, "nibble_kv_block_bytes");
+    EXPECT_LE(Metric(m->body, "nibble_kv_cache_bytes"), 2.0 * 1024 * 1024);
+    EXPECT_GT(Metric(m->body, "nibble_kv_cache_bytes"), 2.0 * 1024 * 1024 - block_bytes[i]);
+  }
+  // stories260K: head_dim 8, so int8 (8 codes + a 4-byte scale per head) is 32/12 = 2.67x smaller.
+  EXPECT_NEAR(block_bytes[0] / block_bytes[1], 32.0 / 12.0, 1e-9);
+  EXPECT_GE(blocks[1], 2.6 * blocks[0]);
+}
+
+}  // namespace
+}  // namespace nibble
