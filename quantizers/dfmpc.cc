@@ -10,6 +10,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/core/quant_tensor.h"
+#include "engine/model/llama_model.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "kernels/cpu/ops.h"
 #include "engine/util/log.h"
 #include "quantizers/calibration.h"
 #include "quantizers/linalg.h"
@@ -285,6 +288,31 @@ absl::StatusOr<std::vector<float>> NormWeights(const HostTensor& norm, int64_t d
 
 }  // namespace
 
+absl::StatusOr<std::vector<float>> DfmpcHessianFactor(const Hessian& h, int64_t dim, double damp,
+                                                      const std::string& what) {
+  if (h.dim != dim || h.h.size() != static_cast<size_t>(dim * dim))
+    return absl::InvalidArgumentError(absl::StrCat("dfmpc: calibration Hessian of ", what, " is ", h.dim,
+                                                   "-wide, expected ", dim));
+  std::vector<double> a(h.h.begin(), h.h.end());
+  double mean_diag = 0;
+  for (int64_t i = 0; i < dim; ++i) mean_diag += a[i * dim + i];
+  mean_diag /= static_cast<double>(dim);
+  if (!(mean_diag > 0.0) || !std::isfinite(mean_diag))
+    return absl::InvalidArgumentError(absl::StrCat("dfmpc: calibration Hessian of ", what, " is zero or not finite"));
+  for (double d : {damp, 1e-2, 1e-1}) {
+    std::vector<double> u = a;
+    for (int64_t i = 0; i < dim; ++i) u[i * dim + i] += std::max(d, 1e-6) * mean_diag;
+    if (CholeskyUpper(u.data(), dim, 1)) return std::vector<float>(u.begin(), u.end());
+  }
+  return absl::InternalError(absl::StrCat("dfmpc: calibration Hessian of ", what, " is not positive definite"));
+}
+
+std::vector<float> DfmpcWhiten(const float* x, int64_t n, int64_t dim, const std::vector<float>& u) {
+  std::vector<float> y(static_cast<size_t>(n * dim));
+  cpu::MatMulF32(u.data(), dim, dim, x, n, y.data(), nullptr);
+  return y;
+}
+
 absl::StatusOr<QuantizeReport> QuantizeModelDfmpc(
     LoadedModel* m, const QuantizeConfig& cfg,
     const std::function<void(int done, int total, const std::string& tensor)>& progress) {
@@ -298,8 +326,10 @@ absl::StatusOr<QuantizeReport> QuantizeModelDfmpc(
   if (auto s = CheckFormat(rest, "dfmpc rest format (--dfmpc-rest)"); !s.ok()) return s;
   if (!(std::isfinite(o.ridge) && o.ridge >= 0.0))
     return absl::InvalidArgumentError(absl::StrCat("dfmpc ridge ", o.ridge, " is not finite and >= 0"));
-  if (!cfg.calib_path.empty())
+  if (!cfg.calib_path.empty() && !o.calibrated)
     NIBBLE_LOG(WARNING) << "dfmpc is data-free: calibration text " << cfg.calib_path << " is ignored";
+  if (o.calibrated && cfg.calib_path.empty())
+    return absl::InvalidArgumentError("dfmpc with calibrated weighting needs calibration text (--calib FILE)");
   const ModelConfig& c = m->config;
   if (c.n_heads <= 0 || c.n_kv_heads <= 0 || c.head_dim <= 0 || c.n_heads % c.n_kv_heads != 0 || c.dim <= 0 ||
       c.hidden_dim <= 0 || static_cast<int>(m->weights.layers.size()) != c.n_layers)
@@ -348,6 +378,38 @@ absl::StatusOr<QuantizeReport> QuantizeModelDfmpc(
     }
   }
 
+  // Calibrated weighting: the input Hessians of the full-precision model.
+  std::optional<CalibrationStats> calib;
+  if (o.calibrated) {
+    const auto tc = Clock::now();
+    auto tok = CreateTokenizer(m->vocab);
+    if (!tok.ok()) return tok.status();
+    auto model = LlamaModel::Create(*m, cfg.n_threads);
+    if (!model.ok()) return model.status();
+    CalibrateOptions copts;
+    copts.n_tokens = cfg.calib_tokens;
+    copts.ctx = cfg.calib_ctx;
+    copts.collector.n_threads = cfg.n_threads;
+    auto s = Calibrate(**model, **tok, cfg.calib_path, copts);
+    if (!s.ok()) return s.status();
+    calib = *std::move(s);
+    report.calib_tokens = calib->n_tokens;
+    report.calib_seconds = Seconds(tc);
+  }
+  // The rows of (w, q) to fit with: as stored (D weighting) or whitened by the
+  // layer input's Hessian factor (calibrated).
+  auto fit_rows = [&](int layer, LinearInput in, const float* w, const float* q, int64_t rows,
+                      std::vector<float>* w_out, std::vector<float>* q_out) -> absl::Status {
+    if (!calib) return absl::OkStatus();
+    const Hessian* h = calib->Get(layer, in);
+    if (h == nullptr) return absl::InternalError(absl::StrCat("dfmpc: no calibration Hessian for layer ", layer));
+    auto u = DfmpcHessianFactor(*h, dim, cfg.gptq.percdamp, absl::StrCat("layer ", layer));
+    if (!u.ok()) return u.status();
+    *w_out = DfmpcWhiten(w, rows, dim, *u);
+    *q_out = DfmpcWhiten(q, rows, dim, *u);
+    return absl::OkStatus();
+  };
+
   for (int l = 0; l < c.n_layers; ++l) {
     LayerWeights& L = m->weights.layers[l];
     const std::string p = absl::StrCat("blk.", l, ".");
@@ -379,8 +441,14 @@ absl::StatusOr<QuantizeReport> QuantizeModelDfmpc(
       tick(p + "wo");
       const std::vector<float> wo_fp = L.wo.data;
       if (o.compensate) {
-        if (auto s = DfmpcCompensateAttention(L.wv.data.data(), qv->decoded.data(), c.n_heads, c.n_kv_heads,
-                                              c.head_dim, *attn_w, o.ridge, &L.wo);
+        std::vector<float> vw, qw;
+        if (auto s = fit_rows(l, LinearInput::kAttnIn, L.wv.data.data(), qv->decoded.data(), kv_dim, &vw, &qw);
+            !s.ok())
+          return s;
+        if (auto s = calib ? DfmpcCompensateAttention(vw.data(), qw.data(), c.n_heads, c.n_kv_heads, c.head_dim, {},
+                                                      o.ridge, &L.wo)
+                           : DfmpcCompensateAttention(L.wv.data.data(), qv->decoded.data(), c.n_heads,
+                                                      c.n_kv_heads, c.head_dim, *attn_w, o.ridge, &L.wo);
             !s.ok())
           return s;
       }
@@ -409,8 +477,13 @@ absl::StatusOr<QuantizeReport> QuantizeModelDfmpc(
       tick(p + "w_down");
       const std::vector<float> wd_fp = L.w_down.data;
       if (o.compensate) {
-        if (auto s = DfmpcCompensateFfn(L.w_up.data.data(), qu->decoded.data(), hidden, dim, *ffn_w, o.ridge,
-                                        &L.w_down);
+        std::vector<float> uw, qw;
+        if (auto s = fit_rows(l, LinearInput::kFfnIn, L.w_up.data.data(), qu->decoded.data(), hidden, &uw, &qw);
+            !s.ok())
+          return s;
+        if (auto s = calib ? DfmpcCompensateFfn(uw.data(), qw.data(), hidden, dim, {}, o.ridge, &L.w_down)
+                           : DfmpcCompensateFfn(L.w_up.data.data(), qu->decoded.data(), hidden, dim, *ffn_w,
+                                                o.ridge, &L.w_down);
             !s.ok())
           return s;
       }
@@ -451,7 +524,7 @@ absl::StatusOr<QuantizeReport> QuantizeModelDfmpc(
   m->metadata["quant.dfmpc.rest"] = rest.Name();
   m->metadata["quant.dfmpc.ridge"] = absl::StrCat(o.ridge);
   m->metadata["quant.dfmpc.compensate"] = o.compensate ? "true" : "false";
-  m->metadata["quant.dfmpc.weighting"] = o.norm_weighted ? "norm" : "none";
+  m->metadata["quant.dfmpc.weighting"] = o.calibrated ? "calib" : o.norm_weighted ? "norm" : "none";
   m->metadata["quant.embed_format"] = cfg.embed_format ? cfg.embed_format->Name() : "f32";
   m->metadata["quant.bpw_all"] = absl::StrFormat("%.4f", report.bpw_all);
   m->metadata["quant.bpw_linear"] = absl::StrFormat("%.4f", report.bpw_linear);

@@ -36,8 +36,10 @@
 // far from isotropic, and the fitted map amplifies error along them.
 //
 // Goals: the closed forms, the composite-error measures, and the whole-model
-// driver behind `nibble-quantize --method dfmpc`. Data-free: calibration text
-// is ignored. Non-goals: bit allocation, outliers, GPTQ on either side of a
+// driver behind `nibble-quantize --method dfmpc`. Data-free by default
+// (calibration text is ignored); DfmpcOptions::calibrated is the
+// data-dependent variant (H instead of D, via a factor H = Uᵀ U: rows x -> x Uᵀ
+// make the D = I closed forms compute x H yᵀ). Non-goals: bit allocation, outliers, GPTQ on either side of a
 // pair, compensating through softmax/silu nonlinearly.
 // Thread safety: all functions are reentrant.
 #pragma once
@@ -66,6 +68,13 @@ struct DfmpcOptions {
   bool compensate = true;
   // Weigh input columns by the preceding RMSNorm gain squared.
   bool norm_weighted = true;
+  // Not data-free: replace D by the calibration Hessian H of the layer input
+  // (wv: the attention input, w_up: the FFN input; full matrix, damped by
+  // QuantizeConfig::gptq.percdamp x its mean diagonal), i.e. M_g = (V H Qᵀ)(Q H Qᵀ)⁻¹
+  // and c_i = u_i H q_iᵀ / q_i H q_iᵀ: the least-squares optimum on the
+  // calibration activations. Needs QuantizeConfig::calib_path; overrides
+  // norm_weighted for the fits (the composite-error measures keep norm weights).
+  bool calibrated = false;
 };
 
 // The head map M (hd x hd, row-major, double) for V, Q: [hd, cols] row-major.
@@ -97,6 +106,17 @@ double DfmpcAttentionError(const float* wo, const float* wo_hat, const float* wv
                            int n_heads, int n_kv_heads, int hd, std::span<const float> col_weight);
 double DfmpcFfnError(const float* w_down, const float* w_down_hat, const float* w_up, const float* q_up,
                      int64_t dim, int64_t hidden, std::span<const float> col_weight);
+
+// Calibrated weighting: the upper factor U (float, [dim, dim], row-major) of
+// H + δ I = Uᵀ U with δ = damp x mean diagonal of H (raised to 1e-2, 1e-1 of
+// it if needed for positive definiteness); `what` names H in errors (wrong
+// width, zero or non-finite H).
+struct Hessian;
+absl::StatusOr<std::vector<float>> DfmpcHessianFactor(const Hessian& h, int64_t dim, double damp,
+                                                      const std::string& what);
+// Rows of x [n, dim] -> x Uᵀ: then <x'_a, y'_b> = x_a (H + δI) y_bᵀ, so the
+// D = I closed forms above fit the calibration data.
+std::vector<float> DfmpcWhiten(const float* x, int64_t n, int64_t dim, const std::vector<float>& u);
 
 // Per-layer composite errors of the quantized model against the fp32 one.
 struct DfmpcLayerError {

@@ -121,6 +121,73 @@ TEST(DfmpcClosedForm, HeadMapMatchesIndependentLeastSquares) {
   }
 }
 
+// The calibrated variant: whitening by the factor of H = (2/N) XᵀX turns the
+// head map into the least-squares fit on the data itself,
+// argmin_M Σ_t ||V x_t - M Q x_t||², solved independently on the projected data.
+TEST(DfmpcClosedForm, CalibratedHeadMapIsTheDataLeastSquaresFit) {
+  std::mt19937 rng(5);
+  const int hd = 8, cols = 48, n = 400;
+  // Correlated, anisotropic activations: X = Z A with a few loud channels.
+  std::vector<float> z = Random(n * cols, &rng), mix = Random(cols * cols, &rng, 0.3f);
+  for (int j = 0; j < cols; ++j) mix[j * cols + j] += (j % 7 == 0) ? 6.0f : 1.0f;
+  std::vector<float> x(n * cols, 0.0f);
+  for (int t = 0; t < n; ++t)
+    for (int k = 0; k < cols; ++k)
+      for (int j = 0; j < cols; ++j) x[t * cols + j] += z[t * cols + k] * mix[k * cols + j];
+  Hessian h;
+  h.dim = cols;
+  h.n_tokens = n;
+  h.h.assign(cols * cols, 0.0f);
+  for (int a = 0; a < cols; ++a)
+    for (int b = 0; b < cols; ++b) {
+      double s = 0;
+      for (int t = 0; t < n; ++t) s += double(x[t * cols + a]) * x[t * cols + b];
+      h.h[a * cols + b] = static_cast<float>(2.0 * s / n);
+    }
+  const std::vector<float> v = Random(hd * cols, &rng);
+  const std::vector<float> q = FakeQuant(v, hd, cols, "int2_g32");
+  auto u = DfmpcHessianFactor(h, cols, 0.0, "test H");
+  ASSERT_TRUE(u.ok()) << u.status();
+  const std::vector<float> vw = DfmpcWhiten(v.data(), hd, cols, *u), qw = DfmpcWhiten(q.data(), hd, cols, *u);
+  auto m = DfmpcHeadMap(vw.data(), qw.data(), hd, cols, {}, 0.0);
+  ASSERT_TRUE(m.ok()) << m.status();
+  // Reference: project the data (rows of V X^T, Q X^T are hd x n) and fit with unit weights.
+  std::vector<float> vx(hd * n, 0.0f), qx(hd * n, 0.0f), ones(n, 1.0f);
+  for (int i = 0; i < hd; ++i)
+    for (int t = 0; t < n; ++t) {
+      double a = 0, b = 0;
+      for (int j = 0; j < cols; ++j) a += double(v[i * cols + j]) * x[t * cols + j], b += double(q[i * cols + j]) * x[t * cols + j];
+      vx[i * n + t] = static_cast<float>(a);
+      qx[i * n + t] = static_cast<float>(b);
+    }
+  const std::vector<double> ref = ReferenceMap(vx, qx, hd, n, ones, 0.0);
+  for (int i = 0; i < hd * hd; ++i) EXPECT_NEAR((*m)[i], ref[i], 2e-3 * (1 + std::abs(ref[i]))) << i;
+  // And on that data it beats the data-free (unit-weight) map and no compensation.
+  auto data_error = [&](const std::vector<double>& mm) {
+    double e = 0;
+    for (int t = 0; t < n; ++t)
+      for (int i = 0; i < hd; ++i) {
+        double mq = 0;
+        for (int k = 0; k < hd; ++k) mq += mm[i * hd + k] * qx[k * n + t];
+        e += (vx[i * n + t] - mq) * (vx[i * n + t] - mq);
+      }
+    return e;
+  };
+  auto plain = DfmpcHeadMap(v.data(), q.data(), hd, cols, {}, 0.0);
+  ASSERT_TRUE(plain.ok());
+  std::vector<double> eye(hd * hd, 0.0);
+  for (int i = 0; i < hd; ++i) eye[i * hd + i] = 1.0;
+  EXPECT_LT(data_error(*m), data_error(*plain));
+  EXPECT_LT(data_error(*m), data_error(eye));
+  // Bad H: wrong width, all zero.
+  EXPECT_FALSE(DfmpcHessianFactor(h, cols + 1, 0.0, "test H").ok());
+  Hessian zero = h;
+  std::fill(zero.h.begin(), zero.h.end(), 0.0f);
+  auto zs = DfmpcHessianFactor(zero, cols, 0.01, "test H");
+  ASSERT_FALSE(zs.ok());
+  EXPECT_NE(zs.status().message().find("test H"), std::string::npos);
+}
+
 TEST(DfmpcClosedForm, CompensationIsOptimalAndBeatsNone) {
   std::mt19937 rng(2);
   const int dim = 64, nh = 4, nkv = 2, hd = 8, qdim = nh * hd, kvdim = nkv * hd;

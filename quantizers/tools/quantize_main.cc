@@ -130,7 +130,8 @@ int main(int argc, char** argv) {
                                          "dfmpc: relative ridge pulling the compensation toward identity (>= 0)")
                               ->capture_default_str();
   auto* dfmpc_w_opt = app.add_option("--dfmpc-weighting", dfmpc_weighting,
-                                     "dfmpc: input-column weights: norm (RMSNorm gain squared) | none")
+                                     "dfmpc: input-column weights: norm (RMSNorm gain squared) | none | calib "
+                                     "(calibration Hessian of the layer input; needs --calib, not data-free)")
                           ->capture_default_str();
   auto* dfmpc_nc_opt = app.add_flag("--dfmpc-no-compensation", dfmpc_no_comp,
                                     "dfmpc: same per-tensor formats, no compensation (equal-bits RTN baseline)");
@@ -217,12 +218,16 @@ int main(int argc, char** argv) {
     if (!(std::isfinite(dfmpc_ridge) && dfmpc_ridge >= 0.0))
       return Fail(absl::InvalidArgumentError(absl::StrCat("--dfmpc-ridge: ", dfmpc_ridge, " is not finite and >= 0")));
     cfg.dfmpc.ridge = dfmpc_ridge;
-    if (dfmpc_weighting != "norm" && dfmpc_weighting != "none")
+    if (dfmpc_weighting != "norm" && dfmpc_weighting != "none" && dfmpc_weighting != "calib")
       return Fail(absl::InvalidArgumentError(absl::StrCat("--dfmpc-weighting: '", dfmpc_weighting,
-                                                          "' is not norm or none")));
+                                                          "' is not norm, none or calib")));
     cfg.dfmpc.norm_weighted = dfmpc_weighting == "norm";
+    cfg.dfmpc.calibrated = dfmpc_weighting == "calib";
     cfg.dfmpc.compensate = !dfmpc_no_comp;
-    if (!calib.empty()) fprintf(stderr, "quantize: dfmpc is data-free; --calib is ignored\n");
+    if (cfg.dfmpc.calibrated && calib.empty())
+      return Fail(absl::InvalidArgumentError("--dfmpc-weighting calib needs calibration text (--calib FILE)"));
+    if (!calib.empty() && !cfg.dfmpc.calibrated)
+      fprintf(stderr, "quantize: dfmpc is data-free; --calib is ignored\n");
   }
   cfg.calib_path = calib;
   cfg.calib_tokens = calib_tokens;
