@@ -26,6 +26,8 @@ unless --keep, logs/).
     python3 bench/quality.py                # run what is missing, then write the doc
     python3 bench/quality.py --llamacpp     # also run llama.cpp's half first (resumable)
     python3 bench/quality.py --doc-only     # only regenerate docs/QUALITY.md + quality.png
+    python3 bench/quality.py -o bench/results/x.json --only smollm2:boa --doc /tmp/q.md --png /tmp/q.png
+    python3 bench/quality.py --merge bench/results/x.json --doc-only   # then fold x.json into the main results
 """
 import argparse
 import json
@@ -81,7 +83,7 @@ CONFIGS = (
     + [("smollm2", "gptq", "int4_g64", E4), ("smollm2", "gptq", "int3_g128", E4)]
     # BoA beside GPTQ (same calibration, same embedding format).
     + [("stories260K", "boa", f, E4) for f in ("int4_g32", "int3_g64", "int2_g64")]
-    + [("smollm2", "boa", "int3_g64", E4)]
+    + [("smollm2", "boa", f, E8) for f in ("int3_g64", "int4_g128")]
     # DF-MPC against the same per-tensor formats without compensation.
     + [("stories260K", m, f, E8) for f in ("int2_g64/int4_g64", "int2_g64/int8_g32", "int3_g64/int4_g64")
        for m in ("dfmpc-nocomp", "dfmpc")]
@@ -91,7 +93,7 @@ CONFIGS = (
     + [("stories260K", "gptq", f, e) for f, e in (("int3_g64_sym", "int4_g64"), ("int3_g64_sym", "int3_g64"),
                                                    ("int2_g64_sym", "int3_g64"), ("int2_g64_sym", "int2_g64"))]
     + [("stories260K", "gptq", f"bpw{b}", "auto") for b in ("2.5434", "3.5653")]
-    + [("smollm2", "gptq", f"bpw{b}", "auto") for b in ("3.5", "4.5", "5.14")]
+    + [("smollm2", "gptq", f"bpw{b}", "auto") for b in ("2.5", "3.5", "4.5", "5.14")]
     # SmolLM2's reference is Q4_1 dequantized: int4_g32 asymmetric (fp16 scale + min per 32) can represent
     # it exactly, so RTN int4_g32 measures how close the clip search gets to that grid.
     + [("smollm2", "rtn", "int4_g32", E4), ("smollm2", "rtn", "int4_g32", "int8_g64"),
@@ -190,8 +192,15 @@ def ensure_reference(name, cfg, args, doc):
     logits = os.path.join(WORK, f"{name}.ref.logits")
     key = key_of(name, "ref", "f32", "f32")
     settings = cfg["settings"]
-    if os.path.exists(logits) and find(doc, key, settings) and not args.force_ref:
-        return logits
+    if os.path.exists(logits) and not args.force_ref:
+        if find(doc, key, settings):
+            return logits
+        # A separate results file (-o): reuse the main file's reference entry with the saved logits.
+        main_ref = find(load_json(RESULTS), key, settings) if os.path.abspath(args.output) != RESULTS else None
+        if main_ref:
+            put(doc, main_ref)
+            save_json(args.output, doc)
+            return logits
     cmd = [os.path.join(args.bin, "nibble-perplexity"), "-m", cfg["src"]]
     if cfg["tokenizer"]:
         cmd += ["--tokenizer", cfg["tokenizer"]]
@@ -308,9 +317,20 @@ def main():
                     help="evaluate with the fused int8-activation kernels instead of the exact fp32 reference path")
     ap.add_argument("--llamacpp", action="store_true", help="run bench/llamacpp_quality.py (resumable) first")
     ap.add_argument("--doc-only", action="store_true", help="only regenerate docs/QUALITY.md and docs/quality.png")
+    ap.add_argument("--merge", action="append", default=[], metavar="JSON",
+                    help="first copy every non-reference entry of this results file (written by a separate run with "
+                         "-o) into -o, replacing entries with the same key; repeatable")
     ap.add_argument("--doc", default=os.path.join(ROOT, "docs", "QUALITY.md"))
     ap.add_argument("--png", default=os.path.join(ROOT, "docs", "quality.png"))
     args = ap.parse_args()
+
+    for path in args.merge:
+        doc, other = load_json(args.output), load_json(path)
+        moved = [e for e in other.get("entries", []) if e.get("method") != "ref"]
+        for e in moved:
+            put(doc, e)
+        save_json(args.output, doc)
+        print(f"merged {len(moved)} entries of {path} into {args.output}", file=sys.stderr)
 
     if not args.doc_only:
         if args.llamacpp:

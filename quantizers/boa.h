@@ -67,7 +67,14 @@ struct BoaStats {
 // inside) and the attention-aware ones. A sequence starts with a batch at
 // pos0 == 0; batches of one sequence must arrive in order (LlamaModel::Forward
 // does that). Memory: dim^2 doubles per KV head and layer for H_col of W_V,
-// plus the current sequence's attention inputs.
+// plus the current sequence's attention inputs, plus per-batch scratch
+// (n_heads * n_tokens * dim floats of attention-weighted inputs).
+// Speed: one OnAttention runs n_heads + 2 * n_kv_heads independent work items
+// (per query head: scores and z = A X as fp32 GEMMs; per KV head: the query
+// and the key row Hessian) on opts.n_threads threads, then the W_V Hessians
+// as blocked syrks; every item owns its output, so the result does not depend
+// on the thread count. Scratch is reused across calls (no per-token
+// allocation).
 // Thread safety: forwarding thread only.
 class BoaCollector : public ActivationObserver {
  public:
@@ -87,8 +94,14 @@ class BoaCollector : public ActivationObserver {
   ModelConfig config_;
   CollectorOptions opts_;
   HessianCollector plain_;
+  struct Scratch;
   std::vector<std::unique_ptr<Layer>> layers_;
-  std::vector<float> cos_, sin_;  // [pos, rope_dim / 2] rotation table, grown on demand
+  std::vector<double> cos_, sin_;  // [pos, rope_dim / 2] rotation table (fp32 values), grown on demand
+  std::vector<int> pair_index_;    // [head_dim] original dim -> index in the pair basis (see boa.cc)
+  std::vector<float> kg_;          // [n_kv_heads, positions, head_dim] keys by KV head
+  std::vector<float> xt_;          // [dim, positions] attention inputs, transposed
+  std::vector<float> z_;           // [n_heads, n_tokens, dim] attention-weighted inputs of the batch
+  std::vector<std::unique_ptr<Scratch>> scratch_;  // per worker thread
   absl::Status status_;
 
   bool InRange(int layer) const;

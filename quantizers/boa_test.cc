@@ -250,12 +250,15 @@ class Recorder : public ActivationObserver {
   int batches_ = 0;
 };
 
-// (c) The collector's Hessians vs a naive computation on stories260K.
-TEST(BoaCollectorTest, Stories260KMatchesNaive) {
+// (c) The collector's Hessians vs a naive computation on stories260K, with
+// the model's own RoPE pairing (interleaved) and with rotate-half pairs (the
+// model then applies that RoPE too; weights are the same).
+void CheckCollectorMatchesNaive(RopeStyle style) {
   LoadOptions lo;
   lo.tokenizer_path = Stories260KTokenizer();
   auto loaded = LoadModel(Stories260KModel(), lo);
   ASSERT_TRUE(loaded.ok()) << loaded.status();
+  loaded->config.rope_style = style;
   auto model = LlamaModel::Create(*std::move(loaded), 1);
   ASSERT_TRUE(model.ok()) << model.status();
   const ModelConfig c = (*model)->config();
@@ -339,6 +342,47 @@ TEST(BoaCollectorTest, Stories260KMatchesNaive) {
       expect_near(s.k_row[g], hk, 1.0 / (double(L) * hd), "k_row");
       expect_near(s.v_col[g], hv, 2.0 / (double(L) * gs), "v_col");
     }
+  }
+}
+
+TEST(BoaCollectorTest, Stories260KMatchesNaive) { CheckCollectorMatchesNaive(RopeStyle::kInterleaved); }
+
+TEST(BoaCollectorTest, RotateHalfMatchesNaive) { CheckCollectorMatchesNaive(RopeStyle::kHalf); }
+
+// The collector's statistics do not depend on the number of threads.
+TEST(BoaCollectorTest, ThreadCountInvariant) {
+  ModelConfig c;
+  // Big enough for ParallelItems to use threads; rope_dim < head_dim leaves dims unrotated.
+  c.dim = 128, c.n_heads = 4, c.n_kv_heads = 2, c.head_dim = 16, c.rope_dim = 12, c.n_layers = 1;
+  c.rope_theta = 10000.0f;
+  const int L = 256;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(L * c.dim), q(L * c.q_dim()), k(L * c.kv_dim());
+  for (auto* b : {&x, &q, &k})
+    for (auto& e : *b) e = nd(rng);
+  std::vector<BoaStats> out;
+  for (int threads : {1, 3}) {
+    CollectorOptions o;
+    o.n_threads = threads;
+    BoaCollector col(c, o);
+    for (int b0 : {0, 128}) {  // two batches of 128 tokens
+      const int n = 128;
+      col.OnLinearInput(0, LinearInput::kAttnIn, x.data() + b0 * c.dim, n, c.dim);
+      col.OnAttention(0, {q.data() + b0 * c.q_dim(), k.data(), k.data(), n, b0, c.n_heads, c.n_kv_heads,
+                          c.head_dim});
+    }
+    auto st = col.Finish();
+    ASSERT_TRUE(st.ok()) << st.status();
+    out.push_back(*std::move(st));
+  }
+  const BoaLayerStats &a = out[0].layers[0], &b = out[1].layers[0];
+  ASSERT_EQ(a.q_row.size(), 2u);
+  ASSERT_EQ(b.q_row.size(), 2u);
+  for (int g = 0; g < 2; ++g) {
+    EXPECT_EQ(a.q_row[g].h, b.q_row[g].h);
+    EXPECT_EQ(a.k_row[g].h, b.k_row[g].h);
+    EXPECT_EQ(a.v_col[g].h, b.v_col[g].h);
   }
 }
 
