@@ -7,6 +7,8 @@
 // Args: {rows, cols, n_tokens, isa (0 scalar, 1 avx2, 2 avx512)}.
 #include <benchmark/benchmark.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -58,6 +60,18 @@ void BM_QMatMul(benchmark::State& state, fmt::Format f) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   for (float& v : x) v = nd(rng);
   QMatMulScratch scratch;
+  // Guard: every ISA must equal the scalar kernel bit for bit on this shape
+  // (qmatmul.h's contract; the unit test covers small shapes only).
+  // (NIBBLE_QMM_BENCH_NO_CHECK=1 skips it: timing experiments only.)
+  if (isa != QIsa::kScalar && std::getenv("NIBBLE_QMM_BENCH_NO_CHECK") == nullptr) {
+    std::vector<float> ref(y.size());
+    QuantMatMulIsa(QIsa::kScalar, p.view, x.data(), n_tokens, ref.data(), nullptr, &scratch);
+    QuantMatMulIsa(isa, p.view, x.data(), n_tokens, y.data(), nullptr, &scratch);
+    if (std::memcmp(ref.data(), y.data(), y.size() * sizeof(float)) != 0) {
+      state.SkipWithError("result differs from the scalar kernel");
+      return;
+    }
+  }
   for (auto _ : state) {
     QuantMatMulIsa(isa, p.view, x.data(), n_tokens, y.data(), nullptr, &scratch);
     benchmark::DoNotOptimize(y.data());
@@ -88,6 +102,8 @@ int Register() {
     auto* b = benchmark::RegisterBenchmark((std::string(name) + "/gemv").c_str(), BM_QMatMul, f);
     for (const auto& s : shapes)
       for (int isa : {2, 1}) b->Args({s[0], s[1], 1, isa});
+    // L1/L2-resident (64 rows): the kernel's compute cost without the weight stream.
+    b->Args({64, 576, 1, 2});
     b->Args({576, 576, 1, 0});
     auto* g = benchmark::RegisterBenchmark((std::string(name) + "/gemm16").c_str(), BM_QMatMul, f);
     g->Args({1536, 576, 16, 2})->Args({1536, 576, 16, 1});

@@ -7,10 +7,13 @@
 // templates on (code layout, header kind, group / 32), so the per-step header
 // parse has no switch and the group index no division. Decode: 4-row x
 // 1-token tiles (activation loads shared, one joint reduction, prefetch 2
-// tiles ahead). Prefill: 1-row x up-to-6-token tiles (each unpacked step
+// tiles ahead); on AVX512_VBMI CPUs DecodeTile (scales of 4 rows per step
+// converted jointly, vpermb / vpmultishiftqb unpacking; see its section),
+// elsewhere (and with NIBBLE_QMM_NO_VBMI set) Tile<4, 1>. Prefill: 1-row x up-to-6-token tiles (each unpacked step
 // serves 6 tokens). fp32 order: the canonical one of qmatmul_internal.h
 // (bit-identical to the scalar and AVX2 kernels; qmatmul_test asserts it).
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 // Decode prefetch distance in 4-row tiles (override with -DNIBBLE_QMM_PF=N).
@@ -262,7 +265,216 @@ NIBBLE_AVX512 void Tile(const FormatInfo& fi, const uint8_t* row0, int64_t row_b
 
 inline constexpr int64_t kPrefetchTiles = NIBBLE_QMM_PF;
 
+// ------------------------------------------------------- decode (VBMI) ---
+// The 4-row GEMV tile with fewer instructions per pair step (2 blocks x 4
+// rows) than Tile<4, 1>:
+//  * scales: the 4 rows' headers of the step go through 2 vpermt2w + 1 insert
+//    into 16 fp16 values [d_b, d_b+1, m_b, m_b+1] per row, ONE conversion and
+//    ONE multiply by [dx_b, dx_b+1] (a broadcast load) give all 16 products
+//    fl(d_g dx_b), fl(m_g dx_b), and one vpermps per term and row spreads a
+//    row's pair over the two 8-lane halves (was: per row a scalar header
+//    parse, conversion, 2 permutes and 2 multiplies);
+//  * codes: int4 at group 32 (two 16-byte code runs one header apart) in one
+//    masked load + vpermb (was 2 loads, 2 zero-extends and an insert); 2-bit
+//    codes by vpmultishiftqb (3 ops per 64 codes, was 6).
+// The products and fma chains are exactly the canonical ones
+// (qmatmul_internal.h): results stay bit-identical to the scalar kernel.
+// Needs AVX512_VBMI (Ice Lake and later, Zen 4); other CPUs keep Tile<4, 1>.
+
+#define NIBBLE_AVX512VBMI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,f16c,fma,avx2")))
+#define NIBBLE_VBMI_INLINE NIBBLE_AVX512VBMI __attribute__((always_inline)) inline
+#define NIBBLE_VBMI_INLINE_LAMBDA NIBBLE_AVX512VBMI __attribute__((always_inline))
+
+template <CodeKind C>
+constexpr int kCodeBits = C == CodeKind::kU8 ? 8 : C == CodeKind::kU4 ? 4 : C == CodeKind::kU3 ? 3 : C == CodeKind::kU2 ? 2 : 1;
+template <HeaderKind H>
+constexpr int kHeaderBytes = H == HeaderKind::kIntAsym ? 4 : 2;  // int, ternary, binary (not bintern)
+// Block bytes of the formats the decode tile handles (RowsAvx512 checks it).
 template <CodeKind C, HeaderKind H, int SPG>
+constexpr int kDecodeBlockBytes = kHeaderBytes<H> + SPG * kBlock * kCodeBits<C> / 8;
+
+template <typename T, int N>
+struct alignas(64) Table {
+  T v[N];
+};
+// vpermt2w: header words of rows A (first table) and B (second) -> words
+// [d_b, d_b+1, m_b, m_b+1] of A (0-3) and of B (4-7). Kinds without a stored
+// m take d there (scaled by kScaleMul). SPG > 1: blocks b, b + 1 share one header.
+template <CodeKind C, HeaderKind H, int SPG>
+constexpr Table<int16_t, 32> MakeHeaderIdx() {
+  constexpr int bb = kDecodeBlockBytes<C, H, SPG>;
+  constexpr int next = SPG == 1 ? bb / 2 : 0;  // word of block b + 1's header
+  constexpr int m = H == HeaderKind::kIntAsym ? 1 : 0;
+  Table<int16_t, 32> t{};
+  for (int j = 0; j < 2; ++j) {
+    t.v[4 * j + 0] = static_cast<int16_t>(32 * j);
+    t.v[4 * j + 1] = static_cast<int16_t>(32 * j + next);
+    t.v[4 * j + 2] = static_cast<int16_t>(32 * j + m);
+    t.v[4 * j + 3] = static_cast<int16_t>(32 * j + next + m);
+  }
+  return t;
+}
+template <CodeKind C, HeaderKind H, int SPG>
+inline constexpr Table<int16_t, 32> kHeaderIdx = MakeHeaderIdx<C, H, SPG>();
+// [d, d, m, m] per row from the header's a (ParseGroup's exact factors).
+template <CodeKind C, HeaderKind H>
+constexpr Table<float, 16> MakeScaleMul() {
+  const float d = H == HeaderKind::kBinary ? 2.0f : 1.0f;
+  const float m = H == HeaderKind::kIntSym ? -static_cast<float>(1 << (kCodeBits<C> - 1)) : -1.0f;
+  Table<float, 16> t{};
+  for (int r = 0; r < 4; ++r) t.v[4 * r] = t.v[4 * r + 1] = d, t.v[4 * r + 2] = t.v[4 * r + 3] = m;
+  return t;
+}
+template <CodeKind C, HeaderKind H>
+inline constexpr Table<float, 16> kScaleMul = MakeScaleMul<C, H>();
+// vpermps: row r's d (m) products of blocks b, b + 1 -> lanes 0-7, 8-15.
+constexpr Table<int32_t, 16> MakeSpread(int lane) {
+  Table<int32_t, 16> t{};
+  for (int i = 0; i < 16; ++i) t.v[i] = lane + i / 8;
+  return t;
+}
+inline constexpr Table<int32_t, 16> kSpread[4] = {MakeSpread(0), MakeSpread(2), MakeSpread(4), MakeSpread(6)};
+// int4 at group 32 (bb = header + 16): word i < 16 takes code byte i, word
+// 16 + i byte bb + i of the next block (offsets from the codes' start).
+template <HeaderKind H>
+constexpr Table<int8_t, 64> MakeU4Idx() {
+  Table<int8_t, 64> t{};
+  for (int i = 0; i < 32; ++i) t.v[2 * i] = static_cast<int8_t>(kHeaderBytes<H> + (i < 16 ? i : kHeaderBytes<H> + i));
+  return t;
+}
+template <HeaderKind H>
+inline constexpr Table<int8_t, 64> kU4Idx = MakeU4Idx<H>();
+// 2-bit codes: output byte j of qword k takes bits 16 (k % 4) + 2 j of its
+// qword, which holds the 8 code bytes of cols 32 (k / 4) .. + 31.
+constexpr Table<int8_t, 64> MakeU2Ctrl() {
+  Table<int8_t, 64> t{};
+  for (int i = 0; i < 64; ++i) t.v[i] = static_cast<int8_t>(16 * ((i / 8) % 4) + 2 * (i % 8));
+  return t;
+}
+inline constexpr Table<int8_t, 64> kU2Ctrl = MakeU2Ctrl();
+
+NIBBLE_VBMI_INLINE __m512i U2Pair(const uint8_t* q0, const uint8_t* q1, bool two) {
+  const __m256i lo = _mm256_set1_epi64x(static_cast<long long>(Load64(q0)));
+  const __m512i v = two ? _mm512_inserti64x4(_mm512_castsi256_si512(lo),
+                                             _mm256_set1_epi64x(static_cast<long long>(Load64(q1))), 1)
+                        : _mm512_zextsi256_si512(lo);
+  return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(kU2Ctrl.v), v), _mm512_set1_epi8(3));
+}
+
+// One row's pair step input: the bytes holding its header(s) (hdr; for int4 at
+// group 32 also the codes) and the u8 codes of blocks b, b + 1. `two` is false
+// only for a last pair with an odd block count at SPG == 1 (block b + 1 does
+// not exist: nothing of it is read, its half of q is zero).
+template <CodeKind C, HeaderKind H, int SPG>
+NIBBLE_VBMI_INLINE void LoadRowPair(const uint8_t* row, int64_t b, bool two, __m512i& hdr, __m512i& q) {
+  constexpr int bb = kDecodeBlockBytes<C, H, SPG>;
+  constexpr int hb = kHeaderBytes<H>;
+  if constexpr (SPG == 1) {
+    const uint8_t* p0 = row + b * bb;
+    if constexpr (C == CodeKind::kU4) {
+      // Both blocks whole (2 bb <= 40 bytes) in one masked load.
+      hdr = _mm512_maskz_loadu_epi8(two ? (__mmask64{1} << (2 * bb)) - 1 : (__mmask64{1} << bb) - 1, p0);
+      const __m512i w = _mm512_maskz_permutexvar_epi8(__mmask64{0x5555555555555555ull},
+                                                      _mm512_load_si512(kU4Idx<H>.v), hdr);
+      q = _mm512_ternarylogic_epi32(w, _mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
+      q = _mm512_maskz_mov_epi64(two ? 0xff : 0x0f, q);
+      return;
+    }
+    hdr = _mm512_maskz_loadu_epi8(two ? (__mmask64{1} << (bb + hb)) - 1 : (__mmask64{1} << hb) - 1, p0);
+    const uint8_t* c0 = p0 + hb;
+    const uint8_t* c1 = c0 + bb;
+    if constexpr (C == CodeKind::kU8) {
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0));
+      q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_maskz_loadu_epi8(two ? ~__mmask32{0} : 0, c1), 1);
+    } else if constexpr (C == CodeKind::kU2) {
+      q = U2Pair(c0, c1, two);
+    } else {
+      const __m256i lo = Unpack32<C>(c0, kBlock, 0, false);
+      q = two ? _mm512_inserti64x4(_mm512_castsi256_si512(lo), Unpack32<C>(c1, kBlock, 0, false), 1)
+              : _mm512_zextsi256_si512(lo);
+    }
+  } else {
+    // Both sub-blocks lie in this group's block; a sub-block past cols meets
+    // zero activations and a zero dx (padding blocks).
+    const uint8_t* blk = row + (b / SPG) * bb;
+    const uint8_t* codes = blk + hb;
+    const int k = static_cast<int>(b % SPG);
+    hdr = _mm512_castsi128_si512(_mm_cvtsi32_si128(static_cast<int>(Load32(blk))));  // blocks >= 4 bytes
+    if constexpr (C == CodeKind::kU2) {
+      q = U2Pair(codes + 8 * k, codes + 8 * k + 8, true);
+    } else {
+      q = Unpack64<C>(codes, SPG * kBlock, k, false);
+    }
+  }
+}
+
+// Blocks b, b + 1 of two rows (rowa, rowa + row_bytes) into their D / M
+// accumulators of one slot pair (canonical lanes). dxv = [dx_b, dx_b+1] per
+// lane pair; x, xs: the pair's activations and their 4-column sums.
+template <CodeKind C, HeaderKind H, int SPG>
+NIBBLE_VBMI_INLINE void DecodeHalf(const uint8_t* rowa, int64_t row_bytes, int64_t b, bool two, __m512 dxv, __m512i x,
+                                   __m512 xs, __m512& da, __m512& ma, __m512& db, __m512& mb) {
+  __m512i hdr0, hdr1, q0, q1;
+  LoadRowPair<C, H, SPG>(rowa, b, two, hdr0, q0);
+  LoadRowPair<C, H, SPG>(rowa + row_bytes, b, two, hdr1, q1);
+  // 8 fp16 [d_b, d_b+1, m_b, m_b+1] of the two rows -> 8 products (upper lanes unused).
+  const __m512i hw = _mm512_permutex2var_epi16(hdr0, _mm512_load_si512(kHeaderIdx<C, H, SPG>.v), hdr1);
+  __m512 f = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm512_castsi512_si128(hw)));
+  if constexpr (H != HeaderKind::kIntAsym) f = _mm512_mul_ps(f, _mm512_load_ps(kScaleMul<C, H>.v));
+  const __m512 sc = _mm512_mul_ps(f, dxv);
+  const __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, x);
+  const __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q1, x);
+  da = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_permutexvar_ps(_mm512_load_si512(kSpread[0].v), sc), da);
+  ma = _mm512_fmadd_ps(xs, _mm512_permutexvar_ps(_mm512_load_si512(kSpread[1].v), sc), ma);
+  db = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_permutexvar_ps(_mm512_load_si512(kSpread[2].v), sc), db);
+  mb = _mm512_fmadd_ps(xs, _mm512_permutexvar_ps(_mm512_load_si512(kSpread[3].v), sc), mb);
+}
+
+// One slot pair's pass over a 4-row tile: steps b = b0, b0 + 4, ... (b0 = 0
+// or 2), each blocks b, b + 1. The accumulators are plain locals (arrays or a
+// shared 16-accumulator struct made GCC keep them in memory, stored every step).
+template <CodeKind C, HeaderKind H, int SPG>
+NIBBLE_VBMI_INLINE void DecodePass(const uint8_t* row0, int64_t row_bytes, int64_t nb_used, int64_t b0,
+                                   const int8_t* xq, const float* dx, const float* x4, __m512* d, __m512* m) {
+  __m512 d0 = _mm512_setzero_ps(), d1 = d0, d2 = d0, d3 = d0, m0 = d0, m1 = d0, m2 = d0, m3 = d0;
+  auto step = [&](int64_t b, bool two) NIBBLE_VBMI_INLINE_LAMBDA {
+    // [dx_b, dx_b+1] in every lane pair (dx has nb >= b + 2 entries).
+    const __m512 dxv = _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(dx + b)));
+    const __m512i x = _mm512_load_si512(xq + b * kBlock);
+    const __m512 xs = _mm512_load_ps(x4 + b * 8);
+    DecodeHalf<C, H, SPG>(row0, row_bytes, b, two, dxv, x, xs, d0, m0, d1, m1);
+    DecodeHalf<C, H, SPG>(row0 + 2 * row_bytes, row_bytes, b, two, dxv, x, xs, d2, m2, d3, m3);
+  };
+  int64_t b = b0;
+  for (; b + 2 <= nb_used; b += 4) step(b, true);
+  if (b < nb_used) step(b, false);  // a last odd block
+  d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3;
+  m[0] = m0, m[1] = m1, m[2] = m2, m[3] = m3;
+}
+
+// Rows row0 .. row0 + 3, token t: out[0 .. 3].
+template <CodeKind C, HeaderKind H, int SPG>
+NIBBLE_AVX512VBMI void DecodeTile(const uint8_t* row0, int64_t row_bytes, int64_t nb_used, const QActs& a, int64_t t,
+                                  float* out) {
+  const int8_t* xq = a.xq + t * a.nb * kBlock;
+  const float* dx = a.dx + t * a.nb;
+  const float* x4 = a.xs4f + t * a.nb * 8;
+  // Slot pair 0 (blocks b % 4 < 2) over the whole row, then slot pair 1:
+  // each pass keeps 8 accumulators live (16 plus the step's temporaries do
+  // not fit the 32 registers). Each lane's fma chain still runs over its
+  // blocks in order (canonical).
+  __m512 d[4], m[4], d1[4], m1[4];
+  DecodePass<C, H, SPG>(row0, row_bytes, nb_used, 0, xq, dx, x4, d, m);
+  DecodePass<C, H, SPG>(row0, row_bytes, nb_used, 2, xq, dx, x4, d1, m1);
+  for (int r = 0; r < 4; ++r) {
+    d[r] = _mm512_add_ps(d[r], d1[r]);
+    m[r] = _mm512_add_ps(m[r], m1[r]);
+  }
+  _mm_storeu_ps(out, Reduce4Rows(d, m));
+}
+
+template <CodeKind C, HeaderKind H, int SPG, bool FAST>
 NIBBLE_AVX512 void RowsFmt(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin,
                            int64_t r_end, const QActs& a, int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
   const int64_t nb_used = (a.cols + kBlock - 1) / kBlock;
@@ -296,7 +508,10 @@ NIBBLE_AVX512 void RowsFmt(const FormatInfo& fi, const uint8_t* data, int64_t ro
         const int64_t pb = std::min(r + 4 * kPrefetchTiles, r_end), pe = std::min(pb + 4, r_end);
         for (const uint8_t *p = data + pb * row_bytes, *e = data + pe * row_bytes; p < e; p += 64)
           _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-        Tile<C, H, SPG, 4, 1>(fi, data + r * row_bytes, row_bytes, nb_used, a, t0, yt + r, ldy);
+        if constexpr (FAST)
+          DecodeTile<C, H, SPG>(data + r * row_bytes, row_bytes, nb_used, a, t0, yt + r);
+        else
+          Tile<C, H, SPG, 4, 1>(fi, data + r * row_bytes, row_bytes, nb_used, a, t0, yt + r, ldy);
       }
       for (; r < r_end; ++r)
         Tile<C, H, SPG, 1, 1>(fi, data + r * row_bytes, row_bytes, nb_used, a, t0, yt + r, ldy);
@@ -308,31 +523,51 @@ NIBBLE_AVX512 void RowsFmt(const FormatInfo& fi, const uint8_t* data, int64_t ro
 using FmtKernel = void (*)(const FormatInfo&, const uint8_t*, int64_t, int64_t, int64_t, const QActs&, int64_t,
                            int64_t, float*, int64_t);
 
+template <CodeKind C, HeaderKind H, int SPG>
+FmtKernel PickFast(int64_t block_bytes, bool fast) {
+  if constexpr (C == CodeKind::kBinTern) {
+    return RowsFmt<C, H, SPG, false>;  // per-group code layout: Tile<4, 1> only
+  } else {
+    return fast && block_bytes == kDecodeBlockBytes<C, H, SPG> ? RowsFmt<C, H, SPG, true> : RowsFmt<C, H, SPG, false>;
+  }
+}
+
 template <CodeKind C, HeaderKind H>
-FmtKernel PickSpg(int spg) {
+FmtKernel PickSpg(int spg, int64_t block_bytes, bool fast) {
   switch (spg) {
-    case 1: return RowsFmt<C, H, 1>;
-    case 2: return RowsFmt<C, H, 2>;
-    default: return RowsFmt<C, H, 4>;
+    case 1: return PickFast<C, H, 1>(block_bytes, fast);
+    case 2: return PickFast<C, H, 2>(block_bytes, fast);
+    default: return PickFast<C, H, 4>(block_bytes, fast);
   }
 }
 
 // Code layouts occurring per header kind (fmt::AllFormats()).
 template <CodeKind C>
-FmtKernel PickHeader(HeaderKind h, int spg) {
+FmtKernel PickHeader(HeaderKind h, int spg, int64_t bb, bool fast) {
   if constexpr (C == CodeKind::kU8 || C == CodeKind::kU4 || C == CodeKind::kU3) {
-    return h == HeaderKind::kIntSym ? PickSpg<C, HeaderKind::kIntSym>(spg) : PickSpg<C, HeaderKind::kIntAsym>(spg);
+    return h == HeaderKind::kIntSym ? PickSpg<C, HeaderKind::kIntSym>(spg, bb, fast)
+                                    : PickSpg<C, HeaderKind::kIntAsym>(spg, bb, fast);
   } else if constexpr (C == CodeKind::kU2) {
     switch (h) {
-      case HeaderKind::kIntSym: return PickSpg<C, HeaderKind::kIntSym>(spg);
-      case HeaderKind::kTernary: return PickSpg<C, HeaderKind::kTernary>(spg);
-      default: return PickSpg<C, HeaderKind::kIntAsym>(spg);
+      case HeaderKind::kIntSym: return PickSpg<C, HeaderKind::kIntSym>(spg, bb, fast);
+      case HeaderKind::kTernary: return PickSpg<C, HeaderKind::kTernary>(spg, bb, fast);
+      default: return PickSpg<C, HeaderKind::kIntAsym>(spg, bb, fast);
     }
   } else if constexpr (C == CodeKind::kU1) {
-    return PickSpg<C, HeaderKind::kBinary>(spg);
+    return PickSpg<C, HeaderKind::kBinary>(spg, bb, fast);
   } else {
-    return PickSpg<C, HeaderKind::kBinTern>(spg);
+    return PickSpg<C, HeaderKind::kBinTern>(spg, bb, fast);
   }
+}
+
+// The VBMI decode path: on CPUs that have it, unless NIBBLE_QMM_NO_VBMI is set
+// (A/B runs, and tests of the Tile<4, 1> path on such CPUs). Read once.
+bool UseVbmiDecode() {
+  static const bool use = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi") && std::getenv("NIBBLE_QMM_NO_VBMI") == nullptr;
+  }();
+  return use;
 }
 
 }  // namespace
@@ -340,16 +575,18 @@ FmtKernel PickHeader(HeaderKind h, int spg) {
 void RowsAvx512(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
                 int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
   const FormatInfo fi = Describe(f);
-  const int64_t rb = f.RowBytes(a.cols);
+  const int64_t groups = (a.cols + fi.group - 1) / fi.group;
+  const int64_t rb = groups * fi.block_bytes;  // f.RowBytes(a.cols) without a second format lookup
   const int spg = fi.group / kBlock;  // 1, 2 or 4 (groups 32, 64, 128)
+  const bool fast = UseVbmiDecode();
   FmtKernel k = nullptr;
   switch (fi.code) {
-    case CodeKind::kU8: k = PickHeader<CodeKind::kU8>(fi.header, spg); break;
-    case CodeKind::kU4: k = PickHeader<CodeKind::kU4>(fi.header, spg); break;
-    case CodeKind::kU3: k = PickHeader<CodeKind::kU3>(fi.header, spg); break;
-    case CodeKind::kU2: k = PickHeader<CodeKind::kU2>(fi.header, spg); break;
-    case CodeKind::kU1: k = PickHeader<CodeKind::kU1>(fi.header, spg); break;
-    case CodeKind::kBinTern: k = PickHeader<CodeKind::kBinTern>(fi.header, spg); break;
+    case CodeKind::kU8: k = PickHeader<CodeKind::kU8>(fi.header, spg, fi.block_bytes, fast); break;
+    case CodeKind::kU4: k = PickHeader<CodeKind::kU4>(fi.header, spg, fi.block_bytes, fast); break;
+    case CodeKind::kU3: k = PickHeader<CodeKind::kU3>(fi.header, spg, fi.block_bytes, fast); break;
+    case CodeKind::kU2: k = PickHeader<CodeKind::kU2>(fi.header, spg, fi.block_bytes, fast); break;
+    case CodeKind::kU1: k = PickHeader<CodeKind::kU1>(fi.header, spg, fi.block_bytes, fast); break;
+    case CodeKind::kBinTern: k = PickHeader<CodeKind::kBinTern>(fi.header, spg, fi.block_bytes, fast); break;
   }
   k(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
 }
