@@ -87,33 +87,11 @@ class CpuBackend final : public Backend {
       cpu::Rope(x + t * width, n_heads, c.head_dim, c.rope_dim, pos0 + t, c.rope_theta, c.rope_style);
   }
 
+  // The tiled kernel shared with the paged path (kernels/cpu/paged_attention.h):
+  // bit-identical to PagedAttention on equal K/V.
   void Attention(const AttentionArgs& a) override {
-    const int total = a.pos0 + a.n_tokens;
-    if (static_cast<int>(scores_.size()) < pool_.size() * total) scores_.resize(size_t(pool_.size()) * total);
-    const int group = a.n_heads / a.n_kv_heads;
-    const int64_t q_width = int64_t{a.n_heads} * a.head_dim;
-    const int64_t kv_width = int64_t{a.n_kv_heads} * a.head_dim;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(a.head_dim));
-    const int64_t work = int64_t{a.n_tokens} * a.n_heads;
-    pool_.ParallelFor(work, 1, [&](int thread, int64_t b, int64_t e) {
-      float* att = scores_.data() + int64_t{thread} * total;
-      for (int64_t i = b; i < e; ++i) {
-        const int t = static_cast<int>(i / a.n_heads), h = static_cast<int>(i % a.n_heads);
-        const int kvh = h / group;
-        const int n_keys = a.pos0 + t + 1;
-        const float* q = a.q + t * q_width + int64_t{h} * a.head_dim;
-        for (int p = 0; p < n_keys; ++p)
-          att[p] = cpu::DotF32(q, a.k_cache + p * kv_width + int64_t{kvh} * a.head_dim, a.head_dim) * scale;
-        cpu::Softmax(att, n_keys);
-        float* o = a.out + t * q_width + int64_t{h} * a.head_dim;
-        std::fill(o, o + a.head_dim, 0.0f);
-        for (int p = 0; p < n_keys; ++p) {
-          const float* v = a.v_cache + p * kv_width + int64_t{kvh} * a.head_dim;
-          const float w = att[p];
-          for (int d = 0; d < a.head_dim; ++d) o[d] += w * v[d];
-        }
-      }
-    });
+    cpu::ContiguousAttention(a.q, a.k_cache, a.v_cache, a.out, a.n_tokens, a.pos0, a.n_heads, a.n_kv_heads,
+                             a.head_dim, &pool_, &scores_);
   }
 
   void SwiGLU(float* gate, const float* up, int64_t n) override {

@@ -1,16 +1,20 @@
-// Causal multi-head (grouped-query) attention over a paged KV cache.
+// Causal multi-head (grouped-query) attention over a paged KV cache, and the
+// same kernel over a contiguous per-sequence cache (ContiguousAttention).
 //
 // Goals: the serving path's attention, reading K/V rows through a block table
-// instead of one contiguous per-sequence buffer; numerically the same
-// two-pass algorithm as the contiguous CPU Attention (scores = q.k * 1/sqrt(d)
-// with cpu::DotF32, max-subtracted cpu::Softmax, then sum_p w_p * v_p in
-// position order), so results agree with it to the last bit when the keys and
-// values are equal. Optional int8 K/V (KvDtype::kInt8): each (position, kv
-// head) K and V vector is stored as symmetric int8 codes with one fp32 scale
-// (x ~= scale * code, scale = max|x| / 127) and dequantized on the fly inside
-// the dot products and the weighted V sum (no temporary fp32 rows, no
-// allocation beyond the `scores` scratch). Non-goals: fp16 K/V, sliding
-// windows, ALiBi, asymmetric / per-channel K quantization.
+// instead of one contiguous per-sequence buffer. One tiled, flash-style kernel
+// (kernels/cpu/paged_attention_tiled.h: K/V streamed in tiles of 64 absolute
+// positions, online softmax with a running max / sum per query row, GQA query
+// heads sharing each K/V tile) serves prefill, chunked prefill and decode, so
+// on one SIMD level each query row's output is bit-identical whatever the
+// block size / table, contiguous vs paged layout, the number of query rows in
+// the call (one-shot vs chunked prefill vs decode) and the thread count.
+// Optional int8 K/V (KvDtype::kInt8): each (position, kv head) K and V vector
+// is stored as symmetric int8 codes with one fp32 scale (x ~= scale * code,
+// scale = max|x| / 127) and dequantized on the fly inside the dot products and
+// the weighted V sum (no temporary fp32 rows). No allocation once the scratch
+// has grown. Non-goals: fp16 K/V, sliding windows, ALiBi, asymmetric /
+// per-channel K quantization.
 //
 // Shapes: q and out are [n_tokens, n_heads * head_dim]; query row t sits at
 // position pos0 + t and attends to positions [0, pos0 + t]. The K row of
@@ -24,7 +28,8 @@
 // followed by int8 codes[block_size][kv_dim]; the section is padded to a
 // multiple of 4 bytes so scales stay 4-byte aligned.
 //
-// Thread safety: reentrant; parallel over (token, head) pairs on `pool`.
+// Thread safety: reentrant (given distinct scratch); parallel over (kv head,
+// query-token tile) items on `pool`.
 #pragma once
 
 #include <cstdint>
@@ -75,8 +80,18 @@ struct PagedAttentionArgs {
 };
 
 // `scores` is per-call scratch (grown as needed; may be reused across calls).
-// pool may be null (single-threaded).
+// pool may be null (single-threaded). Runs at ActiveIsa() (ops.h). Malformed
+// shapes (n_heads not a multiple of n_kv_heads > 0, head_dim <= 0, pos0 < 0,
+// a block table too short for pos0 + n_tokens) read nothing and fill `out`
+// with NaN.
 void PagedAttention(const PagedAttentionArgs& a, ThreadPool* pool, std::vector<float>* scores);
+
+// The same kernel over contiguous fp32 K/V: k_cache / v_cache hold
+// [>= pos0 + n_tokens, n_kv_heads * head_dim] (position-major). Bit-identical
+// to PagedAttention on equal K/V values. Other arguments as above.
+void ContiguousAttention(const float* q, const float* k_cache, const float* v_cache, float* out, int n_tokens,
+                         int pos0, int n_heads, int n_kv_heads, int head_dim, ThreadPool* pool,
+                         std::vector<float>* scores);
 
 // Scalar reference in double precision (tests): same contract, no scratch;
 // int8 K/V are dequantized (scale * code) exactly as the fast kernels do.
@@ -85,6 +100,11 @@ void PagedAttentionRef(const PagedAttentionArgs& a);
 // Tests: the int8 kernel at a given SIMD level ("scalar", "avx2", "avx512").
 // Returns false (and computes nothing) if this CPU lacks it or a.kv_dtype is not kInt8.
 bool PagedAttentionInt8ForIsaForTesting(const PagedAttentionArgs& a, const char* isa, std::vector<float>* scores);
+
+// Tests: PagedAttention (either dtype) at a given SIMD level, on `pool` (may
+// be null). Returns false (and computes nothing) if this CPU lacks it.
+bool PagedAttentionForIsaForTesting(const PagedAttentionArgs& a, const char* isa, ThreadPool* pool,
+                                    std::vector<float>* scores);
 
 }  // namespace cpu
 }  // namespace nibble

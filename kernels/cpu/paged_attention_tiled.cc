@@ -1,0 +1,474 @@
+// Tiled (flash-style) attention: see paged_attention_tiled.h for the contract.
+//
+// Per work item (kv head kvh, query heads [h0, h1) of its group, tokens
+// [t0, t1)) and per K/V tile [j0, j1):
+//   1. gather the tile's row pointers (and int8 scales) through the block table;
+//   2. for every query row at position P >= j0, over positions [j0, min(j1, P+1)):
+//        s_j = (q . k_j) * 1/sqrt(d)              (int8: (q . codes_j) * (scale_k,j / sqrt(d)))
+//        m' = max(m, max_j s_j), alpha = exp(m - m'), p_j = exp(s_j - m')
+//        l  = l * alpha + sum_j p_j               (sum in position order)
+//        acc = acc * alpha + sum_j p_j * v_j      (per element, fma in position order;
+//                                                  int8: coefficient p_j * scale_v,j on the codes)
+//   3. out = acc * (1 / l).
+// Rows never interact, so any grouping of rows into items gives the same bits.
+#include "kernels/cpu/paged_attention_tiled.h"
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "kernels/cpu/thread_pool.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+// GCC 12's avx512fintrin.h trips -W(maybe-)uninitialized inside its own
+// _mm512_reduce_* helpers when inlined; not our variables.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace nibble::cpu::internal {
+namespace {
+
+// Query tokens per work item (x the heads of the item = rows sharing each K/V tile).
+constexpr int kTokTile = 16;
+
+// One K/V tile of one kv head: row pointers and, for int8, the scales.
+struct TileRows {
+  const void* k[kKvTile];
+  const void* v[kKvTile];
+  float ks[kKvTile];
+  float vs[kKvTile];
+};
+
+void Gather(const TiledProblem& p, int kvh, int j0, int n, TileRows* t) {
+  const KvSource& s = p.kv;
+  int blk = j0 / s.block_size, slot = j0 % s.block_size;
+  const int64_t kv_dim = int64_t{p.n_kv_heads} * p.head_dim;
+  for (int j = 0; j < n; ++j) {
+    const int64_t boff = int64_t{s.block_table[blk]} * s.block_stride;
+    if (!s.int8) {
+      const int64_t off = boff + (int64_t{slot} * kv_dim + int64_t{kvh} * p.head_dim) * int64_t{sizeof(float)};
+      t->k[j] = s.k + off;
+      t->v[j] = s.v + off;
+    } else {
+      const int64_t idx = int64_t{slot} * p.n_kv_heads + kvh;
+      std::memcpy(&t->ks[j], s.k + boff + idx * 4, sizeof(float));
+      std::memcpy(&t->vs[j], s.v + boff + idx * 4, sizeof(float));
+      t->k[j] = s.k + boff + s.scales_bytes + idx * p.head_dim;
+      t->v[j] = s.v + boff + s.scales_bytes + idx * p.head_dim;
+    }
+    if (++slot == s.block_size) {
+      slot = 0;
+      ++blk;
+    }
+  }
+}
+
+// ---- Per-ISA primitives. Each must be a pure function of its arguments (no
+// dependence on alignment or on neighbouring rows) for the bit-identity promise.
+
+struct ScalarOps {
+  static constexpr bool kTransposed = false;
+  // s[j] = dot(q, k_j) * cs[j] for j < n; returns max_j s[j] (NaN scores skipped).
+  template <class K>
+  static float Scores(const float* q, const void* const* k, const float* /*kt*/, const float* cs, int hd, int n,
+                      float* s) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < n; ++j) {
+      const K* kj = static_cast<const K*>(k[j]);
+      float d = 0.0f;
+      for (int i = 0; i < hd; ++i) d += q[i] * static_cast<float>(kj[i]);
+      s[j] = d * cs[j];
+      mx = std::max(mx, s[j]);
+    }
+    return mx;
+  }
+  // s[j] = exp(s[j] - m); returns sum_j s[j].
+  static float ExpSub(float* s, int n, float m) {
+    float sum = 0.0f;
+    for (int j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - m));
+    return sum;
+  }
+  // acc[0, d) = acc * alpha + sum_j c[j] * v_j  (v_j fp32 or int8 codes).
+  template <class V>
+  static void Pv(float* acc, int d, float alpha, const float* c, const void* const* v, int n) {
+    for (int i = 0; i < d; ++i) {
+      float a = alpha == 1.0f ? acc[i] : acc[i] * alpha;
+      for (int j = 0; j < n; ++j) a += c[j] * static_cast<float>(static_cast<const V*>(v[j])[i]);
+      acc[i] = a;
+    }
+  }
+};
+
+#if defined(__x86_64__)
+#define NIBBLE_TA_AVX2 __attribute__((target("avx2,fma")))
+#define NIBBLE_TA_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
+
+// exp(x) for x <= ~88 (the callers pass s - max <= 0): x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by a degree-7 polynomial (Cephes-style coefficients),
+// 2^n by building the exponent. x below -87.3 is clamped (result ~1e-38, not
+// 0: negligible against the sum's >= 1 term); NaN stays NaN.
+struct ExpConst {
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2Hi = 0.693359375f;
+  static constexpr float kLn2Lo = -2.12194440e-4f;
+  static constexpr float kLo = -87.3365f;
+  static constexpr float kHi = 88.3762626647949f;
+  static constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
+                         kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+};
+
+struct Avx2Ops {
+  NIBBLE_TA_AVX2 static float Hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+  }
+  NIBBLE_TA_AVX2 static __m256 Load8(const int8_t* c) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
+  }
+  NIBBLE_TA_AVX2 static __m256 Load8(const float* v) { return _mm256_loadu_ps(v); }
+  NIBBLE_TA_AVX2 static __m256 Exp(__m256 x) {
+    using C = ExpConst;
+    x = _mm256_min_ps(_mm256_set1_ps(C::kHi), x);  // second operand wins on NaN: NaN kept
+    x = _mm256_max_ps(_mm256_set1_ps(C::kLo), x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(C::kLog2e)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::kLn2Hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::kLn2Lo), r);
+    __m256 y = _mm256_set1_ps(C::kP0);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(C::kP1));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(C::kP2));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(C::kP3));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(C::kP4));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(C::kP5));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  }
+  NIBBLE_TA_AVX2 static float ExpSub(float* s, int n, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+      _mm256_storeu_ps(s + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    if (j < n) {
+      float buf[8] = {};
+      std::memcpy(buf, s + j, sizeof(float) * (n - j));
+      const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(buf), mv));
+      _mm256_storeu_ps(buf, e);
+      std::memcpy(s + j, buf, sizeof(float) * (n - j));
+      const __m256 keep = _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+      sum = _mm256_add_ps(sum, _mm256_and_ps(e, keep));
+    }
+    return Hsum(sum);
+  }
+  static constexpr bool kTransposed = true;
+  // s[j] = (sum_i q_i kt[i][j]) * cs[j] for j < n, kt = the tile transposed
+  // ([hd][kKvTile], fp32). Per lane: an fma chain over i in order. Returns
+  // max_j s[j] (NaN scores skipped).
+  NIBBLE_TA_AVX2 static float ScoresT(const float* q, const float* kt, const float* cs, int hd, int n, float* s) {
+    __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int j = 0; j < n; j += 32) {  // 4 independent chains of 8 keys (kt is kKvTile wide: no overrun)
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int i = 0; i < hd; ++i) {
+        const float* row = kt + int64_t{i} * kKvTile + j;
+        const __m256 qi = _mm256_set1_ps(q[i]);
+        a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(row), a0);
+        a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(row + 8), a1);
+        a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(row + 16), a2);
+        a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(row + 24), a3);
+      }
+      const __m256 acc[4] = {a0, a1, a2, a3};
+      for (int b = 0; b < 4 && j + 8 * b < n; ++b) {
+        const int jb = j + 8 * b, cnt = std::min(8, n - jb);
+        const __m256 v = _mm256_mul_ps(acc[b], _mm256_loadu_ps(cs + jb));
+        const __m256 keep = _mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+        // Lanes past n: -inf (ignored by max); a NaN lane leaves mx unchanged.
+        const __m256 vm = _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()), v, keep);
+        mx = _mm256_max_ps(vm, mx);
+        alignas(32) float buf[8];
+        _mm256_store_ps(buf, v);
+        std::memcpy(s + jb, buf, sizeof(float) * cnt);
+      }
+    }
+    alignas(32) float m8[8];
+    _mm256_store_ps(m8, mx);
+    float r = m8[0];
+    for (int i = 1; i < 8; ++i) r = std::max(r, m8[i]);
+    return r;
+  }
+  template <class V>
+  NIBBLE_TA_AVX2 static void Pv(float* acc, int d, float alpha, const float* c, const void* const* v, int n) {
+    const __m256 al = _mm256_set1_ps(alpha);
+    const bool scale = alpha != 1.0f;
+    int i = 0;
+    for (; i + 32 <= d; i += 32) {
+      __m256 a0 = _mm256_loadu_ps(acc + i), a1 = _mm256_loadu_ps(acc + i + 8);
+      __m256 a2 = _mm256_loadu_ps(acc + i + 16), a3 = _mm256_loadu_ps(acc + i + 24);
+      if (scale) {
+        a0 = _mm256_mul_ps(a0, al), a1 = _mm256_mul_ps(a1, al), a2 = _mm256_mul_ps(a2, al);
+        a3 = _mm256_mul_ps(a3, al);
+      }
+      for (int j = 0; j < n; ++j) {
+        const V* vj = static_cast<const V*>(v[j]) + i;
+        const __m256 cj = _mm256_set1_ps(c[j]);
+        a0 = _mm256_fmadd_ps(cj, Load8(vj), a0);
+        a1 = _mm256_fmadd_ps(cj, Load8(vj + 8), a1);
+        a2 = _mm256_fmadd_ps(cj, Load8(vj + 16), a2);
+        a3 = _mm256_fmadd_ps(cj, Load8(vj + 24), a3);
+      }
+      _mm256_storeu_ps(acc + i, a0), _mm256_storeu_ps(acc + i + 8, a1);
+      _mm256_storeu_ps(acc + i + 16, a2), _mm256_storeu_ps(acc + i + 24, a3);
+    }
+    for (; i + 8 <= d; i += 8) {
+      __m256 a0 = _mm256_loadu_ps(acc + i);
+      if (scale) a0 = _mm256_mul_ps(a0, al);
+      for (int j = 0; j < n; ++j) a0 = _mm256_fmadd_ps(_mm256_set1_ps(c[j]), Load8(static_cast<const V*>(v[j]) + i), a0);
+      _mm256_storeu_ps(acc + i, a0);
+    }
+    for (; i < d; ++i) {
+      float a = scale ? acc[i] * alpha : acc[i];
+      for (int j = 0; j < n; ++j) a = std::fma(c[j], static_cast<float>(static_cast<const V*>(v[j])[i]), a);
+      acc[i] = a;
+    }
+  }
+};
+
+struct Avx512Ops {
+  // Tails: the first min(cnt, 16) elements, the rest zero; never reads past them.
+  NIBBLE_TA_AVX512 static __m512 Load16(const float* v, int /*cnt*/, __mmask16 m) { return _mm512_maskz_loadu_ps(m, v); }
+  NIBBLE_TA_AVX512 static __m512 Load16(const int8_t* c, int cnt, __mmask16 /*m*/) {
+    if (cnt >= 16) return Load16(c);
+    alignas(16) int8_t buf[16] = {};
+    std::memcpy(buf, c, cnt);
+    return Load16(buf);
+  }
+  NIBBLE_TA_AVX512 static __m512 Load16(const float* v) { return _mm512_loadu_ps(v); }
+  NIBBLE_TA_AVX512 static __m512 Load16(const int8_t* c) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+  }
+  NIBBLE_TA_AVX512 static __m512 Exp(__m512 x) {
+    using C = ExpConst;
+    x = _mm512_min_ps(_mm512_set1_ps(C::kHi), x);  // second operand wins on NaN: NaN kept
+    x = _mm512_max_ps(_mm512_set1_ps(C::kLo), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(C::kLog2e)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Lo), r);
+    __m512 y = _mm512_set1_ps(C::kP0);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(C::kP1));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(C::kP2));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(C::kP3));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(C::kP4));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(C::kP5));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);  // y * 2^n
+  }
+  NIBBLE_TA_AVX512 static float ExpSub(float* s, int n, float m) {
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+      const __mmask16 k = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+      const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mv));
+      _mm512_mask_storeu_ps(s + j, k, e);
+      sum = _mm512_mask_add_ps(sum, k, sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+  }
+  static constexpr bool kTransposed = true;
+  // As Avx2Ops::ScoresT, 16 lanes.
+  NIBBLE_TA_AVX512 static float ScoresT(const float* q, const float* kt, const float* cs, int hd, int n, float* s) {
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int j = 0; j < n; j += 64) {  // 4 independent chains of 16 keys
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int i = 0; i < hd; ++i) {
+        const float* row = kt + int64_t{i} * kKvTile + j;
+        const __m512 qi = _mm512_set1_ps(q[i]);
+        a0 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(row), a0);
+        a1 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(row + 16), a1);
+        a2 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(row + 32), a2);
+        a3 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(row + 48), a3);
+      }
+      const __m512 acc[4] = {a0, a1, a2, a3};
+      for (int b = 0; b < 4 && j + 16 * b < n; ++b) {
+        const int jb = j + 16 * b;
+        const __mmask16 k = n - jb >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - jb)) - 1);
+        const __m512 v = _mm512_mul_ps(acc[b], _mm512_maskz_loadu_ps(k, cs + jb));
+        mx = _mm512_mask_max_ps(mx, k, v, mx);  // NaN lane: keeps mx
+        _mm512_mask_storeu_ps(s + jb, k, v);
+      }
+    }
+    return _mm512_reduce_max_ps(mx);
+  }
+  template <class V>
+  NIBBLE_TA_AVX512 static void Pv(float* acc, int d, float alpha, const float* c, const void* const* v, int n) {
+    const __m512 al = _mm512_set1_ps(alpha);
+    const bool scale = alpha != 1.0f;
+    int i = 0;
+    for (; i + 64 <= d; i += 64) {
+      __m512 a0 = _mm512_loadu_ps(acc + i), a1 = _mm512_loadu_ps(acc + i + 16);
+      __m512 a2 = _mm512_loadu_ps(acc + i + 32), a3 = _mm512_loadu_ps(acc + i + 48);
+      if (scale) {
+        a0 = _mm512_mul_ps(a0, al), a1 = _mm512_mul_ps(a1, al), a2 = _mm512_mul_ps(a2, al);
+        a3 = _mm512_mul_ps(a3, al);
+      }
+      for (int j = 0; j < n; ++j) {
+        const V* vj = static_cast<const V*>(v[j]) + i;
+        const __m512 cj = _mm512_set1_ps(c[j]);
+        a0 = _mm512_fmadd_ps(cj, Load16(vj), a0);
+        a1 = _mm512_fmadd_ps(cj, Load16(vj + 16), a1);
+        a2 = _mm512_fmadd_ps(cj, Load16(vj + 32), a2);
+        a3 = _mm512_fmadd_ps(cj, Load16(vj + 48), a3);
+      }
+      _mm512_storeu_ps(acc + i, a0), _mm512_storeu_ps(acc + i + 16, a1);
+      _mm512_storeu_ps(acc + i + 32, a2), _mm512_storeu_ps(acc + i + 48, a3);
+    }
+    for (; i < d; i += 16) {
+      const __mmask16 k = d - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (d - i)) - 1);
+      __m512 a0 = _mm512_maskz_loadu_ps(k, acc + i);
+      if (scale) a0 = _mm512_mul_ps(a0, al);
+      for (int j = 0; j < n; ++j)
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(c[j]), Load16(static_cast<const V*>(v[j]) + i, d - i, k), a0);
+      _mm512_mask_storeu_ps(acc + i, k, a0);
+    }
+  }
+};
+#endif
+
+// Floats of per-item scratch: acc [rows, head_dim], m [rows], l [rows],
+// s [kKvTile], cs [kKvTile], kt [head_dim, kKvTile].
+int64_t ItemScratchFloats(int rows, int head_dim) {
+  return int64_t{rows} * (head_dim + 2) + 2 * kKvTile + int64_t{head_dim} * kKvTile;
+}
+
+// kt[i][j] = k_j[i] as fp32 (int8: the code), j < n: the K tile transposed so
+// that scores for 16 keys are one fma chain over i.
+template <class K>
+void TransposeTile(const void* const* k, int n, int hd, float* kt) {
+  for (int j = 0; j < n; ++j) {
+    const K* kj = static_cast<const K*>(k[j]);
+    for (int i = 0; i < hd; ++i) kt[int64_t{i} * kKvTile + j] = static_cast<float>(kj[i]);
+  }
+}
+
+// Work item: kv head `kvh`, query heads [h0, h1), tokens [t0, t1).
+template <class Ops, bool kI8>
+void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, float* scratch) {
+  using V = std::conditional_t<kI8, int8_t, float>;
+  const int hd = p.head_dim, nh = h1 - h0, rows = nh * (t1 - t0);
+  const int64_t q_width = int64_t{p.n_heads} * hd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  float* acc = scratch;
+  float* m = acc + int64_t{rows} * hd;
+  float* l = m + rows;
+  float* s = l + rows;
+  float* cs = s + kKvTile;  // per-key score factor: 1/sqrt(d) (int8: times the K scale)
+  float* kt = cs + kKvTile;
+  std::fill(acc, acc + int64_t{rows} * hd, 0.0f);
+  std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + rows, 0.0f);
+  const int last = p.pos0 + t1 - 1;  // last position any row of the item sees
+  TileRows tr;
+  for (int j0 = 0; j0 <= last; j0 += kKvTile) {
+    const int j1 = std::min(j0 + kKvTile, last + 1);
+    Gather(p, kvh, j0, j1 - j0, &tr);
+    for (int j = 0; j < j1 - j0; ++j) cs[j] = kI8 ? tr.ks[j] * scale : scale;
+    if constexpr (Ops::kTransposed) TransposeTile<V>(tr.k, j1 - j0, hd, kt);
+    for (int t = std::max(t0, j0 - p.pos0); t < t1; ++t) {
+      const int n = std::min(j1, p.pos0 + t + 1) - j0;  // >= 1: pos0 + t >= j0
+      for (int h = h0; h < h1; ++h) {
+        const int r = (t - t0) * nh + (h - h0);
+        const float* q = p.q + t * q_width + int64_t{h} * hd;
+        float tmax;
+        if constexpr (Ops::kTransposed) {
+          tmax = Ops::ScoresT(q, kt, cs, hd, n, s);
+        } else {
+          tmax = Ops::template Scores<V>(q, tr.k, kt, cs, hd, n, s);
+        }
+        const float m_new = std::max(m[r], tmax);  // a NaN score is skipped here and poisons exp below
+        const float alpha = m_new == m[r] ? 1.0f : std::exp(m[r] - m_new);
+        m[r] = m_new;
+        l[r] = l[r] * alpha + Ops::ExpSub(s, n, m_new);
+        if constexpr (kI8) {
+          for (int j = 0; j < n; ++j) s[j] *= tr.vs[j];
+        }
+        Ops::template Pv<V>(acc + int64_t{r} * hd, hd, alpha, s, tr.v, n);
+      }
+    }
+  }
+  for (int t = t0; t < t1; ++t)
+    for (int h = h0; h < h1; ++h) {
+      const int r = (t - t0) * nh + (h - h0);
+      const float inv = 1.0f / l[r];
+      const float* a = acc + int64_t{r} * hd;
+      float* o = p.out + t * q_width + int64_t{h} * hd;
+      for (int i = 0; i < hd; ++i) o[i] = a[i] * inv;
+    }
+}
+
+using ItemFn = void (*)(const TiledProblem&, int, int, int, int, int, float*);
+
+template <class Ops>
+ItemFn ItemFor(bool i8) {
+  return i8 ? RunItem<Ops, true> : RunItem<Ops, false>;
+}
+
+ItemFn ItemFnFor(AttnIsa isa, bool i8) {
+#if defined(__x86_64__)
+  if (isa == AttnIsa::kAvx512) return ItemFor<Avx512Ops>(i8);
+  if (isa == AttnIsa::kAvx2) return ItemFor<Avx2Ops>(i8);
+#endif
+  (void)isa;
+  return ItemFor<ScalarOps>(i8);
+}
+
+}  // namespace
+
+void TiledAttention(const TiledProblem& p, AttnIsa isa, ThreadPool* pool, std::vector<float>* scratch) {
+  if (p.n_tokens <= 0 || p.n_heads <= 0) return;
+  const int group = p.n_heads / p.n_kv_heads;
+  const int total = p.pos0 + p.n_tokens;
+  // Small problems (decode over short contexts) are not worth a fork/join.
+  const int64_t flops = int64_t{p.n_tokens} * p.n_heads * total * p.head_dim;
+  const int threads = pool != nullptr && flops >= (int64_t{1} << 18) ? pool->size() : 1;
+  // Items: (kv head, token tile), all heads of the group sharing each K/V
+  // tile; when that leaves threads idle (decode, short chunks) split the
+  // group into single heads (same bits: rows are independent).
+  const int tok_tile = std::min(kTokTile, p.n_tokens);
+  const int n_tt = (p.n_tokens + tok_tile - 1) / tok_tile;
+  const int heads_per_item = int64_t{p.n_kv_heads} * n_tt >= 2 * threads ? group : 1;
+  const int splits = group / heads_per_item;
+  const int64_t n_items = int64_t{p.n_kv_heads} * splits * n_tt;
+  const int64_t per_thread = ItemScratchFloats(heads_per_item * tok_tile, p.head_dim);
+  if (scratch->size() < size_t(threads * per_thread)) scratch->resize(size_t(threads * per_thread));
+  const ItemFn fn = ItemFnFor(isa, p.kv.int8);
+  // Item i: token tiles last-first (the causal tail is the costliest work).
+  auto run = [&](int64_t i, float* sc) {
+    const int tt = n_tt - 1 - static_cast<int>(i / (int64_t{p.n_kv_heads} * splits));
+    const int rest = static_cast<int>(i % (int64_t{p.n_kv_heads} * splits));
+    const int kvh = rest / splits, h0 = kvh * group + (rest % splits) * heads_per_item;
+    const int t0 = tt * tok_tile, t1 = std::min(t0 + tok_tile, p.n_tokens);
+    fn(p, kvh, h0, h0 + heads_per_item, t0, t1, sc);
+  };
+  if (threads == 1) {
+    for (int64_t i = 0; i < n_items; ++i) run(i, scratch->data());
+    return;
+  }
+  pool->ParallelFor(n_items, 1, [&](int thread, int64_t b, int64_t e) {
+    float* sc = scratch->data() + thread * per_thread;
+    for (int64_t i = b; i < e; ++i) run(i, sc);
+  });
+}
+
+}  // namespace nibble::cpu::internal
