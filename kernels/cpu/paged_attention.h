@@ -6,9 +6,10 @@
 // (kernels/cpu/paged_attention_tiled.h: K/V streamed in tiles of 64 absolute
 // positions, online softmax with a running max / sum per query row, GQA query
 // heads sharing each K/V tile) serves prefill, chunked prefill and decode, so
-// on one SIMD level each query row's output is bit-identical whatever the
-// block size / table, contiguous vs paged layout, the number of query rows in
-// the call (one-shot vs chunked prefill vs decode) and the thread count.
+// each query row's output is bit-identical whatever the block size / table,
+// contiguous vs paged layout, the number of query rows in the call (one-shot
+// vs chunked prefill vs decode), the thread count and the SIMD level (scalar,
+// AVX2 and AVX-512 follow one canonical fp32 operation order).
 // Optional int8 K/V (KvDtype::kInt8): each (position, kv head) K and V vector
 // is stored as symmetric int8 codes with one fp32 scale (x ~= scale * code,
 // scale = max|x| / 127) and dequantized on the fly inside the dot products and

@@ -1,6 +1,8 @@
 #include "kernels/cpu/paged_attention.h"
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -542,6 +544,53 @@ TEST(TiledAttention, ContiguousEqualsPagedAndReference) {
     }
   }
   ForceIsaForTesting("");
+}
+
+// Every SIMD level follows one canonical fp32 operation order (see
+// paged_attention_tiled.h), so the outputs are bit-identical across ISAs:
+// fp32 and int8 K/V, odd head counts / head dims / positions, prefill
+// (pos0 == 0), chunk (pos0 > 0) and decode (one row over a long context),
+// flat and peaked softmax, with and without the thread pool.
+TEST(TiledAttention, BitIdenticalAcrossIsas) {
+  ThreadPool pool(2);
+  std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.push_back({5, 5, 3, 3, 11, 11});     // odd heads, tiny head_dim, prefill
+  shapes.push_back({7, 1, 31, 9, 150, 1});    // decode, 7:1 GQA, odd head_dim
+  shapes.push_back({15, 5, 49, 13, 97, 33});  // odd everything, chunk at pos0 64
+  shapes.push_back({9, 3, 64, 16, 257, 1});   // decode past four tiles (SmolLM2-like head_dim)
+  shapes.push_back({2, 1, 96, 32, 129, 129}); // prefill, head_dim 96 (16-lane tail of 0, 32 of 0)
+  int compared = 0;
+  for (bool i8 : {false, true}) {
+    for (float gain : {1.0f, 4.0f}) {
+      for (const Shape& s : shapes) {
+        const ShapeFixture f(s, i8, 900 + s.head_dim + s.n_pos, gain);
+        std::vector<float> first;
+        const char* first_isa = nullptr;
+        for (const char* isa : {"scalar", "avx2", "avx512"}) {
+          std::vector<float> out(f.q.size(), -5.0f), scratch;
+          if (!PagedAttentionForIsaForTesting(f.Args(out.data()), isa, s.n_tokens > 1 ? &pool : nullptr, &scratch))
+            continue;
+          if (first_isa == nullptr) {
+            first = out;
+            first_isa = isa;
+            continue;
+          }
+          ++compared;
+          for (size_t i = 0; i < out.size(); ++i)
+            ASSERT_EQ(std::bit_cast<uint32_t>(out[i]), std::bit_cast<uint32_t>(first[i]))
+                << isa << " vs " << first_isa << (i8 ? " int8" : " fp32") << " gain " << gain << " heads "
+                << s.n_heads << "/" << s.n_kv_heads << " head_dim " << s.head_dim << " n_pos " << s.n_pos
+                << " n_tokens " << s.n_tokens << " i " << i << ": " << out[i] << " vs " << first[i];
+        }
+      }
+    }
+  }
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    EXPECT_GT(compared, 0);
+  }
+#endif
 }
 
 // Malformed shapes read nothing and yield NaN instead of crashing.

@@ -6,11 +6,14 @@
 //   2. for every query row at position P >= j0, over positions [j0, min(j1, P+1)):
 //        s_j = (q . k_j) * 1/sqrt(d)              (int8: (q . codes_j) * (scale_k,j / sqrt(d)))
 //        m' = max(m, max_j s_j), alpha = exp(m - m'), p_j = exp(s_j - m')
-//        l  = l * alpha + sum_j p_j               (sum in position order)
+//        l  = l * alpha + sum_j p_j               (16-lane sum, fixed tree: see the .h)
 //        acc = acc * alpha + sum_j p_j * v_j      (per element, fma in position order;
 //                                                  int8: coefficient p_j * scale_v,j on the codes)
 //   3. out = acc * (1 / l).
 // Rows never interact, so any grouping of rows into items gives the same bits.
+// Every ISA performs the same IEEE operations in the same order (the
+// canonical order in paged_attention_tiled.h), so the bits do not depend on
+// the SIMD level either.
 #include "kernels/cpu/paged_attention_tiled.h"
 
 #include <algorithm>
@@ -21,6 +24,12 @@
 #include <type_traits>
 
 #include "kernels/cpu/thread_pool.h"
+
+// Bit identity across ISAs needs a * b + c to stay two roundings unless we
+// ask for an fma. GCC does not contract in ISO mode (-std=c++20); clang would.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -68,11 +77,64 @@ void Gather(const TiledProblem& p, int kvh, int j0, int n, TileRows* t) {
   }
 }
 
+// ---- The canonical exp and reduction (paged_attention_tiled.h). The SIMD
+// versions below perform exactly these operations lane by lane.
+
+// exp(x) for x <= 0 (callers pass s - max and m_old - m_new): x = n ln2 + r
+// with |r| <= ln2 / 2, e^r by a degree-7 polynomial (Cephes-style
+// coefficients, all steps fma), 2^n built in the exponent field. x is clamped
+// to [kLo, kHi] first: x below -87.3365 gives ~1e-38 (negligible against the
+// sum's >= 1 term), n stays in [-126, 127] so 2^n is a normal float and the
+// final product is one correctly rounded multiply on every ISA. NaN stays NaN.
+struct ExpConst {
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2Hi = 0.693359375f;
+  static constexpr float kLn2Lo = -2.12194440e-4f;
+  static constexpr float kLo = -87.3365f;
+  static constexpr float kHi = 88.0f;
+  static constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
+                         kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+};
+
+// Always inlined so that the AVX2 / AVX-512 wrappers (Exp1) compile the
+// std::fma / std::nearbyint calls to single instructions (same results).
+__attribute__((always_inline)) inline float ExpCanonical(float x) {
+  using C = ExpConst;
+  x = C::kHi < x ? C::kHi : x;  // = minps(kHi, x): NaN kept
+  x = C::kLo > x ? C::kLo : x;  // = maxps(kLo, x)
+  if (std::isnan(x)) return x;
+  const float n = std::nearbyint(x * C::kLog2e);  // round to nearest even (default mode), as the SIMD round
+  float r = std::fma(-n, C::kLn2Hi, x);           // fnmadd(n, c, x) = fma(-n, c, x) exactly
+  r = std::fma(-n, C::kLn2Lo, r);
+  float y = C::kP0;
+  y = std::fma(y, r, C::kP1);
+  y = std::fma(y, r, C::kP2);
+  y = std::fma(y, r, C::kP3);
+  y = std::fma(y, r, C::kP4);
+  y = std::fma(y, r, C::kP5);
+  y = std::fma(y, r * r, r + 1.0f);
+  const uint32_t e = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &e, sizeof(float));
+  return y * two_n;
+}
+
+// The canonical sum of 16 lanes: a halving tree (lane l + lane l + 8, then
+// + 4, + 2, + 1), the order a 512 -> 256 -> 128 -> 64 -> 32-bit fold gives.
+float Reduce16(const float* a) {
+  float v8[8], v4[4];
+  for (int l = 0; l < 8; ++l) v8[l] = a[l] + a[l + 8];
+  for (int l = 0; l < 4; ++l) v4[l] = v8[l] + v8[l + 4];
+  return (v4[0] + v4[2]) + (v4[1] + v4[3]);
+}
+
 // ---- Per-ISA primitives. Each must be a pure function of its arguments (no
-// dependence on alignment or on neighbouring rows) for the bit-identity promise.
+// dependence on alignment or on neighbouring rows) for the bit-identity
+// promise, and follow the canonical order exactly (cross-ISA identity).
 
 struct ScalarOps {
   static constexpr bool kTransposed = false;
+  static float Exp1(float x) { return ExpCanonical(x); }
   // s[j] = dot(q, k_j) * cs[j] for j < n; returns max_j s[j] (NaN scores skipped).
   template <class K>
   static float Scores(const float* q, const void* const* k, const float* /*kt*/, const float* cs, int hd, int n,
@@ -81,24 +143,28 @@ struct ScalarOps {
     for (int j = 0; j < n; ++j) {
       const K* kj = static_cast<const K*>(k[j]);
       float d = 0.0f;
-      for (int i = 0; i < hd; ++i) d += q[i] * static_cast<float>(kj[i]);
+      for (int i = 0; i < hd; ++i) d = std::fma(q[i], static_cast<float>(kj[i]), d);
       s[j] = d * cs[j];
-      mx = std::max(mx, s[j]);
+      mx = s[j] > mx ? s[j] : mx;  // = maxps(s, mx): a NaN score is skipped
     }
     return mx;
   }
-  // s[j] = exp(s[j] - m); returns sum_j s[j].
+  // s[j] = exp(s[j] - m); returns the canonical sum of s[j]: lane j % 16
+  // accumulates in j order from 0, then Reduce16.
   static float ExpSub(float* s, int n, float m) {
-    float sum = 0.0f;
-    for (int j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - m));
-    return sum;
+    float lane[16] = {};
+    for (int j = 0; j < n; ++j) {
+      s[j] = ExpCanonical(s[j] - m);
+      lane[j % 16] += s[j];
+    }
+    return Reduce16(lane);
   }
   // acc[0, d) = acc * alpha + sum_j c[j] * v_j  (v_j fp32 or int8 codes).
   template <class V>
   static void Pv(float* acc, int d, float alpha, const float* c, const void* const* v, int n) {
     for (int i = 0; i < d; ++i) {
       float a = alpha == 1.0f ? acc[i] : acc[i] * alpha;
-      for (int j = 0; j < n; ++j) a += c[j] * static_cast<float>(static_cast<const V*>(v[j])[i]);
+      for (int j = 0; j < n; ++j) a = std::fma(c[j], static_cast<float>(static_cast<const V*>(v[j])[i]), a);
       acc[i] = a;
     }
   }
@@ -108,26 +174,15 @@ struct ScalarOps {
 #define NIBBLE_TA_AVX2 __attribute__((target("avx2,fma")))
 #define NIBBLE_TA_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
 
-// exp(x) for x <= ~88 (the callers pass s - max <= 0): x = n ln2 + r with
-// |r| <= ln2 / 2, e^r by a degree-7 polynomial (Cephes-style coefficients),
-// 2^n by building the exponent. x below -87.3 is clamped (result ~1e-38, not
-// 0: negligible against the sum's >= 1 term); NaN stays NaN.
-struct ExpConst {
-  static constexpr float kLog2e = 1.44269504088896341f;
-  static constexpr float kLn2Hi = 0.693359375f;
-  static constexpr float kLn2Lo = -2.12194440e-4f;
-  static constexpr float kLo = -87.3365f;
-  static constexpr float kHi = 88.3762626647949f;
-  static constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
-                         kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
-};
-
 struct Avx2Ops {
-  NIBBLE_TA_AVX2 static float Hsum(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
+  NIBBLE_TA_AVX2 static float Exp1(float x) { return ExpCanonical(x); }
+  // Reduce16 of lanes lo (0-7) and hi (8-15): the same adds in the same order.
+  NIBBLE_TA_AVX2 static float Reduce16(__m256 lo, __m256 hi) {
+    const __m256 v8 = _mm256_add_ps(lo, hi);                                              // v8[l] = a[l] + a[l + 8]
+    __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));  // v8[l] + v8[l + 4]
+    v4 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));                                         // v4[l] + v4[l + 2]
+    v4 = _mm_add_ss(v4, _mm_movehdup_ps(v4));                                           // (0 + 2) + (1 + 3)
+    return _mm_cvtss_f32(v4);
   }
   NIBBLE_TA_AVX2 static __m256 Load8(const int8_t* c) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
@@ -151,26 +206,32 @@ struct Avx2Ops {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   }
+  // exp of 8 keys starting at s + jb (cnt of them), stored back; lanes past
+  // cnt are returned as +0 (adding them changes no sum: lane sums are >= +0).
+  NIBBLE_TA_AVX2 static __m256 Exp8(float* s, int jb, int cnt, __m256 mv) {
+    if (cnt >= 8) {
+      const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(s + jb), mv));
+      _mm256_storeu_ps(s + jb, e);
+      return e;
+    }
+    alignas(32) float buf[8] = {};
+    std::memcpy(buf, s + jb, sizeof(float) * cnt);
+    const __m256 e = Exp(_mm256_sub_ps(_mm256_load_ps(buf), mv));
+    _mm256_store_ps(buf, e);
+    std::memcpy(s + jb, buf, sizeof(float) * cnt);
+    const __m256 keep = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    return _mm256_and_ps(e, keep);
+  }
+  // As ScalarOps::ExpSub: 16 canonical lanes as two ymm (j % 16 < 8: lo).
   NIBBLE_TA_AVX2 static float ExpSub(float* s, int n, float m) {
     const __m256 mv = _mm256_set1_ps(m);
-    __m256 sum = _mm256_setzero_ps();
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-      _mm256_storeu_ps(s + j, e);
-      sum = _mm256_add_ps(sum, e);
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    for (int j = 0; j < n; j += 16) {
+      lo = _mm256_add_ps(lo, Exp8(s, j, std::min(8, n - j), mv));
+      if (j + 8 < n) hi = _mm256_add_ps(hi, Exp8(s, j + 8, std::min(8, n - j - 8), mv));
     }
-    if (j < n) {
-      float buf[8] = {};
-      std::memcpy(buf, s + j, sizeof(float) * (n - j));
-      const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(buf), mv));
-      _mm256_storeu_ps(buf, e);
-      std::memcpy(s + j, buf, sizeof(float) * (n - j));
-      const __m256 keep = _mm256_castsi256_ps(
-          _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-      sum = _mm256_add_ps(sum, _mm256_and_ps(e, keep));
-    }
-    return Hsum(sum);
+    return Reduce16(lo, hi);
   }
   static constexpr bool kTransposed = true;
   // s[j] = (sum_i q_i kt[i][j]) * cs[j] for j < n, kt = the tile transposed
@@ -205,7 +266,7 @@ struct Avx2Ops {
     alignas(32) float m8[8];
     _mm256_store_ps(m8, mx);
     float r = m8[0];
-    for (int i = 1; i < 8; ++i) r = std::max(r, m8[i]);
+    for (int i = 1; i < 8; ++i) r = m8[i] > r ? m8[i] : r;
     return r;
   }
   template <class V>
@@ -246,6 +307,7 @@ struct Avx2Ops {
 };
 
 struct Avx512Ops {
+  NIBBLE_TA_AVX512 static float Exp1(float x) { return ExpCanonical(x); }
   // Tails: the first min(cnt, 16) elements, the rest zero; never reads past them.
   NIBBLE_TA_AVX512 static __m512 Load16(const float* v, int /*cnt*/, __mmask16 m) { return _mm512_maskz_loadu_ps(m, v); }
   NIBBLE_TA_AVX512 static __m512 Load16(const int8_t* c, int cnt, __mmask16 /*m*/) {
@@ -273,7 +335,8 @@ struct Avx512Ops {
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(C::kP4));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(C::kP5));
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);  // y * 2^n
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));  // y * 2^n, as ExpCanonical
   }
   NIBBLE_TA_AVX512 static float ExpSub(float* s, int n, float m) {
     const __m512 mv = _mm512_set1_ps(m);
@@ -282,9 +345,10 @@ struct Avx512Ops {
       const __mmask16 k = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
       const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mv));
       _mm512_mask_storeu_ps(s + j, k, e);
-      sum = _mm512_mask_add_ps(sum, k, sum, e);
+      sum = _mm512_mask_add_ps(sum, k, sum, e);  // lane l: keys l, l + 16, ... in order
     }
-    return _mm512_reduce_add_ps(sum);
+    return Avx2Ops::Reduce16(_mm512_castps512_ps256(sum),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1)));
   }
   static constexpr bool kTransposed = true;
   // As Avx2Ops::ScoresT, 16 lanes.
@@ -396,8 +460,9 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
         } else {
           tmax = Ops::template Scores<V>(q, tr.k, kt, cs, hd, n, s);
         }
-        const float m_new = std::max(m[r], tmax);  // a NaN score is skipped here and poisons exp below
-        const float alpha = m_new == m[r] ? 1.0f : std::exp(m[r] - m_new);
+        // + 0: a -0 max becomes +0 (max's choice between +-0 is order-dependent).
+        const float m_new = std::max(m[r], tmax + 0.0f);  // a NaN score is skipped here and poisons exp below
+        const float alpha = m_new == m[r] ? 1.0f : Ops::Exp1(m[r] - m_new);
         m[r] = m_new;
         l[r] = l[r] * alpha + Ops::ExpSub(s, n, m_new);
         if constexpr (kI8) {

@@ -13,7 +13,33 @@
 // positions [0, its position], head_dim and the SIMD level; never on the
 // block size, the block table, the number of query rows in the call, the work
 // split or the thread count. So paged == contiguous, chunked prefill ==
-// one-shot prefill == decode, bit for bit, on one ISA.
+// one-shot prefill == decode, bit for bit.
+//
+// Cross-ISA identity: scalar, AVX2 and AVX-512 perform the same IEEE fp32
+// operations in the same order (the int8 -> fp32 code conversion is exact),
+// so the bits do not depend on the SIMD level either. The canonical order,
+// per query row and K/V tile of n <= kKvTile keys j:
+//  * dot_j = fma chain over i = 0..head_dim-1 in order, from +0:
+//    dot = fma(q_i, k_j[i], dot)  (k_j[i]: fp32 value or int8 code);
+//    s_j = dot_j * cs_j, cs_j = 1/sqrt(d) (int8: fl(scale_k,j * 1/sqrt(d)));
+//  * tmax = max_j s_j, NaN scores skipped (max is exact, so order-free),
+//    then tmax + 0 (a -0 becomes +0); m' = max(m, tmax);
+//  * alpha = 1 if m' == m, else Exp(m - m'); p_j = Exp(s_j - m'), where Exp
+//    is ExpCanonical (paged_attention_tiled.cc): clamp, n = round-to-even
+//    (x * log2e), two fma range-reduction steps, a 6-fma polynomial plus
+//    fma(y, r * r, r + 1), times 2^n built in the exponent field;
+//  * sum = 16 lanes, lane L = fl(...((+0 + p_L) + p_{L+16}) + p_{L+32}...),
+//    reduced by the halving tree v8[l] = a[l] + a[l+8], v4[l] = v8[l] +
+//    v8[l+4], (v4[0] + v4[2]) + (v4[1] + v4[3]); l = l * alpha + sum;
+//  * c_j = p_j (int8: p_j * scale_v,j); per element i:
+//    acc_i = (alpha == 1 ? acc_i : acc_i * alpha), then for j in order
+//    acc_i = fma(c_j, v_j[i], acc_i);
+//  * after the last tile: out_i = acc_i * (1 / l).
+// Scalar code spells every fma as std::fma and never relies on contraction
+// (GCC does not contract a * b + c in ISO mode; clang is told not to).
+// AVX-512 keeps 16 keys per register; AVX2 emulates the 16 sum lanes with
+// two ymm accumulators. Asserted by paged_attention_test.cc
+// (TiledAttention.BitIdenticalAcrossIsas).
 //
 // Non-goals: a public API (see paged_attention.h), fp16 K/V, sliding windows.
 #pragma once
@@ -58,7 +84,8 @@ enum class AttnIsa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 // REQUIRES: n_heads % n_kv_heads == 0, head_dim > 0, the block table covers
 // positions [0, pos0 + n_tokens), `isa` is supported by this CPU.
 // `scratch` grows to (threads x per-item scratch) floats on first use and is
-// reused (no allocation once large enough). pool may be null.
+// reused (no allocation once large enough). pool may be null. The output
+// bits are the same for every `isa` (see above).
 void TiledAttention(const TiledProblem& p, AttnIsa isa, ThreadPool* pool, std::vector<float>* scratch);
 
 }  // namespace cpu::internal
