@@ -3,9 +3,11 @@
 // multi-token prompt (prefill runs the GEMM path, decode the GEMV path) on
 // every ISA this CPU supports must give the same tokens. The packed kernels
 // are bit-identical across ISAs (one canonical fp32 order over exact int32
-// lane sums, asserted in kernels/cpu/qmatmul_test.cc); the fp32 ops
-// (attention dots, norms) still differ in summation order between ISAs, but
-// by ~1e-7 relative, and the 64-token texts are asserted equal in full.
+// lane sums, asserted in kernels/cpu/qmatmul_test.cc), and so is the tiled
+// attention (kernels/cpu/paged_attention_tiled.h, asserted in
+// paged_attention_test.cc); the remaining fp32 ops (norms, fp32 dots) still
+// differ in summation order between ISAs, by ~1e-7 relative, and the 64-token
+// texts are asserted equal in full.
 #include <gtest/gtest.h>
 
 #include <algorithm>
