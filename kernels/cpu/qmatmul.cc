@@ -241,9 +241,14 @@ float KeptValue(const QSidecarView& sc, int64_t r, uint32_t i) {
 
 // Rows [rb, re) for all tokens: packed part per segment, then the side-car.
 void RunRows(qmm::RowsKernel kernel, const QMatrixView& w, const qmm::QActs& a, float* y, int64_t rb, int64_t re) {
-  constexpr int64_t kRowChunk = 32;  // rows kept hot in L1/L2 across token tiles
-  for (int64_t c0 = rb; c0 < re; c0 += kRowChunk) {
-    const int64_t c1 = std::min(re, c0 + kRowChunk);
+  // Prefill: 32-row chunks keep their rows hot in L1/L2 across token tiles.
+  // Decode (one token) reads each row once: one call over the whole range, so
+  // the kernel's software prefetch runs ahead across chunk boundaries instead
+  // of restarting cold every 32 rows.
+  constexpr int64_t kRowChunk = 32;
+  const int64_t chunk = a.n_tokens == 1 ? re - rb : kRowChunk;
+  for (int64_t c0 = rb; c0 < re; c0 += chunk) {
+    const int64_t c1 = std::min(re, c0 + chunk);
     for (const QSegmentView& s : w.segments) {
       const int64_t lo = std::max(c0, s.row_begin), hi = std::min(c1, s.row_end);
       if (lo >= hi) continue;
