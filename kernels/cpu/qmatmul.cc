@@ -58,50 +58,7 @@ namespace qmm {
 
 // ------------------------------------------------- activation quantization ---
 
-void QuantizeActs(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx, float* dxs,
-                  float* dx16, int32_t* xs4, float* xs4f) {
-  for (int64_t t = 0; t < n_tokens; ++t) {
-    const float* xt = x + t * cols;
-    int8_t* qt = xq + t * nb * kBlock;
-    float* dxt = dx + t * nb;
-    float* dxst = dxs + t * nb;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t c0 = b * kBlock;
-      const int n = static_cast<int>(std::clamp<int64_t>(cols - c0, 0, kBlock));
-      float amax = 0.0f;
-      for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xt[c0 + i]));
-      int8_t* q = qt + c0;
-      int sum = 0;
-      // !(amax > 0) also catches NaN: the block then contributes 0.
-      if (!(amax > 0.0f) || !std::isfinite(amax)) {
-        std::memset(q, 0, kBlock);
-        dxt[b] = 0.0f;
-      } else {
-        const float inv = 127.0f / amax;
-        for (int i = 0; i < n; ++i) {
-          // Round half to even as nearbyint in the default mode: |x * inv|
-          // <= 127 (+ulps) < 2^22, where adding and removing 1.5 * 2^23
-          // rounds exactly (and vectorizes, unlike the libm call).
-          const float v = std::clamp((xt[c0 + i] * inv + 12582912.0f) - 12582912.0f, -127.0f, 127.0f);
-          q[i] = static_cast<int8_t>(v);
-          sum += q[i];
-        }
-        for (int i = n; i < kBlock; ++i) q[i] = 0;
-        dxt[b] = amax / 127.0f;
-      }
-      dxst[b] = dxt[b] * static_cast<float>(sum);
-      int32_t* l4 = xs4 + (t * nb + b) * 8;
-      float* l4f = xs4f + (t * nb + b) * 8;
-      for (int l = 0; l < 8; ++l) {
-        l4[l] = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
-        l4f[l] = static_cast<float>(l4[l]);
-      }
-    }
-    float* d16 = dx16 + t * nb * 8;  // nb / 2 pairs x 16
-    for (int64_t p = 0; p < nb / 2; ++p)
-      for (int l = 0; l < 16; ++l) d16[p * 16 + l] = dxt[2 * p + l / 8];
-  }
-}
+// QuantizeActs / QuantizeActsScalar: kernels/cpu/qmatmul_acts.cc.
 
 // --------------------------------------------------------- scalar kernel ---
 
@@ -278,7 +235,15 @@ void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_to
   QMatMulScratch::Impl* s = scratch->impl();
   const int64_t nb = (w.cols + 63) / 64 * 2;
   s->Reserve(n_tokens * nb);
-  qmm::QuantizeActs(x, n_tokens, w.cols, nb, s->xq, s->dx, s->dxs, s->dx16, s->xs4, s->xs4f);
+  const auto quantize = [&](int64_t t0, int64_t t1) {
+    qmm::QuantizeActs(x + t0 * w.cols, t1 - t0, w.cols, nb, s->xq + t0 * nb * qmm::kBlock, s->dx + t0 * nb,
+                      s->dxs + t0 * nb, s->dx16 + t0 * nb * 8, s->xs4 + t0 * nb * 8, s->xs4f + t0 * nb * 8);
+  };
+  // Per-token work: prefill splits it over the pool (same bytes either way).
+  if (pool != nullptr && pool->size() > 1 && n_tokens >= 32)
+    pool->ParallelFor(n_tokens, 16, [&](int, int64_t b, int64_t e) { quantize(b, e); });
+  else
+    quantize(0, n_tokens);
   qmm::QActs a;
   a.n_tokens = n_tokens;
   a.cols = w.cols;

@@ -103,11 +103,16 @@ void RowsAvx2(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_
 void RowsAvx512(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
                 int64_t t_begin, int64_t t_end, float* y, int64_t ldy);
 
-// Quantizes x [n_tokens][cols] into the buffers (sizes from QActs). One
-// scalar implementation for every ISA (O(n_tokens * cols), negligible next
-// to the matmul), so all ISAs see identical quantized activations.
+// Quantizes x [n_tokens][cols] into the buffers (sizes from QActs). The
+// same bytes on every ISA (an AVX-512 twin of the scalar code, identical by
+// construction; kernels/cpu/qmatmul_acts.cc), so all ISAs see identical
+// quantized activations.
 void QuantizeActs(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx, float* dxs,
                   float* dx16, int32_t* xs4, float* xs4f);
+// The scalar reference QuantizeActs (which uses AVX-512 when the CPU has it;
+// both write identical bytes, asserted in qmatmul_test).
+void QuantizeActsScalar(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx,
+                        float* dxs, float* dx16, int32_t* xs4, float* xs4f);
 
 // The canonical fp32 order every ISA follows, so that all ISAs give
 // bit-identical results (the int32 lane sums are exact in any order):
