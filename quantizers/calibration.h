@@ -6,8 +6,9 @@
 // need for every layer; wq/wk/wv share the kAttnIn Hessian, w_gate/w_up the
 // kFfnIn one. Optional layer range so very large models can be calibrated in
 // several passes within memory.
-// Non-goals: sequential (layer-by-layer re-quantized) calibration; the
-// inputs seen are those of the unquantized model.
+// Non-goals: sequential (layer-by-layer re-quantized) calibration, which is
+// quantizers/sequential.h; the inputs seen here are those of the unquantized
+// model.
 //
 // Calibration text must never be the evaluation text (wikitext-2 is the
 // perplexity set; use e.g. shared/data/tinystories-val.txt).

@@ -16,6 +16,7 @@
 #include "quantizers/calibration.h"
 #include "quantizers/quant_error.h"
 #include "quantizers/rtn.h"
+#include "quantizers/sequential.h"
 #include "quantizers/sensitivity.h"
 
 namespace nibble {
@@ -34,6 +35,7 @@ struct Job {
   const std::vector<AllocBlock>* plan = nullptr;  // bit allocation: per-row-block formats
   int layer = -1;                                  // linear layers: block index and weight (BoA)
   LinearWeight weight = LinearWeight::kWq;
+  const BoaLayerStats* boa = nullptr;  // sequential BoA: this layer's attention statistics
 };
 
 // Storage bits of a [rows, cols] tensor in format f (nullopt: fp32).
@@ -91,6 +93,8 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   if (outliers && cfg.outlier_saliency == Saliency::kHessian && cfg.calib_path.empty())
     return absl::InvalidArgumentError(
         "hessian outlier saliency needs calibration text (--calib FILE), or use magnitude saliency");
+  if (cfg.sequential && cfg.method != "gptq" && !boa)
+    return absl::InvalidArgumentError(absl::StrCat("sequential calibration needs method gptq or boa, not ", cfg.method));
   const bool allocate = cfg.target_bpw != 0.0;
   if (allocate) {
     if (!(cfg.target_bpw > 0.0 && cfg.target_bpw <= 32.0))
@@ -122,7 +126,9 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     copts.n_tokens = cfg.calib_tokens;
     copts.ctx = cfg.calib_ctx;
     copts.collector.n_threads = cfg.n_threads;
-    if (boa) {
+    if (cfg.sequential && !allocate) {
+      // Sequential: every layer's statistics are collected below.
+    } else if (boa) {
       auto bs = CalibrateBoa(*fp_model, *fp_tokenizer, cfg.calib_path, copts);
       if (!bs.ok()) return bs.status();
       boa_stats = std::move(bs->layers);
@@ -132,7 +138,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       if (!s.ok()) return s.status();
       stats = *std::move(s);
     }
-    report.calib_tokens = stats->n_tokens;
+    if (stats) report.calib_tokens = stats->n_tokens;
     report.calib_seconds = Seconds(tc);
   }
 
@@ -301,9 +307,8 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
 
   std::unique_ptr<GptqFactor> factor;  // reused by matrices that share an input (q/k/v, gate/up)
   const Hessian* factored = nullptr;
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    Job& j = jobs[i];
-    if (progress) progress(static_cast<int>(i), static_cast<int>(jobs.size()), j.name);
+  // Quantizes one job in place (its fp32 data replaced by a QuantTensor).
+  auto quantize_job = [&](Job& j) -> absl::Status {
     const auto tt = Clock::now();
     HostTensor& w = *j.tensor;
     absl::StatusOr<QuantTensor> q;
@@ -327,11 +332,11 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       oo.gptq = cfg.gptq;
       oo.n_threads = cfg.n_threads;
       q = QuantizeWithOutliers(w, j.hessian, use_gptq ? factor.get() : nullptr, j.format, oo);
-    } else if (use_gptq && boa && j.linear && BoaHandles(j.weight) && j.layer >= 0 &&
-               j.layer < static_cast<int>(boa_stats.size())) {
+    } else if (use_gptq && boa && j.linear && BoaHandles(j.weight) &&
+               (j.boa != nullptr || (j.layer >= 0 && j.layer < static_cast<int>(boa_stats.size())))) {
       GptqOptions go = cfg.gptq;
       go.n_threads = cfg.n_threads;
-      q = BoaQuantizeAttention(w, j.weight, boa_stats[j.layer], *factor, j.format, go);
+      q = BoaQuantizeAttention(w, j.weight, j.boa != nullptr ? *j.boa : boa_stats[j.layer], *factor, j.format, go);
     } else if (use_gptq) {
       GptqOptions go = cfg.gptq;
       go.n_threads = cfg.n_threads;
@@ -363,6 +368,60 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     w.data.shrink_to_fit();
     tr.seconds = Seconds(tt);
     report.tensors.push_back(tr);
+    return absl::OkStatus();
+  };
+  if (!cfg.sequential) {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      if (progress) progress(static_cast<int>(i), static_cast<int>(jobs.size()), jobs[i].name);
+      if (auto s = quantize_job(jobs[i]); !s.ok()) return s;
+    }
+  } else {
+    // Sequential (quantizers/sequential.h): the embedding/output first, so
+    // layer 0 sees the quantized embedding; then layer by layer, stage by
+    // stage, each stage's Hessians observed through the weights quantized so
+    // far in the calibration model.
+    const int n_layers = m->config.n_layers;
+    const size_t per_layer = kAllLinearWeights.size();
+    for (size_t i = static_cast<size_t>(n_layers) * per_layer; i < jobs.size(); ++i) {
+      if (progress) progress(static_cast<int>(i), static_cast<int>(jobs.size()), jobs[i].name);
+      if (auto s = quantize_job(jobs[i]); !s.ok()) return s;
+      if (jobs[i].tensor == &m->weights.tok_embeddings)
+        fp_model->mutable_loaded().weights.tok_embeddings = m->weights.tok_embeddings;
+    }
+    const auto tc = Clock::now();
+    auto chunks = CalibrationChunks(*fp_tokenizer, cfg.calib_path, cfg.calib_tokens, cfg.calib_ctx,
+                                    fp_model->config().max_seq_len);
+    if (!chunks.ok()) return chunks.status();
+    double quant_seconds = 0;
+    SequentialOptions so;
+    so.n_threads = cfg.n_threads;
+    so.boa = boa;
+    const std::vector<SequentialStage> stages = SequentialStages(boa);
+    auto quantize_one = [&](int l, LinearWeight w, const Hessian& h,
+                            const BoaLayerStats* bs) -> absl::StatusOr<HostTensor> {
+      const auto tq = Clock::now();
+      const size_t i = static_cast<size_t>(l) * per_layer + static_cast<size_t>(w);
+      Job& j = jobs[i];
+      if (progress) progress(static_cast<int>(i), static_cast<int>(jobs.size()), j.name);
+      // The weights of a stage share one Hessian (one factorization); a new
+      // stage's Hessian may reuse a freed one's address, so reset by stage.
+      for (const SequentialStage& st : stages)
+        if (st.weights.front() == w) factored = nullptr;
+      j.hessian = &h;
+      j.boa = bs;
+      absl::Status s = quantize_job(j);
+      j.hessian = nullptr;  // both die with the stage
+      j.boa = nullptr;
+      quant_seconds += Seconds(tq);
+      if (!s.ok()) return s;
+      return *j.tensor;
+    };
+    auto run = QuantizeSequentially(*fp_model, *chunks, so, quantize_one);
+    if (!run.ok()) return run.status();
+    factored = nullptr;
+    factor.reset();
+    report.calib_tokens = run->n_tokens;
+    report.calib_seconds += Seconds(tc) - quant_seconds;
   }
   if (progress) progress(static_cast<int>(jobs.size()), static_cast<int>(jobs.size()), "");
 
@@ -399,6 +458,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     m->metadata["quant.outlier_type"] = SidecarTypeName(cfg.outlier_type);
     m->metadata["quant.outlier_saliency"] = SaliencyName(cfg.outlier_saliency);
   }
+  if (cfg.sequential) m->metadata["quant.sequential"] = "true_sequential";
   if (cfg.method == "gptq" || boa) {
     m->metadata["quant.gptq.percdamp"] = absl::StrCat(cfg.gptq.percdamp);
     m->metadata["quant.gptq.act_order"] = cfg.gptq.act_order ? "true" : "false";

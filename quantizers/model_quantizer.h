@@ -11,6 +11,11 @@
 // Bit allocation: with target_bpw > 0 the linear layers get per-row-block
 // formats chosen under a bits-per-weight budget (quantizers/bit_allocation.h);
 // `format` is then ignored.
+// Sequential (`sequential`, methods gptq and boa, also with bit allocation):
+// each layer's Hessians are re-collected from the inputs produced by the
+// already-quantized earlier layers (quantizers/sequential.h); with bit
+// allocation the per-block formats are still chosen from the one-pass
+// (full-precision) statistics, then applied sequentially.
 // "dfmpc" (DF-MPC, quantizers/dfmpc.h): data-free; wv/w_up in `format`, wo/w_down
 // compensated in closed form and quantized in dfmpc.high.
 #pragma once
@@ -41,6 +46,11 @@ struct QuantizeConfig {
   int calib_tokens = 8192;
   int calib_ctx = 256;
   GptqOptions gptq;
+  // Sequential calibration (methods gptq/boa, quantizers/sequential.h):
+  // layer l is calibrated on the outputs of the quantized layers 0..l-1, and
+  // inside a layer q/k/v, o, gate/up, down each on the outputs of the
+  // quantized sub-blocks before them. About one extra calibration forward.
+  bool sequential = false;
   int n_threads = 0;
   // Outlier / salient side-car on the linear layers (quantizers/outliers.h):
   // the top outlier_fraction of each matrix's weights by outlier_saliency

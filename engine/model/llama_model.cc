@@ -88,13 +88,91 @@ absl::Status LlamaModel::ForwardFromLayer(int first_layer, std::span<const float
   return absl::OkStatus();
 }
 
+absl::Status LlamaModel::ForwardLayerPart(int layer, LayerPart part, const LayerRows& rows, int n, int pos,
+                                          KVCache* cache) {
+  const ModelConfig& c = m_.config;
+  if (layer < 0 || layer >= c.n_layers)
+    return absl::InvalidArgumentError(
+        absl::StrCat("ForwardLayerPart: layer ", layer, " is not in [0, ", c.n_layers, ")"));
+  if (n <= 0 || n > kMaxBatch)
+    return absl::InvalidArgumentError(absl::StrCat("ForwardLayerPart: ", n, " tokens is not in [1, ", kMaxBatch, "]"));
+  bool ok = false;
+  switch (part) {
+    case LayerPart::kAttnNorm: ok = rows.x && rows.xb; break;
+    case LayerPart::kAttention: ok = rows.xb && rows.att && cache != nullptr; break;
+    case LayerPart::kAttnOut: ok = rows.x && rows.xb && rows.att; break;
+    case LayerPart::kFfn: ok = rows.xb && rows.h; break;
+    case LayerPart::kFfnOut: ok = rows.x && rows.xb && rows.h; break;
+  }
+  if (!ok)
+    return absl::InvalidArgumentError(
+        absl::StrCat("ForwardLayerPart: part ", static_cast<int>(part), " of layer ", layer, " lacks a buffer"));
+  if (part == LayerPart::kAttention && (pos < 0 || pos + n > cache->capacity()))
+    return absl::OutOfRangeError(absl::StrCat("ForwardLayerPart: positions [", pos, ", ", pos + n,
+                                              ") exceed the KV cache capacity ", cache->capacity()));
+  EnsureScratch(n);
+  RunLayerPart(layer, part, rows, n, pos, cache);
+  return absl::OkStatus();
+}
+
+void LlamaModel::RunLayer(int l, int n, int pos, KVCache* cache) {
+  const LayerRows r{x_.data(), xb_.data(), att_.data(), h1_.data()};
+  for (LayerPart p : {LayerPart::kAttnNorm, LayerPart::kAttention, LayerPart::kAttnOut, LayerPart::kFfn,
+                      LayerPart::kFfnOut})
+    RunLayerPart(l, p, r, n, pos, cache);
+}
+
+void LlamaModel::RunLayerPart(int l, LayerPart part, const LayerRows& r, int n, int pos, KVCache* cache) {
+  const ModelConfig& c = m_.config;
+  Backend& be = *backend_;
+  const int dim = c.dim, qd = c.q_dim(), kvd = c.kv_dim(), hid = c.hidden_dim;
+  const LayerWeights& lw = m_.weights.layers[l];
+  switch (part) {
+    case LayerPart::kAttnNorm:
+      be.RmsNorm(r.x, lw.attn_norm.data.data(), n, dim, c.norm_eps, r.xb);
+      if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnIn, r.xb, n, dim);
+      break;
+    case LayerPart::kAttention: {
+      be.MatMul(lw.wq, r.xb, n, q_.data());
+      be.MatMul(lw.wk, r.xb, n, k_.data());
+      be.MatMul(lw.wv, r.xb, n, v_.data());
+      be.Rope(q_.data(), n, pos, c.n_heads, c);
+      be.Rope(k_.data(), n, pos, c.n_kv_heads, c);
+      float* kc = cache->k(l);
+      float* vc = cache->v(l);
+      std::memcpy(kc + size_t(pos) * kvd, k_.data(), size_t(n) * kvd * sizeof(float));
+      std::memcpy(vc + size_t(pos) * kvd, v_.data(), size_t(n) * kvd * sizeof(float));
+      be.Attention({q_.data(), kc, vc, r.att, n, pos, c.n_heads, c.n_kv_heads, c.head_dim});
+      if (observer_) observer_->OnAttention(l, {q_.data(), kc, vc, n, pos, c.n_heads, c.n_kv_heads, c.head_dim});
+      if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnOut, r.att, n, qd);
+      break;
+    }
+    case LayerPart::kAttnOut:
+      be.MatMul(lw.wo, r.att, n, r.xb);
+      for (size_t i = 0; i < size_t(n) * dim; ++i) r.x[i] += r.xb[i];
+      be.RmsNorm(r.x, lw.ffn_norm.data.data(), n, dim, c.norm_eps, r.xb);
+      if (observer_) observer_->OnLinearInput(l, LinearInput::kFfnIn, r.xb, n, dim);
+      break;
+    case LayerPart::kFfn:
+      be.MatMul(lw.w_gate, r.xb, n, r.h);
+      be.MatMul(lw.w_up, r.xb, n, h3_.data());
+      be.SwiGLU(r.h, h3_.data(), int64_t{n} * hid);
+      if (observer_) observer_->OnLinearInput(l, LinearInput::kFfnMid, r.h, n, hid);
+      break;
+    case LayerPart::kFfnOut:
+      be.MatMul(lw.w_down, r.h, n, r.xb);
+      for (size_t i = 0; i < size_t(n) * dim; ++i) r.x[i] += r.xb[i];
+      break;
+  }
+}
+
 void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* cache, float* logits,
                               bool all_logits, int first_layer, float* layer_inputs) {
   const ModelConfig& c = m_.config;
   const ModelWeights& w = m_.weights;
   Backend& be = *backend_;
   EnsureScratch(n);
-  const int dim = c.dim, qd = c.q_dim(), kvd = c.kv_dim(), hid = c.hidden_dim;
+  const int dim = c.dim;
 
   for (int t = 0; tokens != nullptr && t < n; ++t) {
     if (w.tok_embeddings.quant != nullptr) {
@@ -107,33 +185,7 @@ void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* ca
   for (int l = first_layer; l < c.n_layers; ++l) {
     if (layer_inputs != nullptr)
       std::memcpy(layer_inputs + size_t(l) * n * dim, x_.data(), size_t(n) * dim * sizeof(float));
-    const LayerWeights& lw = w.layers[l];
-    // Attention block.
-    be.RmsNorm(x_.data(), lw.attn_norm.data.data(), n, dim, c.norm_eps, xb_.data());
-    if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnIn, xb_.data(), n, dim);
-    be.MatMul(lw.wq, xb_.data(), n, q_.data());
-    be.MatMul(lw.wk, xb_.data(), n, k_.data());
-    be.MatMul(lw.wv, xb_.data(), n, v_.data());
-    be.Rope(q_.data(), n, pos, c.n_heads, c);
-    be.Rope(k_.data(), n, pos, c.n_kv_heads, c);
-    float* kc = cache->k(l);
-    float* vc = cache->v(l);
-    std::memcpy(kc + size_t(pos) * kvd, k_.data(), size_t(n) * kvd * sizeof(float));
-    std::memcpy(vc + size_t(pos) * kvd, v_.data(), size_t(n) * kvd * sizeof(float));
-    be.Attention({q_.data(), kc, vc, att_.data(), n, pos, c.n_heads, c.n_kv_heads, c.head_dim});
-    if (observer_) observer_->OnAttention(l, {q_.data(), kc, vc, n, pos, c.n_heads, c.n_kv_heads, c.head_dim});
-    if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnOut, att_.data(), n, qd);
-    be.MatMul(lw.wo, att_.data(), n, xb_.data());
-    for (size_t i = 0; i < size_t(n) * dim; ++i) x_[i] += xb_[i];
-    // Feed-forward block.
-    be.RmsNorm(x_.data(), lw.ffn_norm.data.data(), n, dim, c.norm_eps, xb_.data());
-    if (observer_) observer_->OnLinearInput(l, LinearInput::kFfnIn, xb_.data(), n, dim);
-    be.MatMul(lw.w_gate, xb_.data(), n, h1_.data());
-    be.MatMul(lw.w_up, xb_.data(), n, h3_.data());
-    be.SwiGLU(h1_.data(), h3_.data(), int64_t{n} * hid);
-    if (observer_) observer_->OnLinearInput(l, LinearInput::kFfnMid, h1_.data(), n, hid);
-    be.MatMul(lw.w_down, h1_.data(), n, xb_.data());
-    for (size_t i = 0; i < size_t(n) * dim; ++i) x_[i] += xb_[i];
+    RunLayer(l, n, pos, cache);
   }
   if (logits == nullptr) return;
   const HostTensor& head = c.tied_embeddings ? w.tok_embeddings : w.output;

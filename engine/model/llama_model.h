@@ -92,6 +92,32 @@ class LlamaModel {
   absl::Status ForwardFromLayer(int first_layer, std::span<const float> x, int n, KVCache* cache,
                                 std::span<float> logits, float* layer_inputs = nullptr);
 
+  // Quantizers (sequential calibration): one decoder layer in parts, so a
+  // caller can quantize the layer's weights between parts. Running every part
+  // in enum order over the same rows is exactly the layer of Forward()
+  // (RunLayer is built from the parts; bit-identical).
+  enum class LayerPart {
+    kAttnNorm,   // xb = attn_norm(x); observes kAttnIn
+    kAttention,  // att = attention of (wq xb, wk xb, wv xb) with RoPE; writes the
+                 // layer's K/V rows for [pos, pos + n) into the cache (which must
+                 // hold [0, pos)); observes the attention, then kAttnOut
+    kAttnOut,    // x += wo att; xb = ffn_norm(x); observes kFfnIn
+    kFfn,        // h = silu(w_gate xb) * (w_up xb); observes kFfnMid
+    kFfnOut,     // x += w_down h (xb is clobbered)
+  };
+  // Caller-owned rows of n tokens; a part needs only the buffers it reads or
+  // writes (the others may be null).
+  struct LayerRows {
+    float* x = nullptr;    // [n, dim] residual stream
+    float* xb = nullptr;   // [n, dim] normalized stream
+    float* att = nullptr;  // [n, q_dim] attention output
+    float* h = nullptr;    // [n, hidden_dim] FFN activation
+  };
+  // Runs `part` of decoder layer `layer` over n <= kMaxBatch rows at positions
+  // [pos, pos + n) of one sequence, calling the observer as Forward() does.
+  // Errors (nothing computed): bad layer/size/positions, a needed buffer null.
+  absl::Status ForwardLayerPart(int layer, LayerPart part, const LayerRows& rows, int n, int pos, KVCache* cache);
+
   // Serving: runs several sequences in one step. All their token rows are
   // stacked so every weight matrix is read once per layer for the whole batch;
   // RoPE and attention are per sequence (attention through `cache`'s block
@@ -117,6 +143,11 @@ class LlamaModel {
   // [n_layers][n][dim] (layers before first_layer untouched).
   void ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* cache, float* logits, bool all_logits,
                     int first_layer = 0, float* layer_inputs = nullptr);
+
+  // One decoder layer over x_ ([n, dim]) at positions [pos, pos + n).
+  void RunLayer(int l, int n, int pos, KVCache* cache);
+  // One part of layer l over `r` (checked by the caller); scratch q_/k_/v_/h3_.
+  void RunLayerPart(int l, LayerPart part, const LayerRows& r, int n, int pos, KVCache* cache);
 
   LoadedModel m_;
   std::unique_ptr<Backend> backend_;

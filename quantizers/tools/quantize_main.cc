@@ -85,6 +85,10 @@ int main(int argc, char** argv) {
                  "compensation: wv/w_up in --format, wo/w_down compensated in --dfmpc-high)")
       ->capture_default_str();
   app.add_option("--calib", calib, "calibration text (gptq; optional for rtn: importance-weighted clipping)");
+  bool sequential = false;
+  app.add_flag("--sequential", sequential,
+               "gptq/boa (also with --bpw): calibrate each layer on the outputs of the already-quantized earlier "
+               "layers, sub-block by sub-block (q/k/v, o, gate/up, down); about one extra calibration forward");
   app.add_option("--calib-tokens", calib_tokens, "calibration tokens")->capture_default_str();
   app.add_option("--calib-ctx", calib_ctx, "tokens per calibration chunk")->capture_default_str();
   app.add_option("--percdamp", percdamp, "gptq: damping as a fraction of mean diag(H)")->capture_default_str();
@@ -232,6 +236,11 @@ int main(int argc, char** argv) {
   cfg.calib_path = calib;
   cfg.calib_tokens = calib_tokens;
   cfg.calib_ctx = calib_ctx;
+  if (sequential && method != "gptq" && method != "boa")
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--sequential needs --method gptq or boa, not ", method)));
+  if (sequential && calib.empty())
+    return Fail(absl::InvalidArgumentError("--sequential needs calibration text (--calib FILE)"));
+  cfg.sequential = sequential;
   cfg.gptq.percdamp = percdamp;
   cfg.gptq.act_order = act_order;
   cfg.n_threads = threads;
@@ -295,6 +304,7 @@ int main(int argc, char** argv) {
     j["source"] = src;
     j["output"] = out;
     j["method"] = report->method;
+    j["sequential"] = sequential;
     j["format"] = report->format;
     j["bpw_all"] = report->bpw_all;
     j["bpw_linear"] = report->bpw_linear;
