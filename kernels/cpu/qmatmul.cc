@@ -15,6 +15,10 @@
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/formats/blocks.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace nibble::cpu {
 
 // ------------------------------------------------------------- scratch ---
@@ -27,6 +31,8 @@ struct QMatMulScratch::Impl {
   int32_t* xs4 = nullptr;
   float* xs4f = nullptr;
   int64_t cap_blocks = 0;  // n_tokens * nb the buffers hold
+  std::vector<float> amx_gdxs;  // AMX path: dxt + dxs group sums (qmm::AmxActs), grow only
+  std::vector<int8_t> amx_xq;   // AMX path: tile-major xq (+ 64 bytes for alignment), grow only
 
   void Reserve(int64_t total_blocks) {
     if (total_blocks <= cap_blocks) return;
@@ -103,6 +109,70 @@ void QuantizeActs(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, in
   }
 }
 
+#if defined(__x86_64__)
+// QuantizeActs on AVX-512 (F/BW/VL + VNNI for the 4-column sums), bit-identical
+// to the scalar version: the same max |x| (NaN elements ignored: MAXPS returns
+// its second operand when one is NaN), the same IEEE 127 / amax, one rounded
+// product x * inv, round-half-even (roundscale = the scalar's 1.5 * 2^23
+// trick for |v| < 2^22), clamp, NaN elements -> 0, then exact int sums.
+// REQUIRES: QIsaSupported(QIsa::kAvx512). qmatmul_test compares it with the
+// scalar version bit for bit (zeros, Inf, NaN, tails).
+// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized in their own helpers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+void QuantizeActsAvx512(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx,
+                        float* dxs, float* dx16, int32_t* xs4, float* xs4f) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* xt = x + t * cols;
+    int8_t* qt = xq + t * nb * kBlock;
+    float* dxt = dx + t * nb;
+    float* dxst = dxs + t * nb;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c0 = b * kBlock;
+      const int n = static_cast<int>(std::clamp<int64_t>(cols - c0, 0, kBlock));
+      const __mmask16 m0 = static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1u);
+      const __mmask16 m1 = static_cast<__mmask16>(n >= 32 ? 0xffff : n <= 16 ? 0 : (1u << (n - 16)) - 1u);
+      const __m512 x0 = _mm512_maskz_loadu_ps(m0, n > 0 ? xt + c0 : xt);
+      const __m512 x1 = _mm512_maskz_loadu_ps(m1, n > 16 ? xt + c0 + 16 : xt);
+      __m512 am = _mm512_max_ps(_mm512_and_ps(x0, abs_mask), _mm512_setzero_ps());
+      am = _mm512_max_ps(_mm512_and_ps(x1, abs_mask), am);
+      const float amax = _mm512_reduce_max_ps(am);
+      int8_t* q = qt + c0;
+      __m256i qb = _mm256_setzero_si256();
+      if (!(amax > 0.0f) || !std::isfinite(amax)) {
+        dxt[b] = 0.0f;
+      } else {
+        const __m512 inv = _mm512_set1_ps(127.0f / amax);
+        const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+        auto quant = [&](__m512 v) __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) {
+          const __mmask16 ok = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);  // NaN -> 0
+          __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+          return _mm512_cvtepi32_epi8(_mm512_maskz_cvtps_epi32(ok, r));
+        };
+        qb = _mm256_inserti128_si256(_mm256_castsi128_si256(quant(x0)), quant(x1), 1);
+        dxt[b] = amax / 127.0f;
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), qb);
+      const __m256i l4 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), qb);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xs4 + (t * nb + b) * 8), l4);
+      _mm256_storeu_ps(xs4f + (t * nb + b) * 8, _mm256_cvtepi32_ps(l4));
+      const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(l4), _mm256_extracti128_si256(l4, 1));
+      const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+      const int sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, _MM_SHUFFLE(2, 3, 0, 1))));
+      dxst[b] = dxt[b] * static_cast<float>(sum);
+    }
+    float* d16 = dx16 + t * nb * 8;  // nb / 2 pairs x 16
+    for (int64_t p = 0; p < nb / 2; ++p)
+      for (int l = 0; l < 16; ++l) d16[p * 16 + l] = dxt[2 * p + l / 8];
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 // --------------------------------------------------------- scalar kernel ---
 
 namespace {
@@ -153,6 +223,44 @@ void RowsScalar(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int6
   }
 }
 
+void RowsAmxOrderScalar(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
+                        int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
+  const FormatInfo fi = Describe(f);
+  const int64_t row_bytes = f.RowBytes(a.cols);
+  const int spg = fi.group / kBlock;
+  const int64_t nb_used = (a.cols + kBlock - 1) / kBlock;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int8_t* xq = a.xq + t * a.nb * kBlock;
+    const float* dx = a.dx + t * a.nb;
+    const float* dxs = a.dxs + t * a.nb;
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const uint8_t* row = data + r * row_bytes;
+      float acc = 0.0f;
+      GroupAffine ga{};
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const int64_t g = b / spg;
+        const int k = static_cast<int>(b % spg);
+        // The padding block (b >= nb_used, xq = dx = dxs = 0) belongs to the
+        // last group (group > 32) or, for 32-column groups, to a group of
+        // d = m = 0: exactly what the tile kernel's parameter arrays hold.
+        if (k == 0)
+          ga = b < nb_used ? ParseGroup(fi.header, fi.bits, row + g * fi.block_bytes, fmt::LoadF16) : GroupAffine{};
+        int32_t dot = 0;
+        if (b < nb_used)
+          for (int i = 0; i < kBlock; ++i) dot += CodeAt(fi, ga, k * kBlock + i) * xq[b * kBlock + i];
+        const float ds = ga.d * dx[b];
+        acc = std::fma(static_cast<float>(dot), ds, acc);
+        if ((b + 1) % spg == 0 || b + 1 == a.nb) {
+          float gsum = 0.0f;
+          for (int64_t j = g * spg; j <= b; ++j) gsum += dxs[j];
+          acc = std::fma(ga.m, gsum, acc);
+        }
+      }
+      y[t * ldy + r] = acc;
+    }
+  }
+}
+
 }  // namespace qmm
 
 // ------------------------------------------------------------ dispatch ---
@@ -168,6 +276,7 @@ bool QIsaSupported(QIsa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
+    case QIsa::kAmx: return QIsaSupported(QIsa::kAvx512) && qmm::AmxSupported();
   }
   return false;
 #else
@@ -177,6 +286,7 @@ bool QIsaSupported(QIsa isa) {
 
 const char* QIsaName(QIsa isa) {
   switch (isa) {
+    case QIsa::kAmx: return "amx";
     case QIsa::kAvx512: return "avx512";
     case QIsa::kAvx2: return "avx2";
     default: return "scalar";
@@ -199,7 +309,7 @@ namespace {
 
 qmm::RowsKernel KernelFor(QIsa isa) {
 #if defined(__x86_64__)
-  if (isa == QIsa::kAvx512) return qmm::RowsAvx512;
+  if (isa == QIsa::kAvx512 || isa == QIsa::kAmx) return qmm::RowsAvx512;
   if (isa == QIsa::kAvx2) return qmm::RowsAvx2;
 #endif
   return qmm::RowsScalar;
@@ -239,15 +349,84 @@ float KeptValue(const QSidecarView& sc, int64_t r, uint32_t i) {
   return Fp16ToFp32(sc.row_scale[r]) * static_cast<float>(sc.i8[i]);
 }
 
+// Fills the AMX kernel's per-call activation extras (qmm::AmxActs) from the
+// quantized activations in `s`: tile-major xq, token-transposed dx, and the
+// dxs group sums G_g of the AMX order for group sizes of 1, 2, 4 blocks
+// (summed in block order from +0). Padding tokens (up to a multiple of 16)
+// are zero. O(n_tokens * nb), single thread; grows s's AMX buffers only.
+void PrepareAmxActs(QMatMulScratch::Impl* s, int64_t n_tokens, int64_t nb, qmm::AmxActs* out_acts) {
+  constexpr int64_t kT = qmm::kAmxTokenTile;
+  const int64_t tiles = (n_tokens + kT - 1) / kT, t_alloc = tiles * kT;
+  const size_t xq_bytes = static_cast<size_t>(t_alloc * nb * qmm::kBlock);
+  if (s->amx_xq.size() < xq_bytes + 64) s->amx_xq.resize(xq_bytes + 64);
+  int8_t* xqt = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(s->amx_xq.data()) + 63) & ~uintptr_t{63});
+  for (int64_t t = 0; t < t_alloc; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      int8_t* dst = xqt + (((t / kT) * nb + b) * kT + t % kT) * qmm::kBlock;
+      if (t < n_tokens) {
+        std::memcpy(dst, s->xq + (t * nb + b) * qmm::kBlock, qmm::kBlock);
+      } else {
+        std::memset(dst, 0, qmm::kBlock);
+      }
+    }
+  }
+  out_acts->xqt = xqt;
+  const auto at = [&](const float* v, int64_t t, int64_t b) { return t < n_tokens ? v[t * nb + b] : 0.0f; };
+  int64_t need = tiles * nb * kT;
+  for (int l = 0; l < 3; ++l) need += tiles * ((nb + (1 << l) - 1) >> l) * kT;
+  if (static_cast<int64_t>(s->amx_gdxs.size()) < need) s->amx_gdxs.resize(static_cast<size_t>(need));
+  float* out = s->amx_gdxs.data();
+  out_acts->dxt = out;
+  for (int64_t t = 0; t < t_alloc; ++t)
+    for (int64_t b = 0; b < nb; ++b) out[((t / kT) * nb + b) * kT + t % kT] = at(s->dx, t, b);
+  out += tiles * nb * kT;
+  for (int l = 0; l < 3; ++l) {
+    const int64_t spg = int64_t{1} << l, ng = (nb + spg - 1) / spg;
+    out_acts->gdxs[l] = out;
+    out_acts->ng[l] = ng;
+    for (int64_t t = 0; t < t_alloc; ++t) {
+      for (int64_t g = 0; g < ng; ++g) {
+        float sum = 0.0f;
+        for (int64_t b = g * spg; b < std::min(nb, g * spg + spg); ++b) sum += at(s->dxs, t, b);
+        out[((t / kT) * ng + g) * kT + t % kT] = sum;
+      }
+    }
+    out += tiles * ng * kT;
+  }
+}
+
+// How RunRows computes the packed part: `kernel` for every segment, except
+// segments whose format qmm::AmxCovers when `amx` (the tile kernel, whole
+// row range at once: it tiles rows itself) or `amx_ref` (its scalar order)
+// is set.
+struct RowsPlan {
+  qmm::RowsKernel kernel = nullptr;
+  const qmm::AmxActs* amx = nullptr;
+  qmm::RowsKernel amx_ref = nullptr;
+};
+
 // Rows [rb, re) for all tokens: packed part per segment, then the side-car.
-void RunRows(qmm::RowsKernel kernel, const QMatrixView& w, const qmm::QActs& a, float* y, int64_t rb, int64_t re) {
+void RunRows(const RowsPlan& plan, const QMatrixView& w, const qmm::QActs& a, float* y, int64_t rb, int64_t re) {
   constexpr int64_t kRowChunk = 32;  // rows kept hot in L1/L2 across token tiles
+  const bool tiles = plan.amx != nullptr || plan.amx_ref != nullptr;
+  if (tiles) {
+    for (const QSegmentView& s : w.segments) {
+      const int64_t lo = std::max(rb, s.row_begin), hi = std::min(re, s.row_end);
+      if (lo >= hi || !qmm::AmxCovers(s.format)) continue;
+      if (plan.amx != nullptr) {
+        qmm::RowsAmx(s.format, s.data, lo - s.row_begin, hi - s.row_begin, a, *plan.amx, y + s.row_begin, w.rows);
+      } else {
+        plan.amx_ref(s.format, s.data, lo - s.row_begin, hi - s.row_begin, a, 0, a.n_tokens, y + s.row_begin,
+                     w.rows);
+      }
+    }
+  }
   for (int64_t c0 = rb; c0 < re; c0 += kRowChunk) {
     const int64_t c1 = std::min(re, c0 + kRowChunk);
     for (const QSegmentView& s : w.segments) {
       const int64_t lo = std::max(c0, s.row_begin), hi = std::min(c1, s.row_end);
-      if (lo >= hi) continue;
-      kernel(s.format, s.data, lo - s.row_begin, hi - s.row_begin, a, 0, a.n_tokens, y + s.row_begin, w.rows);
+      if (lo >= hi || (tiles && qmm::AmxCovers(s.format))) continue;
+      plan.kernel(s.format, s.data, lo - s.row_begin, hi - s.row_begin, a, 0, a.n_tokens, y + s.row_begin, w.rows);
     }
   }
   const QSidecarView& sc = w.sidecar;
@@ -267,13 +446,29 @@ void RunRows(qmm::RowsKernel kernel, const QMatrixView& w, const qmm::QActs& a, 
 
 }  // namespace
 
-void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
-                    QMatMulScratch* scratch) {
+namespace {
+
+// QuantMatMul on `isa`'s kernels; QIsa::kAmx: the AMX kernel for segments it
+// covers (AVX-512 VNNI for the others); amx_ref: the AMX order in scalar
+// code instead (QuantMatMulAmxOrderRef; isa must be kScalar).
+void QuantMatMulImpl(QIsa isa, bool amx_ref, const QMatrixView& w, const float* x, int64_t n_tokens, float* y,
+                     ThreadPool* pool, QMatMulScratch* scratch) {
   if (n_tokens <= 0 || w.rows <= 0 || w.cols <= 0) return;
   QMatMulScratch::Impl* s = scratch->impl();
   const int64_t nb = (w.cols + 63) / 64 * 2;
+  const bool amx = isa == QIsa::kAmx;
   s->Reserve(n_tokens * nb);
+#if defined(__x86_64__)
+  if (isa == QIsa::kAvx512 || amx) {
+    qmm::QuantizeActsAvx512(x, n_tokens, w.cols, nb, s->xq, s->dx, s->dxs, s->dx16, s->xs4, s->xs4f);
+  } else {
+    qmm::QuantizeActs(x, n_tokens, w.cols, nb, s->xq, s->dx, s->dxs, s->dx16, s->xs4, s->xs4f);
+  }
+#else
   qmm::QuantizeActs(x, n_tokens, w.cols, nb, s->xq, s->dx, s->dxs, s->dx16, s->xs4, s->xs4f);
+#endif
+  qmm::AmxActs amx_acts;
+  if (amx) PrepareAmxActs(s, n_tokens, nb, &amx_acts);
   qmm::QActs a;
   a.n_tokens = n_tokens;
   a.cols = w.cols;
@@ -285,18 +480,36 @@ void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_to
   a.xs4 = s->xs4;
   a.xs4f = s->xs4f;
   a.x = x;
-  const qmm::RowsKernel kernel = KernelFor(isa);
+  RowsPlan plan;
+  plan.kernel = KernelFor(isa);
+  if (amx) plan.amx = &amx_acts;
+  if (amx_ref) plan.amx_ref = qmm::RowsAmxOrderScalar;
   if (pool == nullptr || pool->size() == 1 || w.rows * w.cols * n_tokens < 65536) {
-    RunRows(kernel, w, a, y, 0, w.rows);
+    RunRows(plan, w, a, y, 0, w.rows);
     return;
   }
-  // 16 rows per grain: each thread's output runs cover whole 64-byte lines.
-  pool->ParallelFor(w.rows, 16, [&](int, int64_t b, int64_t e) { RunRows(kernel, w, a, y, b, e); });
+  // 16 rows per grain: each thread's output runs cover whole 64-byte lines
+  // and whole 16-row AMX strips.
+  pool->ParallelFor(w.rows, 16, [&](int, int64_t b, int64_t e) { RunRows(plan, w, a, y, b, e); });
+}
+
+}  // namespace
+
+void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
+                    QMatMulScratch* scratch) {
+  QuantMatMulImpl(isa, false, w, x, n_tokens, y, pool, scratch);
 }
 
 void QuantMatMul(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
                  QMatMulScratch* scratch) {
-  QuantMatMulIsa(ActiveQIsa(), w, x, n_tokens, y, pool, scratch);
+  QIsa isa = ActiveQIsa();
+  if (isa == QIsa::kAvx512 && qmm::AmxWanted(n_tokens)) isa = QIsa::kAmx;
+  QuantMatMulImpl(isa, false, w, x, n_tokens, y, pool, scratch);
+}
+
+void QuantMatMulAmxOrderRef(const QMatrixView& w, const float* x, int64_t n_tokens, float* y) {
+  QMatMulScratch scratch;
+  QuantMatMulImpl(QIsa::kScalar, true, w, x, n_tokens, y, nullptr, &scratch);
 }
 
 // ------------------------------------------------------------ references ---
