@@ -1,12 +1,19 @@
 // Speed of the packed-weight matmul (kernels/cpu/qmatmul.h) at 1 thread on
-// SmolLM2-135M shapes: GEMV (1 token: decode) and a 16-token GEMM (prefill).
+// SmolLM2-135M shapes: GEMV (1 token: decode), 4-, 8- and 16-token GEMMs
+// (short prefill chunks, around the AMX threshold of 8) and 512-token GEMMs (prefill: q/k/v/o
+// 576x576 and 192x576, gate/up 1536x576, down 576x1536), AVX-512 VNNI vs AMX.
 // Reports bytes_per_second = packed weight bytes streamed per second, plus
 // the fp32 dequantize-then-dot reference for scale.
 //
-//   build-simd/bin/qmatmul_bench --benchmark_filter='int4_g32/' --benchmark_min_time=0.2
-// Args: {rows, cols, n_tokens, isa (0 scalar, 1 avx2, 2 avx512)}.
+//   build/bin/qmatmul_bench --benchmark_filter='int4_g32/' --benchmark_min_time=0.2
+// Args: {rows, cols, n_tokens, isa (0 scalar, 1 avx2, 2 avx512, 3 amx)}.
+// Before timing, the first 16 tokens are checked bit for bit against the
+// scalar kernel (amx: against QuantMatMulAmxOrderRef, its order in scalar
+// code); every token's output depends on that token alone.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -64,11 +71,16 @@ void BM_QMatMul(benchmark::State& state, fmt::Format f) {
   // (qmatmul.h's contract; the unit test covers small shapes only).
   // (NIBBLE_QMM_BENCH_NO_CHECK=1 skips it: timing experiments only.)
   if (isa != QIsa::kScalar && std::getenv("NIBBLE_QMM_BENCH_NO_CHECK") == nullptr) {
-    std::vector<float> ref(y.size());
-    QuantMatMulIsa(QIsa::kScalar, p.view, x.data(), n_tokens, ref.data(), nullptr, &scratch);
-    QuantMatMulIsa(isa, p.view, x.data(), n_tokens, y.data(), nullptr, &scratch);
-    if (std::memcmp(ref.data(), y.data(), y.size() * sizeof(float)) != 0) {
-      state.SkipWithError("result differs from the scalar kernel");
+    const int64_t nc = std::min<int64_t>(n_tokens, 16);
+    std::vector<float> ref(static_cast<size_t>(nc * rows)), got(ref.size());
+    if (isa == QIsa::kAmx) {
+      QuantMatMulAmxOrderRef(p.view, x.data(), nc, ref.data());
+    } else {
+      QuantMatMulIsa(QIsa::kScalar, p.view, x.data(), nc, ref.data(), nullptr, &scratch);
+    }
+    QuantMatMulIsa(isa, p.view, x.data(), nc, got.data(), nullptr, &scratch);
+    if (std::memcmp(ref.data(), got.data(), got.size() * sizeof(float)) != 0) {
+      state.SkipWithError("result differs from the scalar reference");
       return;
     }
   }
@@ -106,7 +118,14 @@ int Register() {
     b->Args({64, 576, 1, 2});
     b->Args({576, 576, 1, 0});
     auto* g = benchmark::RegisterBenchmark((std::string(name) + "/gemm16").c_str(), BM_QMatMul, f);
-    g->Args({1536, 576, 16, 2})->Args({1536, 576, 16, 1});
+    g->Args({1536, 576, 16, 2})->Args({1536, 576, 16, 1})->Args({1536, 576, 16, 3});
+    for (int n : {4, 8}) {
+      auto* gn = benchmark::RegisterBenchmark((std::string(name) + "/gemm" + std::to_string(n)).c_str(), BM_QMatMul, f);
+      gn->Args({1536, 576, n, 2})->Args({1536, 576, n, 3});
+    }
+    auto* pp = benchmark::RegisterBenchmark((std::string(name) + "/prefill512").c_str(), BM_QMatMul, f);
+    for (const auto& s : {std::array<int64_t, 2>{576, 576}, {192, 576}, {1536, 576}, {576, 1536}})
+      for (int isa : {2, 3}) pp->Args({s[0], s[1], 512, isa});
     benchmark::RegisterBenchmark((std::string(name) + "/f32ref").c_str(), BM_F32Ref, f)->Args({1536, 576});
   }
   return 0;

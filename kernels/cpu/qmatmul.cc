@@ -15,6 +15,10 @@
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/formats/blocks.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace nibble::cpu {
 
 // ------------------------------------------------------------- scratch ---
@@ -27,6 +31,8 @@ struct QMatMulScratch::Impl {
   int32_t* xs4 = nullptr;
   float* xs4f = nullptr;
   int64_t cap_blocks = 0;  // n_tokens * nb the buffers hold
+  std::vector<float> amx_gdxs;  // AMX path: dxt + dxs group sums (qmm::AmxActs), grow only
+  std::vector<int8_t> amx_xq;   // AMX path: tile-major xq (+ 64 bytes for alignment), grow only
 
   void Reserve(int64_t total_blocks) {
     if (total_blocks <= cap_blocks) return;
@@ -59,6 +65,7 @@ namespace qmm {
 // ------------------------------------------------- activation quantization ---
 
 // QuantizeActs / QuantizeActsScalar: kernels/cpu/qmatmul_acts.cc.
+
 
 // --------------------------------------------------------- scalar kernel ---
 
@@ -110,6 +117,44 @@ void RowsScalar(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int6
   }
 }
 
+void RowsAmxOrderScalar(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
+                        int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
+  const FormatInfo fi = Describe(f);
+  const int64_t row_bytes = f.RowBytes(a.cols);
+  const int spg = fi.group / kBlock;
+  const int64_t nb_used = (a.cols + kBlock - 1) / kBlock;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int8_t* xq = a.xq + t * a.nb * kBlock;
+    const float* dx = a.dx + t * a.nb;
+    const float* dxs = a.dxs + t * a.nb;
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const uint8_t* row = data + r * row_bytes;
+      float acc = 0.0f;
+      GroupAffine ga{};
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const int64_t g = b / spg;
+        const int k = static_cast<int>(b % spg);
+        // The padding block (b >= nb_used, xq = dx = dxs = 0) belongs to the
+        // last group (group > 32) or, for 32-column groups, to a group of
+        // d = m = 0: exactly what the tile kernel's parameter arrays hold.
+        if (k == 0)
+          ga = b < nb_used ? ParseGroup(fi.header, fi.bits, row + g * fi.block_bytes, fmt::LoadF16) : GroupAffine{};
+        int32_t dot = 0;
+        if (b < nb_used)
+          for (int i = 0; i < kBlock; ++i) dot += CodeAt(fi, ga, k * kBlock + i) * xq[b * kBlock + i];
+        const float ds = ga.d * dx[b];
+        acc = std::fma(static_cast<float>(dot), ds, acc);
+        if ((b + 1) % spg == 0 || b + 1 == a.nb) {
+          float gsum = 0.0f;
+          for (int64_t j = g * spg; j <= b; ++j) gsum += dxs[j];
+          acc = std::fma(ga.m, gsum, acc);
+        }
+      }
+      y[t * ldy + r] = acc;
+    }
+  }
+}
+
 }  // namespace qmm
 
 // ------------------------------------------------------------ dispatch ---
@@ -125,6 +170,7 @@ bool QIsaSupported(QIsa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
+    case QIsa::kAmx: return QIsaSupported(QIsa::kAvx512) && qmm::AmxSupported();
   }
   return false;
 #else
@@ -134,6 +180,7 @@ bool QIsaSupported(QIsa isa) {
 
 const char* QIsaName(QIsa isa) {
   switch (isa) {
+    case QIsa::kAmx: return "amx";
     case QIsa::kAvx512: return "avx512";
     case QIsa::kAvx2: return "avx2";
     default: return "scalar";
@@ -156,7 +203,7 @@ namespace {
 
 qmm::RowsKernel KernelFor(QIsa isa) {
 #if defined(__x86_64__)
-  if (isa == QIsa::kAvx512) return qmm::RowsAvx512;
+  if (isa == QIsa::kAvx512 || isa == QIsa::kAmx) return qmm::RowsAvx512;
   if (isa == QIsa::kAvx2) return qmm::RowsAvx2;
 #endif
   return qmm::RowsScalar;
@@ -196,8 +243,77 @@ float KeptValue(const QSidecarView& sc, int64_t r, uint32_t i) {
   return Fp16ToFp32(sc.row_scale[r]) * static_cast<float>(sc.i8[i]);
 }
 
+// Fills the AMX kernel's per-call activation extras (qmm::AmxActs) from the
+// quantized activations in `s`: tile-major xq, token-transposed dx, and the
+// dxs group sums G_g of the AMX order for group sizes of 1, 2, 4 blocks
+// (summed in block order from +0). Padding tokens (up to a multiple of 16)
+// are zero. O(n_tokens * nb), single thread; grows s's AMX buffers only.
+void PrepareAmxActs(QMatMulScratch::Impl* s, int64_t n_tokens, int64_t nb, qmm::AmxActs* out_acts) {
+  constexpr int64_t kT = qmm::kAmxTokenTile;
+  const int64_t tiles = (n_tokens + kT - 1) / kT, t_alloc = tiles * kT;
+  const size_t xq_bytes = static_cast<size_t>(t_alloc * nb * qmm::kBlock);
+  if (s->amx_xq.size() < xq_bytes + 64) s->amx_xq.resize(xq_bytes + 64);
+  int8_t* xqt = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(s->amx_xq.data()) + 63) & ~uintptr_t{63});
+  for (int64_t t = 0; t < t_alloc; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      int8_t* dst = xqt + (((t / kT) * nb + b) * kT + t % kT) * qmm::kBlock;
+      if (t < n_tokens) {
+        std::memcpy(dst, s->xq + (t * nb + b) * qmm::kBlock, qmm::kBlock);
+      } else {
+        std::memset(dst, 0, qmm::kBlock);
+      }
+    }
+  }
+  out_acts->xqt = xqt;
+  const auto at = [&](const float* v, int64_t t, int64_t b) { return t < n_tokens ? v[t * nb + b] : 0.0f; };
+  int64_t need = tiles * nb * kT;
+  for (int l = 0; l < 3; ++l) need += tiles * ((nb + (1 << l) - 1) >> l) * kT;
+  if (static_cast<int64_t>(s->amx_gdxs.size()) < need) s->amx_gdxs.resize(static_cast<size_t>(need));
+  float* out = s->amx_gdxs.data();
+  out_acts->dxt = out;
+  for (int64_t t = 0; t < t_alloc; ++t)
+    for (int64_t b = 0; b < nb; ++b) out[((t / kT) * nb + b) * kT + t % kT] = at(s->dx, t, b);
+  out += tiles * nb * kT;
+  for (int l = 0; l < 3; ++l) {
+    const int64_t spg = int64_t{1} << l, ng = (nb + spg - 1) / spg;
+    out_acts->gdxs[l] = out;
+    out_acts->ng[l] = ng;
+    for (int64_t t = 0; t < t_alloc; ++t) {
+      for (int64_t g = 0; g < ng; ++g) {
+        float sum = 0.0f;
+        for (int64_t b = g * spg; b < std::min(nb, g * spg + spg); ++b) sum += at(s->dxs, t, b);
+        out[((t / kT) * ng + g) * kT + t % kT] = sum;
+      }
+    }
+    out += tiles * ng * kT;
+  }
+}
+
+// How RunRows computes the packed part: `kernel` for every segment, except
+// segments whose format qmm::AmxCovers when `amx` (the tile kernel, whole
+// row range at once: it tiles rows itself) or `amx_ref` (its scalar order)
+// is set.
+struct RowsPlan {
+  qmm::RowsKernel kernel = nullptr;
+  const qmm::AmxActs* amx = nullptr;
+  qmm::RowsKernel amx_ref = nullptr;
+};
+
 // Rows [rb, re) for all tokens: packed part per segment, then the side-car.
-void RunRows(qmm::RowsKernel kernel, const QMatrixView& w, const qmm::QActs& a, float* y, int64_t rb, int64_t re) {
+void RunRows(const RowsPlan& plan, const QMatrixView& w, const qmm::QActs& a, float* y, int64_t rb, int64_t re) {
+  const bool tiles = plan.amx != nullptr || plan.amx_ref != nullptr;
+  if (tiles) {
+    for (const QSegmentView& s : w.segments) {
+      const int64_t lo = std::max(rb, s.row_begin), hi = std::min(re, s.row_end);
+      if (lo >= hi || !qmm::AmxCovers(s.format)) continue;
+      if (plan.amx != nullptr) {
+        qmm::RowsAmx(s.format, s.data, lo - s.row_begin, hi - s.row_begin, a, *plan.amx, y + s.row_begin, w.rows);
+      } else {
+        plan.amx_ref(s.format, s.data, lo - s.row_begin, hi - s.row_begin, a, 0, a.n_tokens, y + s.row_begin,
+                     w.rows);
+      }
+    }
+  }
   // Prefill: 32-row chunks keep their rows hot in L1/L2 across token tiles.
   // Decode (one token) reads each row once: one call over the whole range, so
   // the kernel's software prefetch runs ahead across chunk boundaries instead
@@ -208,8 +324,8 @@ void RunRows(qmm::RowsKernel kernel, const QMatrixView& w, const qmm::QActs& a, 
     const int64_t c1 = std::min(re, c0 + chunk);
     for (const QSegmentView& s : w.segments) {
       const int64_t lo = std::max(c0, s.row_begin), hi = std::min(c1, s.row_end);
-      if (lo >= hi) continue;
-      kernel(s.format, s.data, lo - s.row_begin, hi - s.row_begin, a, 0, a.n_tokens, y + s.row_begin, w.rows);
+      if (lo >= hi || (tiles && qmm::AmxCovers(s.format))) continue;
+      plan.kernel(s.format, s.data, lo - s.row_begin, hi - s.row_begin, a, 0, a.n_tokens, y + s.row_begin, w.rows);
     }
   }
   const QSidecarView& sc = w.sidecar;
@@ -229,11 +345,17 @@ void RunRows(qmm::RowsKernel kernel, const QMatrixView& w, const qmm::QActs& a, 
 
 }  // namespace
 
-void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
-                    QMatMulScratch* scratch) {
+namespace {
+
+// QuantMatMul on `isa`'s kernels; QIsa::kAmx: the AMX kernel for segments it
+// covers (AVX-512 VNNI for the others); amx_ref: the AMX order in scalar
+// code instead (QuantMatMulAmxOrderRef; isa must be kScalar).
+void QuantMatMulImpl(QIsa isa, bool amx_ref, const QMatrixView& w, const float* x, int64_t n_tokens, float* y,
+                     ThreadPool* pool, QMatMulScratch* scratch) {
   if (n_tokens <= 0 || w.rows <= 0 || w.cols <= 0) return;
   QMatMulScratch::Impl* s = scratch->impl();
   const int64_t nb = (w.cols + 63) / 64 * 2;
+  const bool amx = isa == QIsa::kAmx;
   s->Reserve(n_tokens * nb);
   const auto quantize = [&](int64_t t0, int64_t t1) {
     qmm::QuantizeActs(x + t0 * w.cols, t1 - t0, w.cols, nb, s->xq + t0 * nb * qmm::kBlock, s->dx + t0 * nb,
@@ -244,6 +366,8 @@ void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_to
     pool->ParallelFor(n_tokens, 16, [&](int, int64_t b, int64_t e) { quantize(b, e); });
   else
     quantize(0, n_tokens);
+  qmm::AmxActs amx_acts;
+  if (amx) PrepareAmxActs(s, n_tokens, nb, &amx_acts);
   qmm::QActs a;
   a.n_tokens = n_tokens;
   a.cols = w.cols;
@@ -255,18 +379,36 @@ void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_to
   a.xs4 = s->xs4;
   a.xs4f = s->xs4f;
   a.x = x;
-  const qmm::RowsKernel kernel = KernelFor(isa);
+  RowsPlan plan;
+  plan.kernel = KernelFor(isa);
+  if (amx) plan.amx = &amx_acts;
+  if (amx_ref) plan.amx_ref = qmm::RowsAmxOrderScalar;
   if (pool == nullptr || pool->size() == 1 || w.rows * w.cols * n_tokens < 65536) {
-    RunRows(kernel, w, a, y, 0, w.rows);
+    RunRows(plan, w, a, y, 0, w.rows);
     return;
   }
-  // 16 rows per grain: each thread's output runs cover whole 64-byte lines.
-  pool->ParallelFor(w.rows, 16, [&](int, int64_t b, int64_t e) { RunRows(kernel, w, a, y, b, e); });
+  // 16 rows per grain: each thread's output runs cover whole 64-byte lines
+  // and whole 16-row AMX strips.
+  pool->ParallelFor(w.rows, 16, [&](int, int64_t b, int64_t e) { RunRows(plan, w, a, y, b, e); });
+}
+
+}  // namespace
+
+void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
+                    QMatMulScratch* scratch) {
+  QuantMatMulImpl(isa, false, w, x, n_tokens, y, pool, scratch);
 }
 
 void QuantMatMul(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
                  QMatMulScratch* scratch) {
-  QuantMatMulIsa(ActiveQIsa(), w, x, n_tokens, y, pool, scratch);
+  QIsa isa = ActiveQIsa();
+  if (isa == QIsa::kAvx512 && qmm::AmxWanted(n_tokens)) isa = QIsa::kAmx;
+  QuantMatMulImpl(isa, false, w, x, n_tokens, y, pool, scratch);
+}
+
+void QuantMatMulAmxOrderRef(const QMatrixView& w, const float* x, int64_t n_tokens, float* y) {
+  QMatMulScratch scratch;
+  QuantMatMulImpl(QIsa::kScalar, true, w, x, n_tokens, y, nullptr, &scratch);
 }
 
 // ------------------------------------------------------------ references ---

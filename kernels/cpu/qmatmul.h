@@ -1,12 +1,17 @@
 // Fused CPU matmul over nibble's packed weight formats (decode GEMV and
-// prefill GEMM), AVX-512 VNNI / AVX2 / scalar with run-time dispatch.
+// prefill GEMM), AMX-INT8 (prefill) / AVX-512 VNNI / AVX2 / scalar with
+// run-time dispatch.
 //
 // Goals: y = x W^T straight from the packed rows of every format in
 // fmt::AllFormats() without materialising fp32 weights; mixed-format row
 // segments; the fp16/int8 side-car of kept weights fused per row; no
 // allocation on the hot path (buffers live in a reusable QMatMulScratch).
-// Non-goals: AMX tiles, load-time repacking (the file layout is used as is),
-// CUDA, validation per call (ValidateQMatrix checks a view once).
+// Non-goals: AMX for decode (a GEMV cannot feed the tile unit: < 8 tokens per
+// call stay on VNNI),
+// bit-identical results between the AMX path and the per-ISA kernels (see
+// Numerics), load-time repacking (the file layout is used as is; the AMX
+// path unpacks each 16-row strip per call), CUDA, validation per call
+// (ValidateQMatrix checks a view once).
 //
 // Algorithm (all ISAs):
 //  1. Activations are quantized once per call, per token and per block of 32
@@ -29,6 +34,18 @@
 //  4. Side-car: y[r] += sum over kept (c, v) of (v - packed(r, c)) * x[c] in
 //     fp32 with the exact x (kept values REPLACE the packed value), fused per
 //     row after its packed dot.
+//  AMX (kernels/cpu/qmatmul_amx.cc, QIsa::kAmx): QuantMatMul takes it when
+//  ActiveQIsa() is kAvx512, the call has n_tokens >= 8 (qmm::kAmxMinTokens,
+//  measured; NIBBLE_QMATMUL_AMX_MIN_TOKENS=N overrides), the CPU reports
+//  amx_tile + amx_int8 and the kernel grants XTILEDATA (arch_prctl, requested
+//  once per process), unless NIBBLE_QMATMUL_AMX=0. Otherwise (or for formats
+//  qmm::AmxCovers rejects) the AVX-512 VNNI kernel runs. Per 16-row strip
+//  the u8 codes are unpacked once into TDPBSUD's B layout and reused by
+//  every 16-token tile; each 32-column block b gives the exact int32
+//  L_b[t][r] = sum_c q xq (the sum of the 8 lane sums of step 3), and the
+//  fp32 epilogue adds fl(d_g dx_b) L_b per block and m_g * sum_{b in g} dxs_b
+//  per group ("AMX order", qmatmul_internal.h). Each thread that runs tiles
+//  loads the tile configuration itself (per call) and releases it after.
 //  Tiling (AVX-512): decode (1 token) runs 4-row micro-tiles that share the
 //  activation loads and finish with one joint 4-row reduction (same adds as
 //  the canonical tree), with software prefetch of the weight rows 2 tiles
@@ -47,9 +64,23 @@
 // 1e-3 slack on the rounding and 1e-5 of the sum of |terms| for fp32) for
 // every format, and asserts that every ISA equals the scalar version of the
 // same int8 algorithm bit for bit.
+// The AMX path uses the same xq, dx and exact integer block sums, so it
+// obeys the same bound, but it is NOT bit-identical to the canonical order,
+// and cannot be at a profit: the canonical order scales each 4-column lane
+// sum L_b[l] into its own fp32 lane, and a tile dot product only yields the
+// 32-column sum (getting lane sums from TDPBSUD means K = 4, 1/16 of its
+// work). So the AMX path has its own fixed order (per output, independent of
+// tiling, threads and token position: results depend only on the token's own
+// activations and on whether the call took the AMX path). qmatmul_test
+// asserts it equals QuantMatMulAmxOrderRef (the same order in scalar code) bit
+// for bit, stays within the bound above, and within 2e-6 * sum of |terms| of
+// the canonical kernels; quantizers/qmatmul_model_test (run with
+// NIBBLE_QMATMUL_AMX_MIN_TOKENS=1) checks greedy text against the other ISAs.
 //
 // Thread safety: QuantMatMul may run concurrently only with distinct scratch
-// objects; the pool's rules apply (one ParallelFor at a time).
+// objects; the pool's rules apply (one ParallelFor at a time). The AMX path
+// adds thread-local unpack buffers and per-thread tile configuration (loaded
+// and released inside each call), so it needs nothing more.
 #pragma once
 
 #include <cstdint>
@@ -112,26 +143,40 @@ class QMatMulScratch {
   std::unique_ptr<Impl> impl_;
 };
 
-enum class QIsa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAmx: the AVX-512 VNNI kernels plus the AMX-INT8 tile kernel for the
+// segments qmm::AmxCovers, at any token count (explicit use: tests,
+// benchmarks; QuantMatMul picks it per call, see AMX above). Not
+// bit-identical to the others (see Numerics).
+enum class QIsa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 // The ISA QuantMatMul uses now: cpu::ActiveIsa() (NIBBLE_FORCE_ISA /
 // ForceIsaForTesting), where "avx512" also needs AVX-512 VNNI (else AVX2).
 // NIBBLE_QMATMUL_ISA=scalar|avx2|avx512 (read once) overrides it for these
 // kernels alone, leaving the fp32 ops on ActiveIsa().
 QIsa ActiveQIsa();
-// Whether this CPU can run `isa`'s kernels.
+// Whether this CPU can run `isa`'s kernels (kAmx: AVX-512 VNNI, amx_tile,
+// amx_int8 and the OS grant of the tile state; NIBBLE_QMATMUL_AMX does not
+// matter here).
 bool QIsaSupported(QIsa isa);
 const char* QIsaName(QIsa isa);
 
 // y[t, r] = sum_c W[r, c] x[t, c], t < n_tokens, r < rows (x [n_tokens, cols],
 // y [n_tokens, rows], row-major), by the int8-activation algorithm above on
-// ActiveQIsa(). pool may be null (single thread).
+// ActiveQIsa(), through the AMX path when it applies (see AMX above).
+// pool may be null (single thread).
 // REQUIRES: ValidateQMatrix(w) holds; x, y do not overlap; n_tokens >= 1.
 void QuantMatMul(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
                  QMatMulScratch* scratch);
-// Same on an explicit ISA (tests, benchmarks). REQUIRES: QIsaSupported(isa).
+// Same on an explicit ISA's kernels (tests, benchmarks); the AMX tiles only
+// for isa == kAmx (whatever n_tokens and the environment say).
+// REQUIRES: QIsaSupported(isa).
 void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_tokens, float* y,
                     ThreadPool* pool, QMatMulScratch* scratch);
+
+// The AMX path's result computed in scalar code on any CPU: bit-identical to
+// QuantMatMulIsa(QIsa::kAmx, ...) (the AMX fp32 order for segments the AMX
+// kernel covers, the canonical order for the others). Single-threaded, slow.
+void QuantMatMulAmxOrderRef(const QMatrixView& w, const float* x, int64_t n_tokens, float* y);
 
 // Exact fp32 reference: each row dequantized by fmt::DequantizeRowRef, the
 // side-car applied, then an fp32 dot in column order. Single-threaded, slow.

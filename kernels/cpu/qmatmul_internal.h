@@ -114,6 +114,7 @@ void QuantizeActs(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, in
 void QuantizeActsScalar(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx,
                         float* dxs, float* dx16, int32_t* xs4, float* xs4f);
 
+
 // The canonical fp32 order every ISA follows, so that all ISAs give
 // bit-identical results (the int32 lane sums are exact in any order):
 //  * lane sums L_b[l] = sum_{i<4} q[4l+i] * xq[4l+i] (l < 8) of block b, and
@@ -135,5 +136,82 @@ inline float Reduce32(const float* acc) {
   for (int l = 0; l < 16; ++l) v16[l] = acc[l] + acc[l + 16];
   return Reduce16(v16);
 }
+
+// ------------------------------------------------------------------ AMX ---
+// The AMX int8 prefill kernel (kernels/cpu/qmatmul_amx.cc, design notes
+// there). It computes the exact int32 block sums L_b = sum_{c in block b}
+// q_c xq_c for 16 rows x 16 tokens per TDPBSUD (activations s8 as the A
+// tile, weight codes u8 in the VNNI B layout). Its fp32 order ("AMX order",
+// per output, blocks b < nb in order, group g = b / (group / 32)):
+//    acc = +0
+//    acc = fma(float(L_b), fl(d_g * dx_b), acc)          every block b
+//    acc = fma(m_g, G_g, acc)   after the last block of group g (or of nb),
+//          G_g = ((0 + dxs_b0) + dxs_b0+1) + ...  over the blocks of g (< nb)
+//    packed row . x = acc
+// Same exact integers as the canonical order above, different fp32 order:
+// not bit-identical to it (the canonical order needs the 4-column lane sums
+// L_b[l], which a tile dot product sums away), but RowsAmxOrderScalar
+// follows the AMX order in scalar code, and RowsAmx equals it bit for bit.
+
+inline constexpr int kAmxTokenTile = 16;  // tokens per AMX tile (A rows / C rows)
+inline constexpr int kAmxRowTile = 16;    // weight rows per AMX tile (C columns)
+
+// True when this CPU reports amx_tile + amx_int8 (+ the AVX-512 VNNI the
+// rest of the path uses) and the kernel granted XTILEDATA
+// (arch_prctl(ARCH_REQ_XCOMP_PERM), requested here once per process);
+// probed once, thread-safe.
+bool AmxSupported();
+// True when QuantMatMul takes the AMX path for a call of n_tokens on the
+// AVX-512 ISA: AmxSupported(), not disabled (NIBBLE_QMATMUL_AMX=0, read
+// once, or SetAmxForTesting(0)), and n_tokens >= the threshold (kAmxMinTokens,
+// NIBBLE_QMATMUL_AMX_MIN_TOKENS=N read once, or SetAmxForTesting).
+bool AmxWanted(int64_t n_tokens);
+// Threshold (tokens per call) at and above which the AMX path pays; see the
+// measurements in qmatmul_amx.cc.
+inline constexpr int64_t kAmxMinTokens = 8;
+// Tests/benchmarks: mode -1 restores the environment's choice, 0 disables,
+// 1 enables (when supported, whatever the environment says); min_tokens > 0
+// overrides the threshold (0: the environment's or kAmxMinTokens). Not
+// thread-safe against running matmuls.
+void SetAmxForTesting(int mode, int64_t min_tokens);
+// Whether the AMX kernel handles format f (segments of other formats run
+// the AVX-512 VNNI kernel within the same call). Every format of
+// fmt::AllFormats() (groups of 32, 64, 128 columns) pays at >= 8 tokens, so
+// only SetAmxUncoveredForTesting makes this false for one of them.
+bool AmxCovers(const fmt::Format& f);
+// Tests: AmxCovers(*f) becomes false (nullptr: restores), to exercise the
+// per-segment fallback. Not thread-safe against running matmuls.
+void SetAmxUncoveredForTesting(const fmt::Format* f);
+
+// The AMX order above in plain scalar code (any CPU): rows [r_begin, r_end)
+// of one segment, tokens [t_begin, t_end), no side-car. The reference that
+// RowsAmx must equal bit for bit. REQUIRES: AmxCovers(f).
+void RowsAmxOrderScalar(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
+                        int64_t t_begin, int64_t t_end, float* y, int64_t ldy);
+
+// Per-call extras of the AMX kernel, token-transposed for its epilogue
+// (16 tokens per zmm): for token tile i (tokens 16 i .. 16 i + 15),
+// dxt[(i * nb + b) * 16 + j] = dx_b of token 16 i + j, and for group sizes of
+// 2^s blocks (s = 0, 1, 2), gdxs[s][(i * ng[s] + g) * 16 + j] = sum of dxs_b
+// of token 16 i + j over blocks b in [g 2^s, g 2^s + 2^s) (b < nb), with
+// ng[s] = nb / 2^s rounded up. Padding tokens hold 0.
+// xqt holds the int8 activations tile-major, so that each A tile is 512
+// contiguous bytes: xqt[((i * nb + b) * 16 + j) * 32 + k] = xq of token
+// 16 i + j, column 32 b + k.
+struct AmxActs {
+  const int8_t* xqt = nullptr;
+  const float* dxt = nullptr;
+  const float* gdxs[3] = {nullptr, nullptr, nullptr};
+  int64_t ng[3] = {0, 0, 0};
+};
+
+// Rows [r_begin, r_end) of one segment for all tokens of `a`:
+// y[t * ldy + r] = packed row r . x_t (no side-car).
+// REQUIRES: AmxSupported(); AmxCovers(f); aa filled for `a` (padding
+// tokens up to a multiple of 16 zero).
+// Thread safety: uses thread-local unpack buffers and loads/releases the
+// calling thread's tile configuration; safe on any number of threads.
+void RowsAmx(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
+             const AmxActs& aa, float* y, int64_t ldy);
 
 }  // namespace nibble::cpu::qmm

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -281,6 +283,267 @@ TEST(QMatMulTest, ValidateRejectsBadViews) {
   EXPECT_FALSE(ValidateQMatrix(v, &err));
   EXPECT_NE(err.find("column"), std::string::npos) << err;
 }
+
+// ------------------------------------------------------------------ AMX ---
+// The AMX prefill kernel (kernels/cpu/qmatmul_amx.cc) computes the same exact
+// int32 block sums as the VNNI kernel but in its own fixed fp32 order, so
+// every output is checked (1) bit for bit against QuantMatMulAmxOrderRef (the
+// same order in scalar code, which runs on any CPU), (2) against the exact
+// fp32 reference within the documented bound and (3) against the canonical
+// AVX-512 / scalar kernels within a tight fp32 tolerance relative to the
+// magnitude of the terms. Segments of formats the AMX kernel does not cover
+// must equal the canonical kernels bit for bit (fallback).
+constexpr double kAmxVsCanonicalRel = 2e-6;
+
+// Sets the AMX mode for a scope, then restores the default.
+class ScopedAmx {
+ public:
+  ScopedAmx(int mode, int64_t min_tokens) { qmm::SetAmxForTesting(mode, min_tokens); }
+  ~ScopedAmx() { qmm::SetAmxForTesting(-1, 0); }
+};
+
+bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Checks QIsa::kAmx (when this CPU has it; the scalar AMX-order reference
+// otherwise) on one matrix. Returns how many outputs differ bit-wise from
+// the canonical kernels (0 for covered formats would mean the AMX order did
+// not run).
+int64_t CheckAmx(const TestMatrix& m, int64_t n_tokens, ThreadPool* pool, const std::string& what) {
+  const QMatrixView w = m.View();
+  std::string err;
+  EXPECT_TRUE(ValidateQMatrix(w, &err)) << what << ": " << err;
+  const std::vector<float> x = RandomActs(n_tokens, m.cols, static_cast<uint32_t>(m.rows * 7 + m.cols + n_tokens));
+  std::vector<float> exact(static_cast<size_t>(n_tokens * m.rows));
+  QuantMatMulF32Ref(w, x.data(), n_tokens, exact.data());
+  QMatMulScratch scratch;
+  std::vector<float> canonical(exact.size(), NAN), ref(exact.size(), NAN), amx(exact.size(), NAN);
+  QuantMatMulIsa(QIsa::kScalar, w, x.data(), n_tokens, canonical.data(), nullptr, &scratch);
+  QuantMatMulAmxOrderRef(w, x.data(), n_tokens, ref.data());
+  if (QIsaSupported(QIsa::kAmx)) {
+    QuantMatMulIsa(QIsa::kAmx, w, x.data(), n_tokens, amx.data(), pool, &scratch);
+    // Bit for bit (NaN-free inputs, so memcmp is the right equality).
+    EXPECT_TRUE(SameBits(amx, ref)) << what << ": AMX kernel differs from its scalar order";
+  }
+  int bad = 0;
+  int64_t differ = 0;
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const size_t i = static_cast<size_t>(t * m.rows + r);
+      differ += ref[i] != canonical[i];
+      if (QIsaSupported(QIsa::kAmx) && std::memcmp(&amx[i], &ref[i], 4) != 0 && bad < 3) {
+        ++bad;
+        ADD_FAILURE() << what << " t=" << t << " r=" << r << ": amx " << amx[i] << " scalar AMX order " << ref[i];
+      }
+      // The bounds (O(cols * 32) each) on a sample of tokens; bit identity
+      // with the scalar AMX order above covers every output.
+      if (bad >= 3 || !(t < 3 || t == n_tokens - 1 || t % 8 == 5)) continue;
+      const Bounds b = ComputeBounds(w, x.data() + t * m.cols, r);
+      const double tight = kAmxVsCanonicalRel * b.mag + 1e-30;
+      const double loose = b.act + kFpRel * b.mag + 1e-30;
+      if (!(std::fabs(double(ref[i]) - canonical[i]) <= tight) || !(std::fabs(double(ref[i]) - exact[i]) <= loose)) {
+        ++bad;
+        ADD_FAILURE() << what << " t=" << t << " r=" << r << ": AMX order " << ref[i] << " canonical "
+                      << canonical[i] << " (tol " << tight << ") exact " << exact[i] << " (tol " << loose << ")";
+      }
+    }
+  }
+  return differ;
+}
+
+// Row tails (rows % 16 != 0, fewer than 16 rows), block-count tails (odd
+// block counts, partial last blocks and groups: 17, 100, 172 columns), token
+// counts 1, 5, 15, 16, 17, 31, 33, 100 (16-token tiles with tails).
+constexpr Shape kAmxShapes[] = {{37, 172, 17}, {16, 576, 16}, {5, 1536, 33}, {5, 100, 100}, {20, 32, 1},
+                                {1, 17, 5},    {20, 224, 31}, {17, 64, 15},  {3, 576, 33},  {50, 96, 100}, {512, 64, 1}, {512, 64, 7}};
+
+class QMatMulAmxTest : public ::testing::TestWithParam<fmt::Format> {};
+
+TEST_P(QMatMulAmxTest, MatchesScalarOrderAndReferences) {
+  const fmt::Format f = GetParam();
+  uint32_t seed = 100;
+  int64_t differ = 0;
+  for (const Shape& s : kAmxShapes) {
+    const TestMatrix m = MakeMatrix({f}, s.rows, s.cols, QSidecarView::Type::kNone, seed++);
+    differ += CheckAmx(m, s.tokens, nullptr,
+                       f.Name() + " " + std::to_string(s.rows) + "x" + std::to_string(s.cols) + " t" +
+                           std::to_string(s.tokens));
+  }
+  if (qmm::AmxCovers(f)) {
+    // Different fp32 order: some outputs must differ in the last bits, or
+    // the AMX order did not run.
+    EXPECT_GT(differ, 0) << f.Name();
+  } else {
+    EXPECT_EQ(differ, 0) << f.Name() << ": not covered, so the canonical kernels must run";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllFormats, QMatMulAmxTest, ::testing::ValuesIn(fmt::AllFormats()),
+                         [](const ::testing::TestParamInfo<fmt::Format>& i) { return i.param.Name(); });
+
+TEST(QMatMulAmxTest, MixedSegmentsSidecarAndThreads) {
+  const auto P = [](const char* n) { return *fmt::Format::Parse(n); };
+  ThreadPool pool(2);
+  // Segment boundaries inside 16-row strips, every header kind, both side-cars.
+  const TestMatrix m = MakeMatrix({P("int4_g32"), P("ternary_g64"), P("int3_g128_sym"), P("binary_g32"),
+                                   P("int8_g64"), P("bintern_g128"), P("int4_g128_sym")},
+                                  203, 300, QSidecarView::Type::kI8, 21);
+  EXPECT_GT(CheckAmx(m, 20, &pool, "mixed i8 t20"), 0);
+  const TestMatrix big = MakeMatrix({P("int4_g64"), P("int8_g32")}, 600, 256, QSidecarView::Type::kF16, 22);
+  EXPECT_GT(CheckAmx(big, 37, &pool, "mixed f16 t37"), 0);
+}
+
+// Segments whose format the AMX kernel does not cover run the canonical
+// kernels inside an AMX call: those rows equal the scalar kernel bit for bit,
+// the others the AMX order.
+TEST(QMatMulAmxTest, UncoveredFormatFallsBack) {
+  const auto P = [](const char* n) { return *fmt::Format::Parse(n); };
+  const fmt::Format off = P("ternary_g64");
+  qmm::SetAmxUncoveredForTesting(&off);
+  EXPECT_FALSE(qmm::AmxCovers(off));
+  EXPECT_TRUE(qmm::AmxCovers(P("ternary_g32")));
+  EXPECT_TRUE(qmm::AmxCovers(P("int4_g32")));
+  const TestMatrix m = MakeMatrix({P("int4_g32"), off, P("int2_g128")}, 61, 300, QSidecarView::Type::kF16, 23);
+  const QMatrixView w = m.View();
+  const int64_t n = 21;
+  const std::vector<float> x = RandomActs(n, m.cols, 4);
+  QMatMulScratch scratch;
+  std::vector<float> canon(static_cast<size_t>(n * m.rows)), ref(canon.size()), amx(canon.size());
+  QuantMatMulIsa(QIsa::kScalar, w, x.data(), n, canon.data(), nullptr, &scratch);
+  QuantMatMulAmxOrderRef(w, x.data(), n, ref.data());
+  if (QIsaSupported(QIsa::kAmx)) {
+    ThreadPool pool(2);
+    QuantMatMulIsa(QIsa::kAmx, w, x.data(), n, amx.data(), &pool, &scratch);
+    EXPECT_TRUE(SameBits(amx, ref));
+  }
+  int64_t same_in = 0, same_out = 0, rows_in = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const size_t i = static_cast<size_t>(t * m.rows + r);
+      const bool same = std::memcmp(&ref[i], &canon[i], 4) == 0;
+      if (r >= m.segs[1].row_begin && r < m.segs[1].row_end) {
+        ++rows_in;
+        same_in += same;
+      } else {
+        same_out += same;
+      }
+    }
+  }
+  EXPECT_EQ(same_in, rows_in) << "uncovered segment must run the canonical kernels";
+  EXPECT_LT(same_out, n * m.rows - rows_in) << "covered segments must run the AMX order";
+  qmm::SetAmxUncoveredForTesting(nullptr);
+  EXPECT_TRUE(qmm::AmxCovers(off));
+}
+
+// The result does not depend on how the tokens are batched into 16-token
+// tiles or split over threads: one 33-token call equals per-token calls.
+TEST(QMatMulAmxTest, TokensIndependentOfBatching) {
+  if (!QIsaSupported(QIsa::kAmx)) GTEST_SKIP() << "no AMX-INT8 (or no OS permission)";
+  const TestMatrix m = MakeMatrix({*fmt::Format::Parse("int4_g64")}, 70, 200, QSidecarView::Type::kF16, 5);
+  const QMatrixView w = m.View();
+  const int64_t n = 33;
+  const std::vector<float> x = RandomActs(n, m.cols, 9);
+  ThreadPool pool(2);
+  QMatMulScratch scratch;
+  std::vector<float> all(static_cast<size_t>(n * m.rows)), one(all.size());
+  QuantMatMulIsa(QIsa::kAmx, w, x.data(), n, all.data(), &pool, &scratch);
+  for (int64_t t = 0; t < n; ++t)
+    QuantMatMulIsa(QIsa::kAmx, w, x.data() + t * m.cols, 1, one.data() + t * m.rows, nullptr, &scratch);
+  EXPECT_TRUE(SameBits(all, one));
+}
+
+// QuantMatMul (production) takes the AMX path exactly when AmxWanted says
+// so, and follows NIBBLE_QMATMUL_AMX=0 (ctest runs this binary with and
+// without it: qmatmul_test, qmatmul_test_amx_off).
+TEST(QMatMulAmxTest, ProductionPathFollowsControls) {
+  if (std::getenv("NIBBLE_QMATMUL_AMX_MIN_TOKENS") != nullptr) GTEST_SKIP() << "threshold overridden";
+  const TestMatrix m = MakeMatrix({*fmt::Format::Parse("int4_g32")}, 48, 576, QSidecarView::Type::kNone, 6);
+  const QMatrixView w = m.View();
+  const char* env = std::getenv("NIBBLE_QMATMUL_AMX");
+  const bool env_off = env != nullptr && std::string(env) == "0";
+  if (env_off) {
+    EXPECT_FALSE(qmm::AmxWanted(1 << 20));
+  } else {
+    EXPECT_EQ(qmm::AmxWanted(qmm::kAmxMinTokens), QIsaSupported(QIsa::kAmx));
+  }
+  EXPECT_FALSE(qmm::AmxWanted(qmm::kAmxMinTokens - 1));
+  QMatMulScratch scratch;
+  for (const int64_t n : {int64_t{1}, qmm::kAmxMinTokens - 1, qmm::kAmxMinTokens, int64_t{40}}) {
+    const std::vector<float> x = RandomActs(n, m.cols, static_cast<uint32_t>(n));
+    std::vector<float> prod(static_cast<size_t>(n * m.rows)), canon(prod.size()), amx(prod.size());
+    QuantMatMul(w, x.data(), n, prod.data(), nullptr, &scratch);
+    QuantMatMulIsa(QIsa::kScalar, w, x.data(), n, canon.data(), nullptr, &scratch);
+    QuantMatMulAmxOrderRef(w, x.data(), n, amx.data());
+    const bool want = ActiveQIsa() == QIsa::kAvx512 && qmm::AmxWanted(n);
+    EXPECT_EQ(want, !env_off && QIsaSupported(QIsa::kAmx) && ActiveQIsa() == QIsa::kAvx512 &&
+                        n >= qmm::kAmxMinTokens) << n;
+    EXPECT_TRUE(SameBits(prod, want ? amx : canon)) << "n_tokens " << n << " amx " << want;
+    EXPECT_FALSE(SameBits(amx, canon)) << n;  // the two orders are distinguishable here
+    {
+      ScopedAmx off(0, 0);
+      QuantMatMul(w, x.data(), n, prod.data(), nullptr, &scratch);
+      EXPECT_TRUE(SameBits(prod, canon)) << "disabled, n_tokens " << n;
+    }
+  }
+}
+
+TEST(QMatMulAmxTest, ControlFollowsOverrideAndThreshold) {
+  if (std::getenv("NIBBLE_QMATMUL_AMX_MIN_TOKENS") != nullptr) GTEST_SKIP() << "threshold overridden";
+  {
+    ScopedAmx off(0, 0);
+    EXPECT_FALSE(qmm::AmxWanted(1 << 20));
+  }
+  {
+    ScopedAmx on(1, 0);
+    EXPECT_FALSE(qmm::AmxWanted(qmm::kAmxMinTokens - 1));
+    EXPECT_EQ(qmm::AmxWanted(qmm::kAmxMinTokens), qmm::AmxSupported());
+  }
+  {
+    ScopedAmx on(1, 3);
+    EXPECT_FALSE(qmm::AmxWanted(2));
+    EXPECT_EQ(qmm::AmxWanted(3), qmm::AmxSupported());
+  }
+  EXPECT_EQ(QIsaSupported(QIsa::kAmx), qmm::AmxSupported() && QIsaSupported(QIsa::kAvx512));
+  EXPECT_STREQ(QIsaName(QIsa::kAmx), "amx");
+}
+
+#if defined(__x86_64__)
+// The dispatched (AVX-512) activation quantization must equal the scalar one bit for bit
+// (every kernel's exactness argument rests on identical xq, dx, dxs, xs4).
+TEST(QMatMulActsTest, QuantizeActsMatchesScalar) {
+  if (!QIsaSupported(QIsa::kAvx512)) GTEST_SKIP() << "no AVX-512";
+  for (const int64_t cols : {1, 17, 32, 100, 172, 576}) {
+    const int64_t n_tokens = 5, nb = (cols + 63) / 64 * 2, total = n_tokens * nb;
+    std::vector<float> x = RandomActs(n_tokens, cols, static_cast<uint32_t>(cols));
+    // Specials: a NaN among finite values, an Inf block, denormals, ties.
+    x[0] = NAN;
+    if (cols > 40) x[cols + 33] = INFINITY;
+    if (cols > 3) x[2 * cols + 1] = 1e-40f, x[2 * cols + 2] = -3e-39f;
+    if (cols > 9) x[3 * cols + 3] = 127.0f, x[3 * cols + 4] = 0.5f, x[3 * cols + 5] = -1.5f, x[3 * cols + 6] = 2.5f;
+    struct Out {
+      std::vector<int8_t> xq;
+      std::vector<float> dx, dxs, dx16, xs4f;
+      std::vector<int32_t> xs4;
+    };
+    auto run = [&](bool avx) {
+      Out o{std::vector<int8_t>(total * 32, 99), std::vector<float>(total, -1), std::vector<float>(total, -1),
+            std::vector<float>(total * 8, -1), std::vector<float>(total * 8, -1), std::vector<int32_t>(total * 8, -1)};
+      const auto quantize = avx ? qmm::QuantizeActs : qmm::QuantizeActsScalar;
+      quantize(x.data(), n_tokens, cols, nb, o.xq.data(), o.dx.data(), o.dxs.data(), o.dx16.data(), o.xs4.data(),
+               o.xs4f.data());
+      return o;
+    };
+    const Out a = run(false), b = run(true);
+    EXPECT_EQ(a.xq, b.xq) << cols;
+    EXPECT_EQ(a.xs4, b.xs4) << cols;
+    EXPECT_EQ(0, std::memcmp(a.dx.data(), b.dx.data(), a.dx.size() * 4)) << cols;
+    EXPECT_EQ(0, std::memcmp(a.dxs.data(), b.dxs.data(), a.dxs.size() * 4)) << cols;
+    EXPECT_EQ(0, std::memcmp(a.dx16.data(), b.dx16.data(), a.dx16.size() * 4)) << cols;
+    EXPECT_EQ(0, std::memcmp(a.xs4f.data(), b.xs4f.data(), a.xs4f.size() * 4)) << cols;
+  }
+}
+#endif
 
 }  // namespace
 }  // namespace nibble::cpu
