@@ -7,7 +7,9 @@
 // attention (kernels/cpu/paged_attention_tiled.h, asserted in
 // paged_attention_test.cc); the remaining fp32 ops (norms, fp32 dots) still
 // differ in summation order between ISAs, by ~1e-7 relative, and the 64-token
-// texts are asserted equal in full.
+// texts are asserted equal in full. The AMX prefill path (>= 8-token calls;
+// the 7-token prompt stays below it) has its own fp32 order and is checked
+// against these kernels in amx_model_test.cc.
 #include <gtest/gtest.h>
 
 #include <algorithm>
