@@ -73,13 +73,23 @@ PAIRS = [
 ]
 QUICK_PAIRS = [("int4_g32", "Q4_0"), ("int8_g32_sym", "Q8_0")]
 NOTES = [
-    "The measuring machine had 2 cores shared with several concurrent compile jobs (load average 6-12), "
-    "so absolute tokens/s are far below what an idle machine gives, sd is large, and 2 threads are often "
-    "slower than 1 for BOTH engines (threads get descheduled at every barrier). Re-run on an idle machine "
-    "for publishable numbers: `python3 bench/performance.py --force`.",
-    "nibble's decode is bound by the weight stream (perf: samples pile up on the weight loads of the "
-    "4-row GEMV tile, ~85% of decode time in the int4 layers + int8 head); prefill by the GEMM tile (~60%), "
-    "attention (~12%) and activation quantization (~5%).",
+    "Measured on a quiet machine (2 vCPUs, nothing else running; the load average column of the JSON "
+    "stays near 1), both engines in the same run, after the AMX prefill GEMM and the whole-range decode "
+    "GEMV landed. Re-run: `python3 bench/performance.py --force`.",
+    "Prefill: nibble runs its AMX int8 tile kernel for every matmul call of >= 8 tokens (kernels/cpu/"
+    "qmatmul_amx.cc; NIBBLE_QMATMUL_AMX=0 turns it off: int4_g64_sym pp512 at 1 thread then falls from "
+    "~340 to ~160 tok/s). llama.cpp's own AMX buffer type is off in this comparison because it segfaults "
+    "in llama-cpp-python on this machine, so its prefill is its AVX-512 VNNI path.",
+    "fp32 rows miss: decode is at the bandwidth bound for both engines (91% / 99% of it at 1 thread), so "
+    "fp32 vs F32 can only tie; F16 streams half the bytes and nibble has no 16-bit weight type yet. fp32 "
+    "prefill is nibble's plain AVX-512 4x4-tile fp32 GEMM (~35 GFLOP/s at 1 thread) against llama.cpp's "
+    "packed sgemm (~54): a packed, register-blocked fp32 micro-kernel (or bf16 AMX at a numerics cost) "
+    "would close it.",
+    "2-thread decode misses for int4_g32 (1.17x Q4_0, 0.96x Q4_K_M) and int4_g64_sym vs Q4_K_M (1.20x): "
+    "nibble's decode reaches only 47-62% of the 2-thread bandwidth bound (65-80% at 1 thread). perf on "
+    "the 2-thread decode: the worker spends ~13-15% in the pool's wait loop and the calling thread takes "
+    "more chunks (late wake-ups after the serial parts of a step: decode attention below 2^18 flops, "
+    "norms, sampling). int8_g32_sym vs Q8_0 at 1 thread (1.24x) is at 80% of the bound already.",
 ]
 TARGETS = {"tg_ratio": 1.3, "pp_ratio": 1.2, "tg_pct_bw": 70.0}
 
