@@ -79,7 +79,7 @@ def _kind(r):
     if r["engine"] == "llama.cpp":
         return "llama.cpp"
     if r["format"].startswith("bpw"):
-        return "alloc"
+        return "alloc-seq" if r["method"] == "gptq-seq" else "alloc"
     return r["method"]
 
 
@@ -161,8 +161,8 @@ def alloc_vs_uniform(rows):
     verdicts = []
     for model in MODEL_ORDER:
         nib = [r for r in rows if r["model"] == model and r["engine"] == "nibble" and not r["ref"]]
-        uni = [r for r in nib if _kind(r) != "alloc"]
-        for a in sorted([r for r in nib if _kind(r) == "alloc"], key=lambda r: r["bpw_all"]):
+        uni = [r for r in nib if not _kind(r).startswith("alloc")]
+        for a in sorted([r for r in nib if _kind(r).startswith("alloc")], key=lambda r: r["bpw_all"]):
             le = _best([u for u in uni if u["bpw_all"] <= a["bpw_all"] + 1e-9])
             larger = sorted([u for u in uni if u["bpw_all"] > a["bpw_all"]], key=lambda u: u["bpw_all"])[:2]
             win = le is None or a["ppl"] < le["ppl"]
@@ -225,11 +225,15 @@ def plot(rows, png_path):
     import matplotlib.ticker
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     styles = {"rtn": dict(marker="o", color="tab:blue"), "gptq": dict(marker="s", color="tab:orange"),
+              "gptq-seq": dict(marker="s", color="tab:red", fillstyle="none"),
               "boa": dict(marker="D", color="tab:purple"), "dfmpc": dict(marker="P", color="tab:brown"),
               "dfmpc-nocomp": dict(marker="X", color="tab:gray"), "alloc": dict(marker="*", color="tab:red"),
+              "alloc-seq": dict(marker="*", color="tab:pink"),
               "llama.cpp": dict(marker="^", color="tab:green")}
-    kind_names = {"rtn": "nibble RTN", "gptq": "nibble GPTQ", "boa": "nibble BoA", "dfmpc": "nibble DF-MPC",
+    kind_names = {"rtn": "nibble RTN", "gptq": "nibble GPTQ", "gptq-seq": "nibble GPTQ, sequential",
+                  "boa": "nibble BoA", "dfmpc": "nibble DF-MPC",
              "dfmpc-nocomp": "nibble DF-MPC formats, no compensation", "alloc": "nibble bit allocation (GPTQ)",
+             "alloc-seq": "nibble bit allocation (sequential GPTQ)",
              "llama.cpp": "llama.cpp"}
     for col, model in enumerate(MODEL_ORDER):
         mr = [r for r in rows if r["model"] == model]
@@ -360,6 +364,14 @@ def write(nib, lla, md_path, png_path):
           "column pass; wo and the FFN as GPTQ. Same calibration text, format and embedding format as the GPTQ row.",
           "The paper's exact Hessian relaxation could not be read here (see quantizers/boa.h for what was derived).",
           "", f"BoA has the lower PPL in {bw} of {bw + bl} pairs.", ""] + bv + [""]
+    sv, sw, sl = method_vs(rows, "gptq-seq", "gptq")
+    if sw + sl:
+        L += ["## Sequential GPTQ vs GPTQ", "",
+              "`--method gptq --sequential`: each layer's Hessians come from the outputs of the already-quantized",
+              "earlier layers, sub-block by sub-block (q/k/v, then o, then gate/up, then down), instead of from the",
+              "full-precision model's activations. Same calibration text and token count as the GPTQ row; budget",
+              "rows (bpwB) allocate with the one-shot GPTQ sensitivities, then quantize sequentially.", "",
+              f"Sequential GPTQ has the lower PPL in {sw} of {sw + sl} pairs.", ""] + sv + [""]
     dv, dw, dl = method_vs(rows, "dfmpc", "dfmpc-nocomp")
     L += ["## DF-MPC (data-free compensation)", "",
           "`--method dfmpc --format LOW --dfmpc-high HIGH` (format column: LOW/HIGH): wv, w_up (and wq, wk, w_gate)",

@@ -112,6 +112,10 @@ CONFIGS = (
        ("smollm2", "gptq", "int2_g128", "int3_g64"), ("smollm2", "gptq", "int4_g128", E4)]
     # Budget 3.0 measured rather than read off the 2.5 row (the per-budget comparison at 3.0).
     + [("smollm2", "gptq", "bpw3.0", "auto")]
+    # Sequential GPTQ (--sequential): the low-bit end, where error compounding over layers dominates.
+    + [("smollm2", "gptq-seq", "int2_g64", E8), ("smollm2", "gptq-seq", "bpw3.0", "auto"),
+       ("smollm2", "gptq-seq", "bpw2.5", "auto"), ("stories260K", "gptq-seq", "int2_g64", E8),
+       ("stories260K", "gptq-seq", "int3_g64", E8)]
 )
 
 
@@ -233,7 +237,7 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     cfg = MODELS[name]
     settings = dict(cfg["settings"])
     qargs = []
-    if method in ("gptq", "boa", "dfmpc-calib") or fmt.startswith("bpw"):
+    if method in ("gptq", "gptq-seq", "boa", "dfmpc-calib") or fmt.startswith("bpw"):
         if name == "stories260K":
             calib, info = stories_calib_file()
         else:
@@ -254,7 +258,9 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     if fmt.startswith("bpw"):
         # Bit allocation at a budget: "bpw3.5"; embed "auto" lets the allocator pick the embedding format.
         # One allocation cache per (model, method): a sweep pays probes and estimates once.
-        fargs = ["--bpw", fmt[3:], "--alloc-cache", os.path.join(WORK, f"{name}.{method}.alloc-cache.json")]
+        # (gptq-seq allocates from the one-shot GPTQ sensitivities, so it shares gptq's cache.)
+        fargs = ["--bpw", fmt[3:], "--alloc-cache",
+                 os.path.join(WORK, f"{name}.{method.split('-')[0]}.alloc-cache.json")]
         fargs += cfg.get("alloc_args", [])
         fargs += ["--alloc-embed-formats", "auto"] if embed == "auto" else ["--embed-format", embed,
                                                                            "--alloc-embed-formats", "none"]
@@ -271,7 +277,10 @@ def run_config(name, method, fmt, embed, args, doc, logits):
             fargs += ["--dfmpc-weighting", "calib"]
     else:
         fargs = ["--format", fmt, "--embed-format", embed]
-    cmd += ["-o", nbl] + fargs + ["--method", "dfmpc" if method.startswith("dfmpc") else method,
+    if method == "gptq-seq":
+        # Sequential GPTQ: each layer calibrated on the outputs of the already-quantized earlier layers.
+        fargs.append("--sequential")
+    cmd += ["-o", nbl] + fargs + ["--method", "dfmpc" if method.startswith("dfmpc") else method.split("-")[0],
                                   "-t", str(args.threads), "--report", rep_path] + qargs
     print(f"-- {key}: quantizing", file=sys.stderr, flush=True)
     try:
