@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,12 @@ class Backend {
 
   // y = x W^T for n_tokens rows of x.
   virtual void MatMul(const HostTensor& w, const float* x, int n_tokens, float* y) = 0;
+  // ys[i] = x ws[i]^T for several weights of the same input width on one x
+  // (a layer's wq/wk/wv, w_gate/w_up). Must equal the MatMul calls bit for
+  // bit; a backend may fuse them (one fork/join, one activation rounding).
+  // Default: MatMul for each.
+  virtual void MatMulMany(std::span<const HostTensor* const> ws, const float* x, int n_tokens,
+                          std::span<float* const> ys);
   // Row-wise RMSNorm of n_tokens rows of width dim.
   virtual void RmsNorm(const float* x, const float* weight, int n_tokens, int dim, float eps, float* out) = 0;
   // RoPE on n_tokens rows, row t at position pos0 + t, n_heads heads per row.

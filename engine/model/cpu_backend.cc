@@ -28,6 +28,22 @@ class CpuBackend final : public Backend {
     cpu::MatMulF32(w.data.data(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
   }
 
+  // Packed weights of one width: cpu::QuantMatMulMany (one activation
+  // rounding, one fork/join; bit-identical to separate calls). Anything else
+  // (fp32 weights, the f32ref path, mixed widths): one MatMul each.
+  void MatMulMany(std::span<const HostTensor* const> ws, const float* x, int n_tokens,
+                  std::span<float* const> ys) override {
+    bool fuse = ws.size() > 1 && ws.size() <= kMaxMany && !UseF32Reference();
+    for (const HostTensor* w : ws) fuse = fuse && w->quant != nullptr && w->quant->cols == ws[0]->quant->cols;
+    if (!fuse) {
+      Backend::MatMulMany(ws, x, n_tokens, ys);
+      return;
+    }
+    cpu::QMatrixView views[kMaxMany];
+    for (size_t i = 0; i < ws.size(); ++i) views[i] = View(*ws[i]->quant, &many_segs_[i]);
+    cpu::QuantMatMulMany({views, ws.size()}, x, n_tokens, ys, &pool_, &qscratch_);
+  }
+
   // Packed weights: the fused int8-activation kernels (kernels/cpu/qmatmul.h)
   // on the active ISA (NIBBLE_FORCE_ISA=scalar runs their scalar version).
   // NIBBLE_QMATMUL=f32ref selects the exact path instead: each row
@@ -37,12 +53,18 @@ class CpuBackend final : public Backend {
       QuantMatMulF32(q, x, n_tokens, y);
       return;
     }
-    seg_views_.clear();  // keeps its capacity: no allocation after the first call
-    for (const QuantSegment& s : q.segments) seg_views_.push_back({s.row_begin, s.row_end, s.format, s.data.data()});
+    cpu::QuantMatMul(View(q, &seg_views_), x, n_tokens, y, &pool_, &qscratch_);
+  }
+
+  // The kernels' view of q; its segment list lives in *segs (reused: no
+  // allocation after the first call).
+  static cpu::QMatrixView View(const QuantTensor& q, std::vector<cpu::QSegmentView>* segs) {
+    segs->clear();
+    for (const QuantSegment& s : q.segments) segs->push_back({s.row_begin, s.row_end, s.format, s.data.data()});
     cpu::QMatrixView v;
     v.rows = q.rows;
     v.cols = q.cols;
-    v.segments = seg_views_;
+    v.segments = *segs;
     const Sidecar& sc = q.sidecar;
     if (!sc.empty()) {
       v.sidecar.type = sc.type == Sidecar::ValueType::kF16 ? cpu::QSidecarView::Type::kF16 : cpu::QSidecarView::Type::kI8;
@@ -52,7 +74,7 @@ class CpuBackend final : public Backend {
       v.sidecar.i8 = sc.i8.data();
       v.sidecar.row_scale = sc.row_scale.data();
     }
-    cpu::QuantMatMul(v, x, n_tokens, y, &pool_, &qscratch_);
+    return v;
   }
 
   static bool UseF32Reference() {
@@ -95,6 +117,11 @@ class CpuBackend final : public Backend {
   }
 
   void SwiGLU(float* gate, const float* up, int64_t n) override {
+    // A decode step's few thousand values cost less than a fork/join.
+    if (n < 16384) {
+      cpu::SwiGLU(gate, up, n);
+      return;
+    }
     pool_.ParallelFor(n, 1024, [&](int, int64_t b, int64_t e) { cpu::SwiGLU(gate + b, up + b, e - b); });
   }
 
@@ -102,7 +129,9 @@ class CpuBackend final : public Backend {
   ThreadPool pool_;
   std::vector<float> scores_;
   std::vector<float> row_scratch_;
+  static constexpr size_t kMaxMany = 4;
   std::vector<cpu::QSegmentView> seg_views_;
+  std::vector<cpu::QSegmentView> many_segs_[kMaxMany];
   cpu::QMatMulScratch qscratch_;
 };
 

@@ -133,9 +133,11 @@ void LlamaModel::RunLayerPart(int l, LayerPart part, const LayerRows& r, int n, 
       if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnIn, r.xb, n, dim);
       break;
     case LayerPart::kAttention: {
-      be.MatMul(lw.wq, r.xb, n, q_.data());
-      be.MatMul(lw.wk, r.xb, n, k_.data());
-      be.MatMul(lw.wv, r.xb, n, v_.data());
+      {
+        const HostTensor* w[] = {&lw.wq, &lw.wk, &lw.wv};
+        float* y[] = {q_.data(), k_.data(), v_.data()};
+        be.MatMulMany(w, r.xb, n, y);
+      }
       be.Rope(q_.data(), n, pos, c.n_heads, c);
       be.Rope(k_.data(), n, pos, c.n_kv_heads, c);
       float* kc = cache->k(l);
@@ -154,8 +156,11 @@ void LlamaModel::RunLayerPart(int l, LayerPart part, const LayerRows& r, int n, 
       if (observer_) observer_->OnLinearInput(l, LinearInput::kFfnIn, r.xb, n, dim);
       break;
     case LayerPart::kFfn:
-      be.MatMul(lw.w_gate, r.xb, n, r.h);
-      be.MatMul(lw.w_up, r.xb, n, h3_.data());
+      {
+        const HostTensor* w[] = {&lw.w_gate, &lw.w_up};
+        float* y[] = {r.h, h3_.data()};
+        be.MatMulMany(w, r.xb, n, y);
+      }
       be.SwiGLU(r.h, h3_.data(), int64_t{n} * hid);
       if (observer_) observer_->OnLinearInput(l, LinearInput::kFfnMid, r.h, n, hid);
       break;

@@ -74,9 +74,11 @@ absl::Status LlamaModel::ForwardBatched(std::span<const BatchSequence> batch, Pa
   for (int l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
     be.RmsNorm(x_.data(), lw.attn_norm.data.data(), n, dim, c.norm_eps, xb_.data());
-    be.MatMul(lw.wq, xb_.data(), n, q_.data());
-    be.MatMul(lw.wk, xb_.data(), n, k_.data());
-    be.MatMul(lw.wv, xb_.data(), n, v_.data());
+    {
+      const HostTensor* wqkv[] = {&lw.wq, &lw.wk, &lw.wv};
+      float* yqkv[] = {q_.data(), k_.data(), v_.data()};
+      be.MatMulMany(wqkv, xb_.data(), n, yqkv);
+    }
     row = 0;
     for (const BatchSequence& b : batch) {
       const int len = static_cast<int>(b.tokens.size());
@@ -107,8 +109,11 @@ absl::Status LlamaModel::ForwardBatched(std::span<const BatchSequence> batch, Pa
     be.MatMul(lw.wo, att_.data(), n, xb_.data());
     for (size_t i = 0; i < size_t(n) * dim; ++i) x_[i] += xb_[i];
     be.RmsNorm(x_.data(), lw.ffn_norm.data.data(), n, dim, c.norm_eps, xb_.data());
-    be.MatMul(lw.w_gate, xb_.data(), n, h1_.data());
-    be.MatMul(lw.w_up, xb_.data(), n, h3_.data());
+    {
+      const HostTensor* wgu[] = {&lw.w_gate, &lw.w_up};
+      float* ygu[] = {h1_.data(), h3_.data()};
+      be.MatMulMany(wgu, xb_.data(), n, ygu);
+    }
     be.SwiGLU(h1_.data(), h3_.data(), int64_t{n} * hid);
     be.MatMul(lw.w_down, h1_.data(), n, xb_.data());
     for (size_t i = 0; i < size_t(n) * dim; ++i) x_[i] += xb_[i];

@@ -347,18 +347,28 @@ void RunRows(const RowsPlan& plan, const QMatrixView& w, const qmm::QActs& a, fl
 
 namespace {
 
-// QuantMatMul on `isa`'s kernels; QIsa::kAmx: the AMX kernel for segments it
-// covers (AVX-512 VNNI for the others); amx_ref: the AMX order in scalar
-// code instead (QuantMatMulAmxOrderRef; isa must be kScalar).
-void QuantMatMulImpl(QIsa isa, bool amx_ref, const QMatrixView& w, const float* x, int64_t n_tokens, float* y,
-                     ThreadPool* pool, QMatMulScratch* scratch) {
-  if (n_tokens <= 0 || w.rows <= 0 || w.cols <= 0) return;
+// QuantMatMul on `isa`'s kernels over several matrices of the same input
+// width sharing x (ys[i] receives ws[i]'s product): the activations are
+// quantized once and one parallel region covers the rows of all of them
+// (the matrices' rows concatenated), so a decode step pays one fork/join for
+// e.g. wq/wk/wv. Every output is computed exactly as by a call on its matrix
+// alone (the kernels' per-output order does not depend on the row split).
+// QIsa::kAmx: the AMX kernel for segments it covers (AVX-512 VNNI for the
+// others); amx_ref: the AMX order in scalar code instead
+// (QuantMatMulAmxOrderRef; isa must be kScalar).
+void QuantMatMulImpl(QIsa isa, bool amx_ref, std::span<const QMatrixView> ws, const float* x, int64_t n_tokens,
+                     float* const* ys, ThreadPool* pool, QMatMulScratch* scratch) {
+  if (n_tokens <= 0 || ws.empty() || ws[0].cols <= 0) return;
+  const int64_t cols = ws[0].cols;
+  int64_t total_rows = 0;
+  for (const QMatrixView& w : ws) total_rows += w.rows;
+  if (total_rows <= 0) return;
   QMatMulScratch::Impl* s = scratch->impl();
-  const int64_t nb = (w.cols + 63) / 64 * 2;
+  const int64_t nb = (cols + 63) / 64 * 2;
   const bool amx = isa == QIsa::kAmx;
   s->Reserve(n_tokens * nb);
   const auto quantize = [&](int64_t t0, int64_t t1) {
-    qmm::QuantizeActs(x + t0 * w.cols, t1 - t0, w.cols, nb, s->xq + t0 * nb * qmm::kBlock, s->dx + t0 * nb,
+    qmm::QuantizeActs(x + t0 * cols, t1 - t0, cols, nb, s->xq + t0 * nb * qmm::kBlock, s->dx + t0 * nb,
                       s->dxs + t0 * nb, s->dx16 + t0 * nb * 8, s->xs4 + t0 * nb * 8, s->xs4f + t0 * nb * 8);
   };
   // Per-token work: prefill splits it over the pool (same bytes either way).
@@ -370,7 +380,7 @@ void QuantMatMulImpl(QIsa isa, bool amx_ref, const QMatrixView& w, const float* 
   if (amx) PrepareAmxActs(s, n_tokens, nb, &amx_acts);
   qmm::QActs a;
   a.n_tokens = n_tokens;
-  a.cols = w.cols;
+  a.cols = cols;
   a.nb = nb;
   a.xq = s->xq;
   a.dx = s->dx;
@@ -383,32 +393,48 @@ void QuantMatMulImpl(QIsa isa, bool amx_ref, const QMatrixView& w, const float* 
   plan.kernel = KernelFor(isa);
   if (amx) plan.amx = &amx_acts;
   if (amx_ref) plan.amx_ref = qmm::RowsAmxOrderScalar;
-  if (pool == nullptr || pool->size() == 1 || w.rows * w.cols * n_tokens < 65536) {
-    RunRows(plan, w, a, y, 0, w.rows);
+  // Concatenated rows [b, e) -> each matrix's part of them.
+  const auto run = [&](int64_t b, int64_t e) {
+    int64_t off = 0;
+    for (size_t i = 0; i < ws.size() && off < e; off += ws[i].rows, ++i) {
+      const int64_t lo = std::max(b, off), hi = std::min(e, off + ws[i].rows);
+      if (lo < hi) RunRows(plan, ws[i], a, ys[i], lo - off, hi - off);
+    }
+  };
+  if (pool == nullptr || pool->size() == 1 || total_rows * cols * n_tokens < 65536) {
+    run(0, total_rows);
     return;
   }
   // 16 rows per grain: each thread's output runs cover whole 64-byte lines
-  // and whole 16-row AMX strips.
-  pool->ParallelFor(w.rows, 16, [&](int, int64_t b, int64_t e) { RunRows(plan, w, a, y, b, e); });
+  // and whole 16-row AMX strips (for matrices of a multiple of 16 rows).
+  pool->ParallelFor(total_rows, 16, [&](int, int64_t b, int64_t e) { run(b, e); });
+}
+
+QIsa CallIsa(int64_t n_tokens) {
+  const QIsa isa = ActiveQIsa();
+  return isa == QIsa::kAvx512 && qmm::AmxWanted(n_tokens) ? QIsa::kAmx : isa;
 }
 
 }  // namespace
 
 void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
                     QMatMulScratch* scratch) {
-  QuantMatMulImpl(isa, false, w, x, n_tokens, y, pool, scratch);
+  QuantMatMulImpl(isa, false, {&w, 1}, x, n_tokens, &y, pool, scratch);
 }
 
 void QuantMatMul(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
                  QMatMulScratch* scratch) {
-  QIsa isa = ActiveQIsa();
-  if (isa == QIsa::kAvx512 && qmm::AmxWanted(n_tokens)) isa = QIsa::kAmx;
-  QuantMatMulImpl(isa, false, w, x, n_tokens, y, pool, scratch);
+  QuantMatMulImpl(CallIsa(n_tokens), false, {&w, 1}, x, n_tokens, &y, pool, scratch);
+}
+
+void QuantMatMulMany(std::span<const QMatrixView> ws, const float* x, int64_t n_tokens, std::span<float* const> ys,
+                     ThreadPool* pool, QMatMulScratch* scratch) {
+  QuantMatMulImpl(CallIsa(n_tokens), false, ws, x, n_tokens, ys.data(), pool, scratch);
 }
 
 void QuantMatMulAmxOrderRef(const QMatrixView& w, const float* x, int64_t n_tokens, float* y) {
   QMatMulScratch scratch;
-  QuantMatMulImpl(QIsa::kScalar, true, w, x, n_tokens, y, nullptr, &scratch);
+  QuantMatMulImpl(QIsa::kScalar, true, {&w, 1}, x, n_tokens, &y, nullptr, &scratch);
 }
 
 // ------------------------------------------------------------ references ---

@@ -167,6 +167,14 @@ const char* QIsaName(QIsa isa);
 // REQUIRES: ValidateQMatrix(w) holds; x, y do not overlap; n_tokens >= 1.
 void QuantMatMul(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool,
                  QMatMulScratch* scratch);
+// QuantMatMul of several matrices on the same x (ys[i] = ws[i] x, [n_tokens,
+// ws[i].rows]): one activation quantization and one parallel region over all
+// their rows (e.g. a layer's wq/wk/wv, or w_gate/w_up, in one decode fork/join).
+// Each ys[i] is bit for bit what QuantMatMul(ws[i], ...) writes.
+// REQUIRES: ws.size() == ys.size() >= 1, every ws[i] valid with the same cols,
+// no y overlapping x or another y.
+void QuantMatMulMany(std::span<const QMatrixView> ws, const float* x, int64_t n_tokens, std::span<float* const> ys,
+                     ThreadPool* pool, QMatMulScratch* scratch);
 // Same on an explicit ISA's kernels (tests, benchmarks); the AMX tiles only
 // for isa == kAmx (whatever n_tokens and the environment say).
 // REQUIRES: QIsaSupported(isa).

@@ -382,6 +382,37 @@ TEST_P(QMatMulAmxTest, MatchesScalarOrderAndReferences) {
 INSTANTIATE_TEST_SUITE_P(AllFormats, QMatMulAmxTest, ::testing::ValuesIn(fmt::AllFormats()),
                          [](const ::testing::TestParamInfo<fmt::Format>& i) { return i.param.Name(); });
 
+// QuantMatMulMany (several matrices on one x, one parallel region) writes
+// each output exactly as QuantMatMul on that matrix alone: canonical ISAs and
+// the AMX path, decode and prefill token counts, 1 and 2 threads, matrices of
+// row counts that are not multiples of the 16-row grain, side-cars.
+TEST(QMatMulManyTest, EqualsSeparateCallsBitForBit) {
+  const auto P = [](const char* n) { return *fmt::Format::Parse(n); };
+  const int64_t cols = 300;
+  const TestMatrix a = MakeMatrix({P("int4_g32"), P("int3_g64_sym")}, 37, cols, QSidecarView::Type::kF16, 31);
+  const TestMatrix b = MakeMatrix({P("int8_g32")}, 16, cols, QSidecarView::Type::kNone, 32);
+  const TestMatrix c = MakeMatrix({P("ternary_g64"), P("int2_g128")}, 203, cols, QSidecarView::Type::kI8, 33);
+  const QMatrixView views[] = {a.View(), b.View(), c.View()};
+  ThreadPool pool2(2);
+  for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &pool2}) {
+    for (const int64_t n : {int64_t{1}, int64_t{3}, int64_t{20}}) {
+      const std::vector<float> x = RandomActs(n, cols, static_cast<uint32_t>(n + 7));
+      QMatMulScratch scratch;
+      std::vector<std::vector<float>> sep(3), many(3);
+      float* ys[3];
+      for (int i = 0; i < 3; ++i) {
+        sep[i].assign(static_cast<size_t>(n * views[i].rows), NAN);
+        many[i].assign(sep[i].size(), NAN);
+        QuantMatMul(views[i], x.data(), n, sep[i].data(), pool, &scratch);
+        ys[i] = many[i].data();
+      }
+      QuantMatMulMany(views, x.data(), n, ys, pool, &scratch);
+      for (int i = 0; i < 3; ++i)
+        EXPECT_TRUE(SameBits(sep[i], many[i])) << "matrix " << i << " n=" << n << " threads=" << (pool ? 2 : 1);
+    }
+  }
+}
+
 TEST(QMatMulAmxTest, MixedSegmentsSidecarAndThreads) {
   const auto P = [](const char* n) { return *fmt::Format::Parse(n); };
   ThreadPool pool(2);
