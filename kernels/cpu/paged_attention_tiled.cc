@@ -504,9 +504,12 @@ void TiledAttention(const TiledProblem& p, AttnIsa isa, ThreadPool* pool, std::v
   if (p.n_tokens <= 0 || p.n_heads <= 0) return;
   const int group = p.n_heads / p.n_kv_heads;
   const int total = p.pos0 + p.n_tokens;
-  // Small problems (decode over short contexts) are not worth a fork/join.
+  // Small problems (decode over a few dozen positions) are not worth a
+  // fork/join (~1-3 us). 2^15 = one token, 9 heads of 64 over ~57 positions
+  // (SmolLM2): ~10 us of work at 1 thread; with 2^18 decode attention stayed
+  // serial for the first ~450 positions, ~9% of a decode step at 1 thread.
   const int64_t flops = int64_t{p.n_tokens} * p.n_heads * total * p.head_dim;
-  const int threads = pool != nullptr && flops >= (int64_t{1} << 18) ? pool->size() : 1;
+  const int threads = pool != nullptr && flops >= (int64_t{1} << 15) ? pool->size() : 1;
   // Items: (kv head, token tile), all heads of the group sharing each K/V
   // tile; when that leaves threads idle (decode, short chunks) split the
   // group into single heads (same bits: rows are independent).
