@@ -3,7 +3,8 @@
 // (short prefill chunks, around the AMX threshold of 8) and 512-token GEMMs (prefill: q/k/v/o
 // 576x576 and 192x576, gate/up 1536x576, down 576x1536), AVX-512 VNNI vs AMX.
 // Reports bytes_per_second = packed weight bytes streamed per second, plus
-// the fp32 dequantize-then-dot reference for scale.
+// the fp32 dequantize-then-dot reference for scale. f32/... times the
+// unquantized fp32 MatMulF32 (ops.h) on the same shapes, in GFLOP/s.
 //
 //   build/bin/qmatmul_bench --benchmark_filter='int4_g32/' --benchmark_min_time=0.2
 // Args: {rows, cols, n_tokens, isa (0 scalar, 1 avx2, 2 avx512, 3 amx)}.
@@ -20,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/ops.h"
 #include "kernels/cpu/qmatmul.h"
 #include "kernels/formats/format.h"
 
@@ -104,11 +106,41 @@ void BM_F32Ref(benchmark::State& state, fmt::Format f) {
   state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(p.bytes.size()));
 }
 
+// fp32 MatMulF32 at 1 thread. Args: {rows, cols, n_tokens, isa (1 avx2, 2 avx512)}.
+void BM_MatMulF32(benchmark::State& state) {
+  const int64_t rows = state.range(0), cols = state.range(1), n_tokens = state.range(2);
+  const char* isa = state.range(3) == 2 ? "avx512" : "avx2";
+  if (!ForceIsaForTesting(isa)) {
+    state.SkipWithError("ISA not supported");
+    return;
+  }
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> w(static_cast<size_t>(rows * cols)), x(static_cast<size_t>(n_tokens * cols));
+  std::vector<float> y(static_cast<size_t>(n_tokens * rows));
+  for (float& v : w) v = nd(rng);
+  for (float& v : x) v = nd(rng);
+  for (auto _ : state) {
+    MatMulF32(w.data(), rows, cols, x.data(), n_tokens, y.data(), nullptr);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  ForceIsaForTesting("");
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * static_cast<double>(rows * cols * n_tokens),
+                                                 benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+  state.SetLabel(isa);
+}
+
 const char* const kBenchFormats[] = {"int8_g32", "int4_g32", "int4_g64_sym", "int4_g128", "int3_g64", "int2_g64",
                                      "int2_g128_sym", "ternary_g64", "binary_g64", "bintern_g64"};
 
 int Register() {
   const int64_t shapes[][2] = {{576, 576}, {1536, 576}, {576, 1536}, {49152, 576}};
+  auto* f32 = benchmark::RegisterBenchmark("f32/matmul", BM_MatMulF32);
+  for (const auto& s : {std::array<int64_t, 2>{576, 576}, {192, 576}, {1536, 576}, {576, 1536}})
+    for (int n : {1, 4, 8, 16, 512}) f32->Args({s[0], s[1], n, 2});
+  f32->Args({1536, 576, 512, 1})->Args({1536, 576, 16, 1});
   for (const char* name : kBenchFormats) {
     const fmt::Format f = *fmt::Format::Parse(name);
     auto* b = benchmark::RegisterBenchmark((std::string(name) + "/gemv").c_str(), BM_QMatMul, f);

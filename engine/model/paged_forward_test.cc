@@ -13,9 +13,10 @@
 namespace nibble {
 namespace {
 
-// Tolerance on logits: the stacked matmul blocks rows differently from the
-// single-sequence one (4x4 tiles vs. dot products), so sums are rounded in a
-// different order; stories260K logits are O(10), fp32 sums over dim <= 512.
+// Tolerance on logits: the stacked matmul can take another path than the
+// single-sequence one (packed fma chains, 4x4 tiles or dot products, by token
+// count), so sums are rounded in a different order; stories260K logits are
+// O(10), fp32 sums over dim <= 512.
 constexpr float kLogitTol = 2e-4f;
 
 std::unique_ptr<LlamaModel> LoadStories() {

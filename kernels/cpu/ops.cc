@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#include <type_traits>
+#include <vector>
 
 #include "kernels/cpu/thread_pool.h"
 
@@ -121,11 +123,247 @@ float Dot(Isa isa, const float* a, const float* b, int64_t n) {
   return DotRef(a, b, n);
 }
 
+// ---------------------------------------------------------------------------
+// Packed-panel matmul for prefill (n_tokens >= kMatMulF32PackedMinTokens, AVX2/AVX-512).
+//
+// Goal: keep both FMA ports busy on [n_tokens x cols] x [cols x rows] products
+// with n_tokens in the tens to hundreds (prefill), where the dot-product tiles
+// above are bound by L2 traffic and horizontal reductions. Rows are taken in
+// panels of P (32 for AVX-512, 16 for AVX2); each panel (P contiguous rows of w,
+// read sequentially) is packed k-major (for every k, the P row values
+// contiguous, zero-padded past the last row) into a thread-local grow-only
+// buffer, then walked in blocks of kKc columns (the block in use stays in L1
+// across all token tiles). A register-blocked kernel keeps P rows x NT tokens of
+// y in registers (AVX-512: 32 x 8 = 16 zmm; AVX2: 16 x 6 = 12 ymm): per k, P/16
+// (P/8) loads of the panel, one broadcast of x[t][k] per token and P/16 (P/8)
+// FMAs per token. y[t][r..r+P) is contiguous, so results are stored (masked on
+// the row tail) with no horizontal reduction; later column blocks reload y and
+// continue the same chains.
+//
+// Numerics: every output is one sequential FMA chain over k = 0 .. cols-1
+// starting from 0 (y = fma(w[r][k], x[t][k], y)); panels, column blocks, token
+// tiles and vector lanes never split or reorder a chain. So for n_tokens >=
+// kMatMulF32PackedMinTokens an output depends only on its w row and x row: not
+// on the thread count or row split, not on n_tokens or where a token falls in a
+// tile, and AVX2 and AVX-512 give the same bytes (MatMulF32PackedOrderRef spells
+// the order out in scalar code; ops_test compares bit for bit). Below the
+// threshold the Dot / 4x4 tile paths above apply (another order), so a token's
+// output can differ by rounding between a batch of < kMatMulF32PackedMinTokens
+// tokens and a larger one. The scalar ISA always takes the Dot path.
+//
+// Threshold 8 (ops.h): at 8 tokens packing (~0.4 cycle per weight) is already
+// repaid (1536x576: ~45 GFLOP/s packed vs ~35 for the 4x4 tiles at 4..7 tokens).
+// Non-goals: L2/L3 blocking of x, packing shared between threads (each thread
+// packs the panels of its own rows), reuse of packed panels across calls.
+
+constexpr int64_t kKc = 256;
+
+// dst[k * P + r] = w[r * cols + k] for r < nr, k < kc; 0 for nr <= r < P.
+template <int P>
+void PackPanelScalar(const float* w, int64_t cols, int64_t nr, int64_t kc, float* dst) {
+  for (int64_t k = 0; k < kc; ++k) {
+    float* d = dst + k * P;
+    for (int64_t r = 0; r < nr; ++r) d[r] = w[r * cols + k];
+    for (int64_t r = nr; r < P; ++r) d[r] = 0.0f;
+  }
+}
+
+// Calls Kernel<nt> for the runtime token count n in [1, NT] (one instantiation each).
+template <int NT, class F>
+void WithTokenCount(int64_t n, F&& f) {
+  if constexpr (NT >= 1) {
+    if (n == NT) {
+      f(std::integral_constant<int, NT>{});
+      return;
+    }
+    WithTokenCount<NT - 1>(n, f);
+  }
+}
+
+// Thread-local, grow-only, 64-byte aligned float buffer (no allocation once warm).
+struct PanelBuf {
+  std::vector<float> v;
+  float* Get(size_t n) {
+    if (v.size() < n + 16) v.assign(n + 16, 0.0f);
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
+  }
+};
+thread_local PanelBuf t_panel;
+
+// Rows [r0, r1) for all tokens via Arch (panel width Arch::kP, token tile Arch::kNt).
+// Each panel is packed whole (its rows are one contiguous stretch of w, read
+// sequentially); the kKc-column block in use is what stays hot in L1.
+template <class Arch>
+void MatMulPackedRows(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                      int64_t r0, int64_t r1) {
+  float* panel = t_panel.Get(static_cast<size_t>(Arch::kP * cols));
+  for (int64_t r = r0; r < r1; r += Arch::kP) {
+    const int64_t nr = std::min<int64_t>(Arch::kP, r1 - r);
+    Arch::Pack(w + r * cols, cols, nr, cols, panel);
+    for (int64_t k0 = 0; k0 < cols; k0 += kKc) {
+      const int64_t kc = std::min(kKc, cols - k0);
+      const float* pk = panel + k0 * Arch::kP;
+      const bool accumulate = k0 > 0;
+      int64_t t = 0;
+      for (; t + Arch::kNt <= n_tokens; t += Arch::kNt)
+        Arch::template Kernel<Arch::kNt>(pk, kc, x + t * cols + k0, cols, y + t * rows + r, rows, nr, accumulate);
+      if (t < n_tokens)
+        WithTokenCount<Arch::kNt - 1>(n_tokens - t, [&](auto nt) {
+          Arch::template Kernel<decltype(nt)::value>(pk, kc, x + t * cols + k0, cols, y + t * rows + r, rows, nr,
+                                                     accumulate);
+        });
+    }
+  }
+}
+
+#if defined(__x86_64__)
+// In-register transpose: on return v[c] holds element c of the 16 input rows.
+__attribute__((target("avx512f"), always_inline)) inline void Transpose16x16(__m512 (&v)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  // Now s[4i + j], 128-bit lane l = rows 4i..4i+3 of column 4l + j.
+  __m512 s[16];
+  for (int i = 0; i < 4; ++i) {
+    s[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    s[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    s[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    s[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  // Column 4l + j = lane l of s[j], s[4 + j], s[8 + j], s[12 + j].
+  for (int j = 0; j < 4; ++j) {
+    const __m512 u0 = _mm512_shuffle_f32x4(s[j], s[4 + j], 0x44), u1 = _mm512_shuffle_f32x4(s[j], s[4 + j], 0xEE);
+    const __m512 u2 = _mm512_shuffle_f32x4(s[8 + j], s[12 + j], 0x44), u3 = _mm512_shuffle_f32x4(s[8 + j], s[12 + j], 0xEE);
+    v[j] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    v[4 + j] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+    v[8 + j] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    v[12 + j] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+  }
+}
+
+struct PackedAvx512 {
+  static constexpr int kP = 32;
+  static constexpr int kNt = 8;
+
+  // PackPanelScalar<32> via 16x16 register transposes.
+  __attribute__((target("avx512f"))) static void Pack(const float* w, int64_t cols, int64_t nr, int64_t kc,
+                                                      float* dst) {
+    for (int64_t k = 0; k < kc; k += 16) {
+      const int64_t nk = std::min<int64_t>(16, kc - k);
+      const __mmask16 km = static_cast<__mmask16>((1u << nk) - 1);
+      for (int g = 0; g < 2; ++g) {
+        if (g * 16 >= nr) {
+          for (int64_t c = 0; c < nk; ++c) _mm512_store_ps(dst + (k + c) * kP + g * 16, _mm512_setzero_ps());
+          continue;
+        }
+        __m512 v[16];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t r = g * 16 + i;
+          if (r < nr) _mm_prefetch(reinterpret_cast<const char*>(w + r * cols + k + 128), _MM_HINT_T0);
+          v[i] = r < nr ? _mm512_maskz_loadu_ps(km, w + r * cols + k) : _mm512_setzero_ps();
+        }
+        Transpose16x16(v);
+        for (int64_t c = 0; c < nk; ++c) _mm512_store_ps(dst + (k + c) * kP + g * 16, v[c]);
+      }
+    }
+  }
+
+  template <int NT>
+  __attribute__((target("avx512f"))) static void Kernel(const float* pk, int64_t kc, const float* x, int64_t ldx,
+                                                        float* y, int64_t ldy, int64_t nr, bool accumulate) {
+    const __mmask16 m0 = nr >= 16 ? 0xffff : static_cast<__mmask16>((1u << nr) - 1);
+    const __mmask16 m1 = nr >= 32 ? 0xffff : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
+    __m512 a0[NT], a1[NT];
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      a0[t] = accumulate ? _mm512_maskz_loadu_ps(m0, y + t * ldy) : _mm512_setzero_ps();
+      a1[t] = accumulate ? _mm512_maskz_loadu_ps(m1, y + t * ldy + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+      const __m512 w0 = _mm512_load_ps(pk + k * kP), w1 = _mm512_load_ps(pk + k * kP + 16);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        const __m512 b = _mm512_set1_ps(x[t * ldx + k]);
+        a0[t] = _mm512_fmadd_ps(w0, b, a0[t]);
+        a1[t] = _mm512_fmadd_ps(w1, b, a1[t]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      _mm512_mask_storeu_ps(y + t * ldy, m0, a0[t]);
+      _mm512_mask_storeu_ps(y + t * ldy + 16, m1, a1[t]);
+    }
+  }
+};
+
+struct PackedAvx2 {
+  static constexpr int kP = 16;
+  static constexpr int kNt = 6;
+
+  static void Pack(const float* w, int64_t cols, int64_t nr, int64_t kc, float* dst) {
+    PackPanelScalar<kP>(w, cols, nr, kc, dst);
+  }
+
+  template <int NT>
+  __attribute__((target("avx2,fma"))) static void Kernel(const float* pk, int64_t kc, const float* x, int64_t ldx,
+                                                         float* y, int64_t ldy, int64_t nr, bool accumulate) {
+    __m256 a0[NT], a1[NT];
+    if (nr == kP) {
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        a0[t] = accumulate ? _mm256_loadu_ps(y + t * ldy) : _mm256_setzero_ps();
+        a1[t] = accumulate ? _mm256_loadu_ps(y + t * ldy + 8) : _mm256_setzero_ps();
+      }
+    } else {
+      // Row tail: go through a full-width buffer (AVX2 has no cheap masked float I/O for both halves).
+      alignas(32) float tmp[NT][kP] = {};
+      if (accumulate)
+        for (int t = 0; t < NT; ++t) std::memcpy(tmp[t], y + t * ldy, nr * sizeof(float));
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        a0[t] = _mm256_load_ps(tmp[t]);
+        a1[t] = _mm256_load_ps(tmp[t] + 8);
+      }
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+      const __m256 w0 = _mm256_load_ps(pk + k * kP), w1 = _mm256_load_ps(pk + k * kP + 8);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        const __m256 b = _mm256_broadcast_ss(x + t * ldx + k);
+        a0[t] = _mm256_fmadd_ps(w0, b, a0[t]);
+        a1[t] = _mm256_fmadd_ps(w1, b, a1[t]);
+      }
+    }
+    if (nr == kP) {
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        _mm256_storeu_ps(y + t * ldy, a0[t]);
+        _mm256_storeu_ps(y + t * ldy + 8, a1[t]);
+      }
+    } else {
+      alignas(32) float tmp[NT][kP];
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        _mm256_store_ps(tmp[t], a0[t]);
+        _mm256_store_ps(tmp[t] + 8, a1[t]);
+        std::memcpy(y + t * ldy, tmp[t], nr * sizeof(float));
+      }
+    }
+  }
+};
+#endif
+
 // Rows [r0, r1) of the product for all tokens.
 void MatMulRows(Isa isa, const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
                 float* y, int64_t r0, int64_t r1) {
   int64_t r = r0;
 #if defined(__x86_64__)
+  if (n_tokens >= kMatMulF32PackedMinTokens && isa == Isa::kAvx512)
+    return MatMulPackedRows<PackedAvx512>(w, rows, cols, x, n_tokens, y, r0, r1);
+  if (n_tokens >= kMatMulF32PackedMinTokens && isa == Isa::kAvx2)
+    return MatMulPackedRows<PackedAvx2>(w, rows, cols, x, n_tokens, y, r0, r1);
   if (isa == Isa::kAvx512 && n_tokens >= 4) {
     float tile[16];
     for (; r + 4 <= r1; r += 4) {
@@ -168,6 +406,15 @@ bool ForceIsaForTesting(std::string_view isa) {
 
 float DotF32(const float* a, const float* b, int64_t n) { return Dot(GetIsa(), a, b, n); }
 
+void MatMulF32PackedOrderRef(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y) {
+  for (int64_t t = 0; t < n_tokens; ++t)
+    for (int64_t r = 0; r < rows; ++r) {
+      float s = 0.0f;
+      for (int64_t c = 0; c < cols; ++c) s = std::fma(w[r * cols + c], x[t * cols + c], s);
+      y[t * rows + r] = s;
+    }
+}
+
 void MatMulF32Ref(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y) {
   for (int64_t t = 0; t < n_tokens; ++t)
     for (int64_t r = 0; r < rows; ++r) y[t * rows + r] = DotRef(w + r * cols, x + t * cols, cols);
@@ -176,12 +423,14 @@ void MatMulF32Ref(const float* w, int64_t rows, int64_t cols, const float* x, in
 void MatMulF32(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
                ThreadPool* pool) {
   const Isa isa = GetIsa();
-  // 16 rows per grain keeps each thread's output columns on separate cache lines.
+  // 16 rows per grain keeps each thread's output columns on separate cache lines;
+  // the packed path takes 32 so that only the last chunk has a partial panel.
   if (pool == nullptr || pool->size() == 1 || rows * cols * n_tokens < 32768) {
     MatMulRows(isa, w, rows, cols, x, n_tokens, y, 0, rows);
     return;
   }
-  pool->ParallelFor(rows, 16, [&](int, int64_t b, int64_t e) { MatMulRows(isa, w, rows, cols, x, n_tokens, y, b, e); });
+  const int64_t grain = n_tokens >= kMatMulF32PackedMinTokens && isa != Isa::kScalar ? 32 : 16;
+  pool->ParallelFor(rows, grain, [&](int, int64_t b, int64_t e) { MatMulRows(isa, w, rows, cols, x, n_tokens, y, b, e); });
 }
 
 void RmsNorm(const float* x, const float* weight, int64_t n, float eps, float* out) {

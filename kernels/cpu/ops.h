@@ -23,6 +23,13 @@ void MatMulF32(const float* w, int64_t rows, int64_t cols, const float* x, int64
                ThreadPool* pool);
 void MatMulF32Ref(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y);
 
+// From this many tokens on, MatMulF32 at AVX2/AVX-512 runs the packed-panel
+// kernel, whose every output is exactly MatMulF32PackedOrderRef's: one
+// sequential fma chain over c = 0 .. cols-1 from 0, whatever the thread count,
+// n_tokens or ISA. Below it (decode) a dot-product order applies.
+inline constexpr int64_t kMatMulF32PackedMinTokens = 8;
+void MatMulF32PackedOrderRef(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y);
+
 // Dot product of two fp32 vectors (dispatched).
 float DotF32(const float* a, const float* b, int64_t n);
 

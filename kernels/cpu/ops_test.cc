@@ -1,7 +1,9 @@
 #include "kernels/cpu/ops.h"
 
 #include <cmath>
+#include <cstring>
 #include <random>
+#include <string_view>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -34,7 +36,7 @@ TEST_P(IsaTest, MatMulMatchesReferenceAtOddSizes) {
   ThreadPool pool(2);
   for (int rows : {1, 3, 17, 64, 129}) {
     for (int cols : {1, 7, 16, 33, 172, 1025}) {
-      for (int tokens : {1, 3, 4, 9}) {
+      for (int tokens : {1, 3, 4, 7, 8, 9, 17, 40}) {
         auto w = Random(size_t(rows) * cols, rows * 131 + cols);
         auto x = Random(size_t(tokens) * cols, cols * 7 + tokens);
         std::vector<float> y(size_t(tokens) * rows), ref(y.size());
@@ -50,6 +52,53 @@ TEST_P(IsaTest, MatMulMatchesReferenceAtOddSizes) {
         }
       }
     }
+  }
+}
+
+// The packed-panel path (n_tokens >= kMatMulF32PackedMinTokens) equals its
+// scalar order reference bit for bit at every size: row tails of the 32/16-row
+// panels (rows 1, 15..33, 100), column tails of the 16-wide transposes and of
+// the 256-column blocks (cols 1..17, 255..257, 600), token tails (8..40).
+TEST_P(IsaTest, PackedMatMulIsTheSequentialFmaOrderBitForBit) {
+  if (std::string_view(GetParam()) == "scalar") GTEST_SKIP() << "no packed path at scalar";
+  ThreadPool pool(2);
+  for (int rows : {1, 15, 16, 17, 31, 32, 33, 100}) {
+    for (int cols : {1, 7, 15, 16, 17, 255, 256, 257, 600}) {
+      for (int tokens : {8, 9, 13, 16, 23, 40}) {
+        auto w = Random(size_t(rows) * cols, rows * 17 + cols);
+        auto x = Random(size_t(tokens) * cols, cols * 5 + tokens);
+        std::vector<float> y(size_t(tokens) * rows, -7.0f), ref(y.size());
+        MatMulF32(w.data(), rows, cols, x.data(), tokens, y.data(), &pool);
+        MatMulF32PackedOrderRef(w.data(), rows, cols, x.data(), tokens, ref.data());
+        ASSERT_EQ(std::memcmp(y.data(), ref.data(), y.size() * sizeof(float)), 0)
+            << GetParam() << " rows=" << rows << " cols=" << cols << " tokens=" << tokens;
+      }
+    }
+  }
+}
+
+// Same bytes whatever the thread count (rows split differently over 1, 2, 3
+// threads) and, from the packed threshold on, whatever the batch a token is in.
+TEST_P(IsaTest, MatMulIsIndependentOfThreadsAndBatch) {
+  const int rows = 300, cols = 259;
+  ThreadPool p1(1), p2(2), p3(3);
+  auto w = Random(size_t(rows) * cols, 11);
+  for (int tokens : {1, 3, 8, 21, 40}) {
+    auto x = Random(size_t(tokens) * cols, 12 + tokens);
+    std::vector<float> y1(size_t(tokens) * rows), y2(y1.size()), y3(y1.size());
+    MatMulF32(w.data(), rows, cols, x.data(), tokens, y1.data(), &p1);
+    MatMulF32(w.data(), rows, cols, x.data(), tokens, y2.data(), &p2);
+    MatMulF32(w.data(), rows, cols, x.data(), tokens, y3.data(), &p3);
+    EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)), 0) << GetParam() << " tokens=" << tokens;
+    EXPECT_EQ(std::memcmp(y1.data(), y3.data(), y1.size() * sizeof(float)), 0) << GetParam() << " tokens=" << tokens;
+    if (tokens < kMatMulF32PackedMinTokens) continue;
+    // Tokens 5 .. 5+kMatMulF32PackedMinTokens-1 on their own: the same bytes as inside the big batch.
+    const int64_t n = kMatMulF32PackedMinTokens;
+    if (tokens < 5 + n) continue;
+    std::vector<float> part(size_t(n) * rows);
+    MatMulF32(w.data(), rows, cols, x.data() + 5 * cols, n, part.data(), &p2);
+    EXPECT_EQ(std::memcmp(part.data(), y1.data() + 5 * rows, part.size() * sizeof(float)), 0)
+        << GetParam() << " tokens=" << tokens;
   }
 }
 
