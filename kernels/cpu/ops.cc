@@ -444,13 +444,33 @@ void RmsNorm(const float* x, const float* weight, int64_t n, float eps, float* o
 
 void Rope(float* v, int n_heads, int head_dim, int rope_dim, int pos, float theta, RopeStyle style) {
   const int half = rope_dim / 2;
+  // cos/sin of each pair's angle, once for all heads (the same float
+  // expressions as llama2.c: freq = theta^(-2i/d), angle = pos * freq).
+  constexpr int kMaxHalf = 512;
+  float cs[2 * kMaxHalf];
+  const auto angle_of = [&](int i) {
+    const float freq = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(rope_dim));
+    return static_cast<float>(pos) * freq;
+  };
+  const bool cached = half <= kMaxHalf;
+  if (cached)
+    for (int i = 0; i < half; ++i) {
+      const float angle = angle_of(i);
+      cs[2 * i] = std::cos(angle);
+      cs[2 * i + 1] = std::sin(angle);
+    }
   for (int h = 0; h < n_heads; ++h) {
     float* p = v + static_cast<int64_t>(h) * head_dim;
     for (int i = 0; i < half; ++i) {
-      // Same float expression as llama2.c: theta^(-2i/d).
-      const float freq = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(rope_dim));
-      const float angle = static_cast<float>(pos) * freq;
-      const float c = std::cos(angle), s = std::sin(angle);
+      float c, s;
+      if (cached) {
+        c = cs[2 * i];
+        s = cs[2 * i + 1];
+      } else {
+        const float angle = angle_of(i);
+        c = std::cos(angle);
+        s = std::sin(angle);
+      }
       float* a;
       float* b;
       if (style == RopeStyle::kInterleaved) {
