@@ -73,23 +73,23 @@ PAIRS = [
 ]
 QUICK_PAIRS = [("int4_g32", "Q4_0"), ("int8_g32_sym", "Q8_0")]
 NOTES = [
-    "Measured on a quiet machine (2 vCPUs, nothing else running; the load average column of the JSON "
-    "stays near 1), both engines in the same run, after the AMX prefill GEMM and the whole-range decode "
-    "GEMV landed. Re-run: `python3 bench/performance.py --force`.",
-    "Prefill: nibble runs its AMX int8 tile kernel for every matmul call of >= 8 tokens (kernels/cpu/"
-    "qmatmul_amx.cc; NIBBLE_QMATMUL_AMX=0 turns it off: int4_g64_sym pp512 at 1 thread then falls from "
-    "~340 to ~160 tok/s). llama.cpp's own AMX buffer type is off in this comparison because it segfaults "
-    "in llama-cpp-python on this machine, so its prefill is its AVX-512 VNNI path.",
-    "fp32 rows miss: decode is at the bandwidth bound for both engines (91% / 99% of it at 1 thread), so "
-    "fp32 vs F32 can only tie; F16 streams half the bytes and nibble has no 16-bit weight type yet. fp32 "
-    "prefill is nibble's plain AVX-512 4x4-tile fp32 GEMM (~35 GFLOP/s at 1 thread) against llama.cpp's "
-    "packed sgemm (~54): a packed, register-blocked fp32 micro-kernel (or bf16 AMX at a numerics cost) "
-    "would close it.",
-    "2-thread decode misses for int4_g32 (1.17x Q4_0, 0.96x Q4_K_M) and int4_g64_sym vs Q4_K_M (1.20x): "
-    "nibble's decode reaches only 47-62% of the 2-thread bandwidth bound (65-80% at 1 thread). perf on "
-    "the 2-thread decode: the worker spends ~13-15% in the pool's wait loop and the calling thread takes "
-    "more chunks (late wake-ups after the serial parts of a step: decode attention below 2^18 flops, "
-    "norms, sampling). int8_g32_sym vs Q8_0 at 1 thread (1.24x) is at 80% of the bound already.",
+    "Measured on a machine with nothing else running (2 vCPUs; load average ~1), both engines in the same "
+    "run. The host itself is shared: the same nibble-bench command varies by up to +-30% between minutes "
+    "(int4_g64_sym tg128 at 1 thread: 84 tok/s in one full run, 71 +- 17 in the next), so a ratio near a "
+    "target can flip between runs. Re-run: `python3 bench/performance.py --force`.",
+    "Prefill: nibble runs its AMX int8 tile kernel for every packed-weight matmul call of >= 8 tokens "
+    "(kernels/cpu/qmatmul_amx.cc; NIBBLE_QMATMUL_AMX=0 turns it off: int4_g64_sym pp512 at 1 thread then "
+    "falls from ~340 to ~160 tok/s), and a packed-panel broadcast fp32 GEMM for fp32 weights (~100 GFLOP/s "
+    "at 1 thread). llama.cpp's own AMX buffer type is off in this comparison because it segfaults in "
+    "llama-cpp-python on this machine, so its prefill is its AVX-512 path.",
+    "fp32 vs F16 decode cannot be won with fp32 weights: F16 streams half the bytes and nibble has no "
+    "16-bit weight type yet; fp32 vs F32 decode is at the bandwidth bound in both engines (~92-94%).",
+    "1-thread decode is limited by one core's memory-level parallelism: perf puts 93% of the GEMV row "
+    "loop's own samples on the weight stream's prefetcht0 (line-fill buffers full); the '% bw' bound "
+    "(10-11 GB/s) is that single-core limit. 2-thread decode reaches 47-62% of the 2-thread bound: per "
+    "step ~10% stays serial (norms, RoPE, residual adds, sampling) and each layer has 4 fork/joins (wq/wk/wv "
+    "and w_gate/w_up fused per layer); a persistent per-layer task graph or fusing norm + matmul would "
+    "cut both.",
 ]
 TARGETS = {"tg_ratio": 1.3, "pp_ratio": 1.2, "tg_pct_bw": 70.0}
 
