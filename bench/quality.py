@@ -116,6 +116,8 @@ CONFIGS = (
     + [("smollm2", "gptq-seq", "int2_g64", E8), ("smollm2", "gptq-seq", "bpw3.0", "auto"),
        ("smollm2", "gptq-seq", "bpw2.5", "auto"), ("stories260K", "gptq-seq", "int2_g64", E8),
        ("stories260K", "gptq-seq", "int3_g64", E8)]
+    # stories260K at budget 5.0 (llama.cpp's smallest file there is 7.5 bpw, PPL 3.80), one-shot and sequential.
+    + [("stories260K", m, f"bpw{b}", "auto") for m in ("gptq", "gptq-seq") for b in ("4.98", "4.5")]
 )
 
 
