@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cpu/aligned_scratch.h"
 #include "kernels/cpu/thread_pool.h"
 
 #if defined(__x86_64__)
@@ -180,15 +181,8 @@ void WithTokenCount(int64_t n, F&& f) {
   }
 }
 
-// Thread-local, grow-only, 64-byte aligned float buffer (no allocation once warm).
-struct PanelBuf {
-  std::vector<float> v;
-  float* Get(size_t n) {
-    if (v.size() < n + 16) v.assign(n + 16, 0.0f);
-    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
-  }
-};
-thread_local PanelBuf t_panel;
+// Per-thread packed panel (no allocation once warm).
+thread_local AlignedScratch<float> t_panel;
 
 // Rows [r0, r1) for all tokens via Arch (panel width Arch::kP, token tile Arch::kNt).
 // Each panel is packed whole (its rows are one contiguous stretch of w, read

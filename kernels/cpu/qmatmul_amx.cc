@@ -85,6 +85,7 @@
 #include <string_view>
 #include <vector>
 
+#include "kernels/cpu/aligned_scratch.h"
 #include "kernels/cpu/qmatmul.h"
 #include "kernels/cpu/qmatmul_internal.h"
 
@@ -266,15 +267,8 @@ NIBBLE_AMX_INLINE __m256i SubBlockCodes(const uint8_t* codes, int group, int k, 
   }
 }
 
-// Thread-local, grow-only, 64-byte aligned buffer (no allocation once warm).
-struct ThreadBuf {
-  std::vector<uint8_t> bytes;
-  uint8_t* Get(size_t n) {
-    if (bytes.size() < n + 64) bytes.assign(n + 64, 0);
-    return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(bytes.data()) + 63) & ~uintptr_t{63});
-  }
-};
-thread_local ThreadBuf t_buf;
+// Per-thread strip buffers (no allocation once warm).
+thread_local AlignedScratch<uint8_t> t_buf;
 
 struct Strip {
   uint8_t* rows;  // [16][nbp * 32] row-major codes (unpack staging)
