@@ -233,6 +233,44 @@ struct Avx2Ops {
     }
     return Reduce16(lo, hi);
   }
+  // The K tile transposed so that scores for 8/16 keys are one fma chain over
+  // i: kt[i][j] = k_j[i] as fp32 (int8: the code) for j < n, i < hd. 8x8
+  // blocks are transposed in registers (pure data movement: same bytes as the
+  // element loop), leftover keys/dims element by element.
+  NIBBLE_TA_AVX2 static void Transpose8(__m256* r) {
+    __m256 t[8], u[8];
+    for (int x = 0; x < 8; x += 2) {
+      t[x] = _mm256_unpacklo_ps(r[x], r[x + 1]);      // per 128-bit lane: a0 b0 a1 b1
+      t[x + 1] = _mm256_unpackhi_ps(r[x], r[x + 1]);  // a2 b2 a3 b3
+    }
+    for (int x = 0; x < 8; x += 4) {
+      u[x] = _mm256_shuffle_ps(t[x], t[x + 2], 0x44);  // a0 b0 c0 d0
+      u[x + 1] = _mm256_shuffle_ps(t[x], t[x + 2], 0xEE);
+      u[x + 2] = _mm256_shuffle_ps(t[x + 1], t[x + 3], 0x44);
+      u[x + 3] = _mm256_shuffle_ps(t[x + 1], t[x + 3], 0xEE);
+    }
+    for (int x = 0; x < 4; ++x) {
+      r[x] = _mm256_permute2f128_ps(u[x], u[x + 4], 0x20);
+      r[x + 4] = _mm256_permute2f128_ps(u[x], u[x + 4], 0x31);
+    }
+  }
+  template <class V>
+  NIBBLE_TA_AVX2 static void Transpose(const void* const* k, int n, int hd, float* kt) {
+    const int hd8 = hd / 8 * 8;
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+      for (int i = 0; i < hd8; i += 8) {
+        __m256 r[8];
+        for (int x = 0; x < 8; ++x) r[x] = Load8(static_cast<const V*>(k[j + x]) + i);
+        Transpose8(r);
+        for (int x = 0; x < 8; ++x) _mm256_storeu_ps(kt + int64_t{i + x} * kKvTile + j, r[x]);
+      }
+      for (int x = 0; x < 8; ++x)
+        for (int i = hd8; i < hd; ++i) kt[int64_t{i} * kKvTile + j + x] = static_cast<float>(static_cast<const V*>(k[j + x])[i]);
+    }
+    for (; j < n; ++j)
+      for (int i = 0; i < hd; ++i) kt[int64_t{i} * kKvTile + j] = static_cast<float>(static_cast<const V*>(k[j])[i]);
+  }
   static constexpr bool kTransposed = true;
   // s[j] = (sum_i q_i kt[i][j]) * cs[j] for j < n, kt = the tile transposed
   // ([hd][kKvTile], fp32). Per lane: an fma chain over i in order. Returns
@@ -350,6 +388,48 @@ struct Avx512Ops {
     return Avx2Ops::Reduce16(_mm512_castps512_ps256(sum),
                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1)));
   }
+  // As Avx2Ops::Transpose with 16x16 blocks.
+  NIBBLE_TA_AVX512 static void Transpose16(__m512* r) {
+    __m512 t[16];
+    for (int x = 0; x < 16; x += 2) {
+      t[x] = _mm512_unpacklo_ps(r[x], r[x + 1]);      // per 128-bit lane: a0 b0 a1 b1
+      t[x + 1] = _mm512_unpackhi_ps(r[x], r[x + 1]);  // a2 b2 a3 b3
+    }
+    for (int x = 0; x < 16; x += 4) {  // rows x..x+3, per lane L: column 4L + c in r[x + c]
+      r[x] = _mm512_shuffle_ps(t[x], t[x + 2], 0x44);
+      r[x + 1] = _mm512_shuffle_ps(t[x], t[x + 2], 0xEE);
+      r[x + 2] = _mm512_shuffle_ps(t[x + 1], t[x + 3], 0x44);
+      r[x + 3] = _mm512_shuffle_ps(t[x + 1], t[x + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {  // gather lane L of the four row groups: column 4L + c
+      const __m512 t0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);   // A0 A1 B0 B1
+      const __m512 t1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);   // A2 A3 B2 B3
+      const __m512 t2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+      const __m512 t3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+      t[c] = _mm512_shuffle_f32x4(t0, t2, 0x88);       // A0 B0 C0 D0
+      t[4 + c] = _mm512_shuffle_f32x4(t0, t2, 0xDD);   // A1 B1 C1 D1
+      t[8 + c] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+      t[12 + c] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+    }
+    for (int x = 0; x < 16; ++x) r[x] = t[x];
+  }
+  template <class V>
+  NIBBLE_TA_AVX512 static void Transpose(const void* const* k, int n, int hd, float* kt) {
+    const int hd16 = hd / 16 * 16;
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+      for (int i = 0; i < hd16; i += 16) {
+        __m512 r[16];
+        for (int x = 0; x < 16; ++x) r[x] = Load16(static_cast<const V*>(k[j + x]) + i);
+        Transpose16(r);
+        for (int x = 0; x < 16; ++x) _mm512_storeu_ps(kt + int64_t{i + x} * kKvTile + j, r[x]);
+      }
+      for (int x = 0; x < 16; ++x)
+        for (int i = hd16; i < hd; ++i) kt[int64_t{i} * kKvTile + j + x] = static_cast<float>(static_cast<const V*>(k[j + x])[i]);
+    }
+    for (; j < n; ++j)
+      for (int i = 0; i < hd; ++i) kt[int64_t{i} * kKvTile + j] = static_cast<float>(static_cast<const V*>(k[j])[i]);
+  }
   static constexpr bool kTransposed = true;
   // As Avx2Ops::ScoresT, 16 lanes.
   NIBBLE_TA_AVX512 static float ScoresT(const float* q, const float* kt, const float* cs, int hd, int n, float* s) {
@@ -416,16 +496,6 @@ int64_t ItemScratchFloats(int rows, int head_dim) {
   return int64_t{rows} * (head_dim + 2) + 2 * kKvTile + int64_t{head_dim} * kKvTile;
 }
 
-// kt[i][j] = k_j[i] as fp32 (int8: the code), j < n: the K tile transposed so
-// that scores for 16 keys are one fma chain over i.
-template <class K>
-void TransposeTile(const void* const* k, int n, int hd, float* kt) {
-  for (int j = 0; j < n; ++j) {
-    const K* kj = static_cast<const K*>(k[j]);
-    for (int i = 0; i < hd; ++i) kt[int64_t{i} * kKvTile + j] = static_cast<float>(kj[i]);
-  }
-}
-
 // Work item: kv head `kvh`, query heads [h0, h1), tokens [t0, t1).
 template <class Ops, bool kI8>
 void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, float* scratch) {
@@ -448,7 +518,7 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
     const int j1 = std::min(j0 + kKvTile, last + 1);
     Gather(p, kvh, j0, j1 - j0, &tr);
     for (int j = 0; j < j1 - j0; ++j) cs[j] = kI8 ? tr.ks[j] * scale : scale;
-    if constexpr (Ops::kTransposed) TransposeTile<V>(tr.k, j1 - j0, hd, kt);
+    if constexpr (Ops::kTransposed) Ops::template Transpose<V>(tr.k, j1 - j0, hd, kt);
     for (int t = std::max(t0, j0 - p.pos0); t < t1; ++t) {
       const int n = std::min(j1, p.pos0 + t + 1) - j0;  // >= 1: pos0 + t >= j0
       for (int h = h0; h < h1; ++h) {
