@@ -1,5 +1,6 @@
 #include "kernels/cpu/ops.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -140,13 +141,18 @@ TEST(OpsTest, RmsNormSoftmaxSwiGLU) {
 }
 
 TEST(ThreadPoolTest, ParallelForCoversRangeOnce) {
-  ThreadPool pool(2);
-  for (int64_t n : {1, 2, 15, 16, 17, 1000}) {
-    std::vector<int> hits(n, 0);
-    pool.ParallelFor(n, 4, [&](int, int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) hits[i]++;
-    });
-    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i], 1) << "n=" << n << " i=" << i;
+  for (int threads : {2, 3}) {
+    ThreadPool pool(threads);
+    for (int64_t n : {1, 2, 15, 16, 17, 1000, 100003}) {
+      std::vector<int> hits(n, 0);
+      std::atomic<bool> misaligned{false};
+      pool.ParallelFor(n, 4, [&](int t, int64_t b, int64_t e) {
+        if (b % 4 != 0 || (e % 4 != 0 && e != n) || b >= e || t < 0 || t >= threads) misaligned = true;
+        for (int64_t i = b; i < e; ++i) hits[i]++;
+      });
+      EXPECT_FALSE(misaligned) << "n=" << n;
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i], 1) << "n=" << n << " i=" << i;
+    }
   }
 }
 

@@ -29,8 +29,9 @@ class ThreadPool {
 
   // Calls fn(thread_index, begin, end) over [0, n) split into contiguous chunks
   // (multiples of `grain` items, so threads never share a cache line of output
-  // when grain is chosen for it), claimed dynamically: a thread that is late
-  // (descheduled) simply gets fewer chunks. thread_index < size() identifies
+  // when grain is chosen for it), claimed dynamically with shrinking sizes
+  // (guided scheduling): a thread that is late (descheduled) simply gets fewer
+  // chunks. The split is not deterministic: fn's results must not depend on it. thread_index < size() identifies
   // the calling participant (for per-thread scratch). Returns when all are done.
   void ParallelFor(int64_t n, int64_t grain,
                    const std::function<void(int thread, int64_t begin, int64_t end)>& fn);
@@ -41,6 +42,9 @@ class ThreadPool {
 
  private:
   void WorkerLoop(int index);
+  // Publishes job to the workers, runs job(0) on the caller, returns when every
+  // participant has left it.
+  void RunJob(const std::function<void(int)>& job);
   // Runs chunk_fn(thread, c) for every c < n_chunks across the participants.
   void RunChunks(int64_t n_chunks, const std::function<void(int thread, int64_t chunk)>& chunk_fn);
 
@@ -50,7 +54,7 @@ class ThreadPool {
   std::atomic<uint64_t> generation_{0};
   std::atomic<uint64_t> open_{0};     // generation of the job being run; 0: none
   std::atomic<int> active_{0};        // workers inside (or about to check) the current job
-  std::atomic<int64_t> next_chunk_{0};
+  std::atomic<int64_t> next_chunk_{0};  // next chunk (RunChunks) or unit (ParallelFor)
   std::atomic<bool> stop_{false};
 };
 
