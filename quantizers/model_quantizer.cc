@@ -15,6 +15,7 @@
 #include "quantizers/boa.h"
 #include "quantizers/calibration.h"
 #include "quantizers/quant_error.h"
+#include "quantizers/rotation.h"
 #include "quantizers/rtn.h"
 #include "quantizers/sequential.h"
 #include "quantizers/sensitivity.h"
@@ -74,7 +75,10 @@ void AccountBits(const LoadedModel& m, QuantizeReport* report) {
 absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfig& cfg,
                                              const QuantizeProgress& progress) {
   const auto t0 = Clock::now();
-  if (cfg.method == "dfmpc") return QuantizeModelDfmpc(m, cfg, progress);  // quantizers/dfmpc.h
+  if (cfg.method == "dfmpc") {
+    if (cfg.rotate) return absl::InvalidArgumentError("--rotate is not supported with method dfmpc");
+    return QuantizeModelDfmpc(m, cfg, progress);  // quantizers/dfmpc.h
+  }
   if (cfg.method != "rtn" && cfg.method != "gptq" && cfg.method != "boa") {
     return absl::InvalidArgumentError(
         absl::StrCat("unknown quantization method '", cfg.method, "' (supported: rtn, gptq, boa, dfmpc)"));
@@ -102,6 +106,9 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     if (cfg.calib_path.empty())
       return absl::InvalidArgumentError("bit allocation (--bpw) needs calibration text (--calib FILE)");
     if (outliers) return absl::InvalidArgumentError("bit allocation (--bpw) cannot be combined with --outliers");
+  }
+  if (cfg.rotate) {
+    if (auto s = RotateModel(m, RotationOptions{}, cfg.n_threads); !s.ok()) return s;
   }
   QuantizeReport report;
   report.method = cfg.method;

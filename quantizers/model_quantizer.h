@@ -51,6 +51,9 @@ struct QuantizeConfig {
   // inside a layer q/k/v, o, gate/up, down each on the outputs of the
   // quantized sub-blocks before them. About one extra calibration forward.
   bool sequential = false;
+  // Rotate the fp32 weights first (quantizers/rotation.h): residual stream and
+  // value heads in an incoherent basis; unties tied embeddings. Not with dfmpc.
+  bool rotate = false;
   int n_threads = 0;
   // Outlier / salient side-car on the linear layers (quantizers/outliers.h):
   // the top outlier_fraction of each matrix's weights by outlier_saliency

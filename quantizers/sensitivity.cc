@@ -30,21 +30,6 @@ double KlDivergence(const float* logp, const float* logq, int64_t n) {
   return kl;
 }
 
-namespace {
-
-// The residual stream entering layer 0: the chunk's embedding rows.
-void Embed(const HostTensor& emb, const std::vector<int32_t>& tokens, int dim, float* x) {
-  for (size_t t = 0; t < tokens.size(); ++t) {
-    if (emb.quant != nullptr) {
-      emb.quant->DequantizeRow(tokens[t], x + t * dim);
-    } else {
-      std::memcpy(x + t * dim, emb.data.data() + static_cast<size_t>(tokens[t]) * dim, dim * sizeof(float));
-    }
-  }
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<KldProbe>> KldProbe::Create(LlamaModel* model,
                                                            std::vector<std::vector<int32_t>> chunks) {
   if (model == nullptr) return absl::InvalidArgumentError("KldProbe: no model");
@@ -71,7 +56,7 @@ absl::StatusOr<std::unique_ptr<KldProbe>> KldProbe::Create(LlamaModel* model,
     if (ch.empty()) continue;
     const int n = static_cast<int>(ch.size());
     x.resize(static_cast<size_t>(n) * c.dim);
-    Embed(model->loaded().weights.tok_embeddings, ch, c.dim, x.data());
+    model->Embed(ch, x.data());
     std::span<float> out(p->logits_.data(), ch.size() * static_cast<size_t>(vocab));
     if (auto s = model->ForwardFromLayer(0, x, n, cache.get(), out, trace.data()); !s.ok())
       return absl::Status(s.code(), absl::StrCat("KLD probe reference pass: ", s.message()));
@@ -99,7 +84,7 @@ absl::StatusOr<double> KldProbe::Kld(int first_layer) {
     std::span<const float> in;
     if (first_layer == 0) {
       x.resize(len);
-      Embed(model_->loaded().weights.tok_embeddings, ch, c.dim, x.data());
+      model_->Embed(ch, x.data());
       in = x;
     } else {
       in = std::span<const float>(layer_inputs_[i].data() + static_cast<size_t>(first_layer) * len, len);

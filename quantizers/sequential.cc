@@ -47,10 +47,9 @@ class InputFilter : public ActivationObserver {
 
 }  // namespace
 
-absl::StatusOr<LayerStates> LayerStates::Create(const LlamaModel& model,
+absl::StatusOr<LayerStates> LayerStates::Create(LlamaModel& model,
                                                 const std::vector<std::vector<int32_t>>& chunks) {
   const ModelConfig& c = model.config();
-  const HostTensor& emb = model.loaded().weights.tok_embeddings;
   if (chunks.empty()) return absl::InvalidArgumentError("sequential calibration: no calibration chunks");
   LayerStates s;
   const size_t dim = static_cast<size_t>(c.dim);
@@ -64,13 +63,8 @@ absl::StatusOr<LayerStates> LayerStates::Create(const LlamaModel& model,
       if (id < 0 || id >= c.vocab_size)
         return absl::InvalidArgumentError(
             absl::StrCat("sequential calibration: token id ", id, " is not in [0, ", c.vocab_size, ")"));
-      float* row = &k.x[t * dim];
-      if (emb.quant != nullptr) {
-        emb.quant->DequantizeRow(id, row);  // as LlamaModel::Forward embeds
-      } else {
-        std::memcpy(row, &emb.data[static_cast<size_t>(id) * dim], dim * sizeof(float));
-      }
     }
+    model.Embed(ch, k.x.data());  // as LlamaModel::Forward embeds (rotated for a rotated model)
     k.xb.resize(ch.size() * dim);
     k.att.resize(ch.size() * static_cast<size_t>(c.q_dim()));
     k.h.resize(ch.size() * static_cast<size_t>(c.hidden_dim));

@@ -51,7 +51,7 @@ class LayerStates {
   // Embeds `chunks` (each a fresh context at position 0, as Calibrate() runs
   // them) with `model`'s token embedding as stored now (quantized or not):
   // the states entering layer 0. Errors: no or empty chunks, a bad token id.
-  static absl::StatusOr<LayerStates> Create(const LlamaModel& model,
+  static absl::StatusOr<LayerStates> Create(LlamaModel& model,
                                             const std::vector<std::vector<int32_t>>& chunks);
 
   int layer() const { return layer_; }  // the layer the states are in

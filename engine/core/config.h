@@ -1,6 +1,7 @@
 // Hyper-parameters of a Llama-family decoder.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "absl/status/status.h"
@@ -24,6 +25,13 @@ struct ModelConfig {
   int rope_dim = 0;     // rotated dims per head (== head_dim for Llama)
   RopeStyle rope_style = RopeStyle::kInterleaved;
   bool tied_embeddings = false;
+  // Nonzero: the weights work on a rotated residual stream h' = R h with
+  // R = StructuredRotation(dim, residual_rotation) (engine/core/rotation.h;
+  // quantizers/rotation.h). The token embedding (tied with the head) stays in
+  // the original basis: the model rotates each embedded token by R and the
+  // last hidden state back by R^T before the final norm. 0: no rotation.
+  // At most 2^53 (stored as a JSON number).
+  uint64_t residual_rotation = 0;
 
   int q_dim() const { return n_heads * head_dim; }
   int kv_dim() const { return n_kv_heads * head_dim; }

@@ -27,8 +27,11 @@ namespace nibble::io {
 
 // "NIBL": the first four bytes of every nibble model file.
 inline constexpr char kNibbleMagic[4] = {'N', 'I', 'B', 'L'};
-// The only version this build reads and writes (docs/FORMAT.md, "Versioning").
-inline constexpr uint32_t kNibbleVersion = 1;
+// The newest version this build reads and writes (docs/FORMAT.md,
+// "Versioning"): version 2 adds config.residual_rotation. The writer writes
+// version 1 unless the model needs 2, so such files stay readable by older builds.
+inline constexpr uint32_t kNibbleVersion = 2;
+inline constexpr uint32_t kNibbleMinVersion = 1;
 // Alignment of the data section and of every array in it, in bytes.
 inline constexpr uint64_t kNibbleAlign = 64;
 // Size of the fixed binary header in bytes.

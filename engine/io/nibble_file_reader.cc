@@ -197,9 +197,10 @@ absl::StatusOr<nbl::Header> ReadHeader(const MappedFile& f) {
   }
   nbl::Header h;
   if (f.size() >= 8) std::memcpy(&h.version, d + nbl::kOffVersion, 4);
-  if (f.size() >= 8 && h.version != kNibbleVersion) {
+  if (f.size() >= 8 && (h.version < kNibbleMinVersion || h.version > kNibbleVersion)) {
     return absl::UnimplementedError(absl::StrCat(path, ": unsupported nibble file version ", h.version,
-                                                 " (this build reads version ", kNibbleVersion, ")"));
+                                                 " (this build reads versions ", kNibbleMinVersion, " to ",
+                                                 kNibbleVersion, ")"));
   }
   if (f.size() < kNibbleHeaderSize) {
     return absl::DataLossError(absl::StrCat(path, ": truncated: the file has ", f.size(), " bytes, less than the ",
@@ -244,7 +245,7 @@ absl::StatusOr<nbl::Header> ReadHeader(const MappedFile& f) {
   return h;
 }
 
-absl::Status ReadConfig(const Reader& r, const json& doc, ModelConfig* c) {
+absl::Status ReadConfig(const Reader& r, const json& doc, uint32_t version, ModelConfig* c) {
   auto cj = r.Field(doc, "config", "JSON");
   if (!cj.ok()) return cj.status();
   const json& j = **cj;
@@ -262,6 +263,12 @@ absl::Status ReadConfig(const Reader& r, const json& doc, ModelConfig* c) {
   auto rs = nbl::ParseRopeStyle(style);
   if (!rs) return r.Bad(w, absl::StrCat("unknown rope_style '", style, "'"));
   c->rope_style = *rs;
+  if (j.contains("residual_rotation")) {
+    if (version < 2) return r.Bad(w, "residual_rotation needs file version 2");
+    int64_t seed = 0;
+    if (auto s = r.Int(j, "residual_rotation", w, 1, int64_t{1} << 53, &seed); !s.ok()) return s;
+    c->residual_rotation = static_cast<uint64_t>(seed);
+  }
   return c->Validate(r.path());
 }
 
@@ -525,7 +532,7 @@ absl::StatusOr<LoadedModel> LoadNibbleFile(const std::string& path, const Nibble
   LoadedModel m;
   m.source_path = path;
   m.source_format = "nibble";
-  if (auto s = ReadConfig(r, doc, &m.config); !s.ok()) return s;
+  if (auto s = ReadConfig(r, doc, h->version, &m.config); !s.ok()) return s;
   if (auto s = ReadVocab(r, doc, m.config.vocab_size, &m.vocab); !s.ok()) return s;
   if (auto s = r.String(doc, "chat_template", "JSON", &m.chat_template); !s.ok()) return s;
   auto meta = r.Field(doc, "metadata", "JSON");

@@ -598,8 +598,14 @@ TEST_F(CorruptionTest, HeaderFaults) {
   std::string bad = good_;
   bad[0] = 'G';
   ExpectFails(bad, "bad magic");
-  ExpectFails(Parts::Split(good_).Join(/*version=*/2), "version 2");
+  ExpectFails(Parts::Split(good_).Join(/*version=*/3), "version 3");
   EXPECT_EQ(last_.code(), absl::StatusCode::kUnimplemented);
+  ExpectFails(Parts::Split(good_).Join(/*version=*/0), "version 0");
+  EXPECT_EQ(last_.code(), absl::StatusCode::kUnimplemented);
+  // A version-2 header over a version-1 directory: the JSON's version must match.
+  ExpectFails(Parts::Split(good_).Join(/*version=*/2), "does not match the header");
+  // residual_rotation is a version-2 key: refused in a version-1 file.
+  Edit([](Parts& p) { p.doc["config"]["residual_rotation"] = 5; }, "residual_rotation needs file version 2");
   Edit([](Parts& p) { p.doc["version"] = 7; }, "version 7");
 }
 

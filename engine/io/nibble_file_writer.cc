@@ -67,7 +67,7 @@ class DataLayout {
 };
 
 json ConfigJson(const ModelConfig& c) {
-  return json{{"architecture", c.architecture},
+  json j{{"architecture", c.architecture},
               {"dim", c.dim},
               {"hidden_dim", c.hidden_dim},
               {"n_layers", c.n_layers},
@@ -81,7 +81,12 @@ json ConfigJson(const ModelConfig& c) {
               {"rope_dim", c.rope_dim},
               {"rope_style", nbl::RopeStyleName(c.rope_style)},
               {"tied_embeddings", c.tied_embeddings}};
+  if (c.residual_rotation != 0) j["residual_rotation"] = c.residual_rotation;
+  return j;
 }
+
+// Version 2 only when the model needs it (engine/io/nibble_file.h).
+uint32_t VersionFor(const ModelConfig& c) { return c.residual_rotation != 0 ? 2 : 1; }
 
 absl::StatusOr<json> TokenizerJson(const VocabSpec& v, const std::string& path, DataLayout* data) {
   json j{{"kind", nbl::TokenizerKindName(v.kind)},
@@ -243,7 +248,7 @@ absl::Status WriteNibbleFile(const LoadedModel& m, const std::string& path, cons
   DataLayout data;
   json doc;
   doc["format"] = "nibble";
-  doc["version"] = kNibbleVersion;
+  doc["version"] = VersionFor(m.config);
   doc["config"] = ConfigJson(m.config);
   auto tok = TokenizerJson(m.vocab, path, &data);
   if (!tok.ok()) return tok.status();
@@ -272,7 +277,7 @@ absl::Status WriteNibbleFile(const LoadedModel& m, const std::string& path, cons
   const std::string text = doc.dump(-1, ' ', false, json::error_handler_t::replace);
 
   nbl::Header h;
-  h.version = kNibbleVersion;
+  h.version = VersionFor(m.config);
   h.json_offset = kNibbleHeaderSize;
   h.json_length = text.size();
   h.data_offset = nbl::AlignUp(h.json_offset + h.json_length);

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/quant_tensor.h"
+#include "engine/core/rotation.h"
 
 namespace nibble {
 
@@ -16,7 +17,47 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(LoadedModel model
 }
 
 LlamaModel::LlamaModel(LoadedModel m, std::unique_ptr<Backend> backend)
-    : m_(std::move(m)), backend_(std::move(backend)) {}
+    : m_(std::move(m)), backend_(std::move(backend)) {
+  const ModelConfig& c = m_.config;
+  if (c.residual_rotation != 0) {
+    const int64_t d = c.dim;
+    rot_.name = "residual_rotation";
+    rot_.shape = {d, d};
+    rot_.data = StructuredRotation(c.dim, c.residual_rotation);
+    rot_t_.name = "residual_rotation_t";
+    rot_t_.shape = {d, d};
+    rot_t_.data.resize(rot_.data.size());
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < d; ++j) rot_t_.data[j * d + i] = rot_.data[i * d + j];
+  }
+}
+
+void LlamaModel::Embed(std::span<const int32_t> tokens, float* out) {
+  const ModelConfig& c = m_.config;
+  const HostTensor& e = m_.weights.tok_embeddings;
+  const size_t dim = static_cast<size_t>(c.dim);
+  const bool rotate = c.residual_rotation != 0;
+  for (size_t b = 0; b < tokens.size(); b += kMaxBatch) {
+    const int n = static_cast<int>(std::min<size_t>(kMaxBatch, tokens.size() - b));
+    EnsureScratch(n);
+    float* dst = rotate ? rot_buf_.data() : out + b * dim;
+    for (int t = 0; t < n; ++t) {
+      const int32_t id = tokens[b + t];
+      if (e.quant != nullptr) {
+        e.quant->DequantizeRow(id, dst + t * dim);
+      } else {
+        std::memcpy(dst + t * dim, &e.data[size_t(id) * dim], dim * sizeof(float));
+      }
+    }
+    if (rotate) backend_->MatMul(rot_, dst, n, out + b * dim);
+  }
+}
+
+const float* LlamaModel::Unrotate(const float* x, int n) {
+  if (m_.config.residual_rotation == 0) return x;
+  backend_->MatMul(rot_t_, x, n, rot_buf_.data());
+  return rot_buf_.data();
+}
 
 std::unique_ptr<KVCache> LlamaModel::NewKVCache(int capacity) const {
   if (capacity <= 0) capacity = m_.config.max_seq_len;
@@ -28,6 +69,7 @@ void LlamaModel::EnsureScratch(int n) {
   const ModelConfig& c = m_.config;
   const size_t t = static_cast<size_t>(n);
   x_.resize(t * c.dim);
+  if (c.residual_rotation != 0) rot_buf_.resize(t * c.dim);
   xb_.resize(t * std::max(c.dim, c.q_dim()));
   q_.resize(t * c.q_dim());
   k_.resize(t * c.kv_dim());
@@ -179,13 +221,7 @@ void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* ca
   EnsureScratch(n);
   const int dim = c.dim;
 
-  for (int t = 0; tokens != nullptr && t < n; ++t) {
-    if (w.tok_embeddings.quant != nullptr) {
-      w.tok_embeddings.quant->DequantizeRow(tokens[t], &x_[size_t(t) * dim]);
-    } else {
-      std::memcpy(&x_[size_t(t) * dim], &w.tok_embeddings.data[size_t(tokens[t]) * dim], dim * sizeof(float));
-    }
-  }
+  if (tokens != nullptr) Embed(std::span<const int32_t>(tokens, size_t(n)), x_.data());
 
   for (int l = first_layer; l < c.n_layers; ++l) {
     if (layer_inputs != nullptr)
@@ -195,10 +231,11 @@ void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* ca
   if (logits == nullptr) return;
   const HostTensor& head = c.tied_embeddings ? w.tok_embeddings : w.output;
   if (all_logits) {
-    be.RmsNorm(x_.data(), w.final_norm.data.data(), n, dim, c.norm_eps, xb_.data());
+    be.RmsNorm(Unrotate(x_.data(), n), w.final_norm.data.data(), n, dim, c.norm_eps, xb_.data());
     be.MatMul(head, xb_.data(), n, logits);
   } else {
-    be.RmsNorm(x_.data() + size_t(n - 1) * dim, w.final_norm.data.data(), 1, dim, c.norm_eps, xb_.data());
+    be.RmsNorm(Unrotate(x_.data() + size_t(n - 1) * dim, 1), w.final_norm.data.data(), 1, dim, c.norm_eps,
+               xb_.data());
     be.MatMul(head, xb_.data(), 1, logits);
   }
 }

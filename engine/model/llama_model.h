@@ -129,6 +129,11 @@ class LlamaModel {
   // OUT_OF_RANGE for positions past max_seq_len or past the block table.
   absl::Status ForwardBatched(std::span<const BatchSequence> batch, PagedKVCache* cache, std::span<float> logits);
 
+  // The residual stream entering layer 0 for `tokens` (ids REQUIRED in the
+  // vocabulary) into out ([tokens.size(), dim]): the embedding rows, rotated
+  // by R when config().residual_rotation is set, exactly as Forward embeds.
+  void Embed(std::span<const int32_t> tokens, float* out);
+
   // Installs (or with nullptr removes) a calibration observer. Not owned.
   void SetObserver(ActivationObserver* observer) { observer_ = observer; }
 
@@ -144,6 +149,10 @@ class LlamaModel {
   void ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* cache, float* logits, bool all_logits,
                     int first_layer = 0, float* layer_inputs = nullptr);
 
+  // Rows x ([n <= kMaxBatch, dim]) of the last residual stream in the basis of
+  // the final norm and head: x itself, or R^T x in rot_buf_ for a rotated model.
+  const float* Unrotate(const float* x, int n);
+
   // One decoder layer over x_ ([n, dim]) at positions [pos, pos + n).
   void RunLayer(int l, int n, int pos, KVCache* cache);
   // One part of layer l over `r` (checked by the caller); scratch q_/k_/v_/h3_.
@@ -154,6 +163,9 @@ class LlamaModel {
   ActivationObserver* observer_ = nullptr;
   int scratch_tokens_ = 0;
   std::vector<float> x_, xb_, q_, k_, v_, att_, h1_, h3_, last_;
+  // config().residual_rotation: R and R^T ([dim, dim] fp32), rows scratch.
+  HostTensor rot_, rot_t_;
+  std::vector<float> rot_buf_;
 };
 
 }  // namespace nibble

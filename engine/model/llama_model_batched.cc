@@ -61,14 +61,8 @@ absl::Status LlamaModel::ForwardBatched(std::span<const BatchSequence> batch, Pa
 
   int row = 0;
   for (const BatchSequence& b : batch) {
-    for (int32_t tok : b.tokens) {
-      if (w.tok_embeddings.quant != nullptr) {
-        w.tok_embeddings.quant->DequantizeRow(tok, &x_[size_t(row) * dim]);
-      } else {
-        std::memcpy(&x_[size_t(row) * dim], &w.tok_embeddings.data[size_t(tok) * dim], dim * sizeof(float));
-      }
-      ++row;
-    }
+    Embed(b.tokens, &x_[size_t(row) * dim]);
+    row += static_cast<int>(b.tokens.size());
   }
 
   for (int l = 0; l < c.n_layers; ++l) {
@@ -125,7 +119,7 @@ absl::Status LlamaModel::ForwardBatched(std::span<const BatchSequence> batch, Pa
   for (const BatchSequence& b : batch) {
     row += static_cast<int>(b.tokens.size());
     if (!b.want_logits) continue;
-    be.RmsNorm(x_.data() + size_t(row - 1) * dim, w.final_norm.data.data(), 1, dim, c.norm_eps,
+    be.RmsNorm(Unrotate(x_.data() + size_t(row - 1) * dim, 1), w.final_norm.data.data(), 1, dim, c.norm_eps,
                xb_.data() + size_t(out_row) * dim);
     ++out_row;
   }

@@ -19,12 +19,15 @@ namespace {
 // O(10), fp32 sums over dim <= 512.
 constexpr float kLogitTol = 2e-4f;
 
-std::unique_ptr<LlamaModel> LoadStories() {
+// residual_rotation != 0: the same weights run as a residual-rotated model
+// (not equivalent to the original, but Forward and ForwardBatched must agree).
+std::unique_ptr<LlamaModel> LoadStories(uint64_t residual_rotation = 0) {
   if (!std::filesystem::exists(testing::Stories260KModel())) return nullptr;
   LoadOptions lo;
   lo.tokenizer_path = testing::Stories260KTokenizer();
   auto m = LoadModel(testing::Stories260KModel(), lo);
   EXPECT_TRUE(m.ok()) << m.status();
+  m->config.residual_rotation = residual_rotation;
   auto model = LlamaModel::Create(*std::move(m), 2);
   EXPECT_TRUE(model.ok()) << model.status();
   return *std::move(model);
@@ -48,8 +51,10 @@ float MaxDiff(const float* a, const float* b, int n) {
   return m;
 }
 
-TEST(ForwardBatched, MatchesForwardForThreeSequencesWithChunkedPrefillAndDecode) {
-  auto model = LoadStories();
+class ForwardBatchedP : public ::testing::TestWithParam<uint64_t> {};
+
+TEST_P(ForwardBatchedP, MatchesForwardForThreeSequencesWithChunkedPrefillAndDecode) {
+  auto model = LoadStories(GetParam());
   if (!model) GTEST_SKIP() << "stories260K not present";
   const ModelConfig& c = model->config();
   const int V = c.vocab_size;
@@ -102,6 +107,8 @@ TEST(ForwardBatched, MatchesForwardForThreeSequencesWithChunkedPrefillAndDecode)
   for (auto& t : bt) cache->Free(&t);
   EXPECT_EQ(cache->stats().blocks_used, 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(PlainAndRotated, ForwardBatchedP, ::testing::Values(uint64_t{0}, uint64_t{12345}));
 
 TEST(ForwardBatched, SharedPrefixBlocksGiveSameLogits) {
   auto model = LoadStories();

@@ -89,6 +89,10 @@ int main(int argc, char** argv) {
   app.add_flag("--sequential", sequential,
                "gptq/boa (also with --bpw): calibrate each layer on the outputs of the already-quantized earlier "
                "layers, sub-block by sub-block (q/k/v, o, gate/up, down); about one extra calibration forward");
+  bool rotate = false;
+  app.add_flag("--rotate", rotate,
+               "rotate the residual stream and value heads into an incoherent basis before quantizing "
+               "(QuIP/QuaRot-style; exact in fp32; unties tied embeddings)");
   app.add_option("--calib-tokens", calib_tokens, "calibration tokens")->capture_default_str();
   app.add_option("--calib-ctx", calib_ctx, "tokens per calibration chunk")->capture_default_str();
   app.add_option("--percdamp", percdamp, "gptq: damping as a fraction of mean diag(H)")->capture_default_str();
@@ -241,6 +245,7 @@ int main(int argc, char** argv) {
   if (sequential && calib.empty())
     return Fail(absl::InvalidArgumentError("--sequential needs calibration text (--calib FILE)"));
   cfg.sequential = sequential;
+  cfg.rotate = rotate;
   cfg.gptq.percdamp = percdamp;
   cfg.gptq.act_order = act_order;
   cfg.n_threads = threads;
@@ -305,6 +310,7 @@ int main(int argc, char** argv) {
     j["output"] = out;
     j["method"] = report->method;
     j["sequential"] = sequential;
+    j["rotate"] = rotate;
     j["format"] = report->format;
     j["bpw_all"] = report->bpw_all;
     j["bpw_linear"] = report->bpw_linear;
