@@ -79,7 +79,7 @@ def _kind(r):
     if r["engine"] == "llama.cpp":
         return "llama.cpp"
     if r["format"].startswith("bpw"):
-        return "alloc-seq" if r["method"] == "gptq-seq" else "alloc"
+        return {"gptq-seq": "alloc-seq", "gptq-seq-rot": "alloc-seq-rot"}.get(r["method"], "alloc")
     return r["method"]
 
 
@@ -229,11 +229,16 @@ def plot(rows, png_path):
               "boa": dict(marker="D", color="tab:purple"), "dfmpc": dict(marker="P", color="tab:brown"),
               "dfmpc-nocomp": dict(marker="X", color="tab:gray"), "alloc": dict(marker="*", color="tab:red"),
               "alloc-seq": dict(marker="*", color="tab:pink"),
+              "gptq-rot": dict(marker="h", color="tab:cyan"),
+              "gptq-seq-rot": dict(marker="h", color="tab:olive", fillstyle="none"),
+              "alloc-seq-rot": dict(marker="*", color="tab:olive"),
               "llama.cpp": dict(marker="^", color="tab:green")}
     kind_names = {"rtn": "nibble RTN", "gptq": "nibble GPTQ", "gptq-seq": "nibble GPTQ, sequential",
                   "boa": "nibble BoA", "dfmpc": "nibble DF-MPC",
              "dfmpc-nocomp": "nibble DF-MPC formats, no compensation", "alloc": "nibble bit allocation (GPTQ)",
              "alloc-seq": "nibble bit allocation (sequential GPTQ)",
+             "gptq-rot": "nibble GPTQ, rotated", "gptq-seq-rot": "nibble GPTQ, sequential, rotated",
+             "alloc-seq-rot": "nibble bit allocation (sequential GPTQ, rotated)",
              "llama.cpp": "llama.cpp"}
     for col, model in enumerate(MODEL_ORDER):
         mr = [r for r in rows if r["model"] == model]
@@ -372,6 +377,18 @@ def write(nib, lla, md_path, png_path):
               "full-precision model's activations. Same calibration text and token count as the GPTQ row; budget",
               "rows (bpwB) allocate with the one-shot GPTQ sensitivities, then quantize sequentially.", "",
               f"Sequential GPTQ has the lower PPL in {sw} of {sw + sl} pairs.", ""] + sv + [""]
+    rv, rw, rl = method_vs(rows, "gptq-rot", "gptq")
+    rv2, rw2, rl2 = method_vs(rows, "gptq-seq-rot", "gptq-seq")
+    if rw + rl + rw2 + rl2:
+        L += ["## Rotation (`--rotate`) vs none", "",
+              "`--rotate` (quantizers/rotation.h, QuIP/QuaRot-style incoherence processing): before calibration the",
+              "residual stream is rotated by a seeded orthogonal matrix (Hadamard (x) DCT-II with random signs; the",
+              "RMSNorm weights are folded into the following layers) and every value head by a Hadamard; the fp32",
+              "model computes the same function (rotation_test). Tied embeddings stay shared and unrotated, the",
+              "engine rotates each embedded token and the last hidden state (two dim x dim products per token), so",
+              "the file is no larger. Same calibration text, format and embedding format as the row beside it.", "",
+              f"Rotated one-shot GPTQ has the lower PPL in {rw} of {rw + rl} pairs; rotated sequential GPTQ in "
+              f"{rw2} of {rw2 + rl2}.", ""] + rv + [""] + rv2 + [""]
     dv, dw, dl = method_vs(rows, "dfmpc", "dfmpc-nocomp")
     L += ["## DF-MPC (data-free compensation)", "",
           "`--method dfmpc --format LOW --dfmpc-high HIGH` (format column: LOW/HIGH): wv, w_up (and wq, wk, w_gate)",

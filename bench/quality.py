@@ -116,6 +116,12 @@ CONFIGS = (
     + [("smollm2", "gptq-seq", "int2_g64", E8), ("smollm2", "gptq-seq", "bpw3.0", "auto"),
        ("smollm2", "gptq-seq", "bpw2.5", "auto"), ("stories260K", "gptq-seq", "int2_g64", E8),
        ("stories260K", "gptq-seq", "int3_g64", E8)]
+    # Rotation (--rotate) at the low-bit end of SmolLM2, one-shot and sequential, and on stories260K.
+    + [("smollm2", "gptq-seq-rot", "bpw2.5", "auto"), ("smollm2", "gptq-rot", "int2_g64", E8),
+       ("smollm2", "gptq-seq-rot", "bpw3.0", "auto"), ("smollm2", "gptq-seq-rot", "int2_g64", E8),
+       ("stories260K", "gptq-rot", "int2_g64", E8)]
+    # Budget 2.0 (binary / 2.125-bit candidates, cheaper embeddings): the low end of the 2..5 range.
+    + [("smollm2", "gptq-seq-rot", "bpw2.0", "auto-low")]
     # stories260K at budget 5.0 (llama.cpp's smallest file there is 7.5 bpw, PPL 3.80), one-shot and sequential.
     + [("stories260K", m, f"bpw{b}", "auto") for m in ("gptq", "gptq-seq") for b in ("4.98", "4.5")]
 )
@@ -239,7 +245,9 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     cfg = MODELS[name]
     settings = dict(cfg["settings"])
     qargs = []
-    if method in ("gptq", "gptq-seq", "boa", "dfmpc-calib") or fmt.startswith("bpw"):
+    # Method names: BASE[-seq][-rot] (--sequential, --rotate) or dfmpc[-nocomp|-calib].
+    parts = method.split("-")
+    if parts[0] in ("gptq", "boa") or method == "dfmpc-calib" or fmt.startswith("bpw"):
         if name == "stories260K":
             calib, info = stories_calib_file()
         else:
@@ -260,12 +268,21 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     if fmt.startswith("bpw"):
         # Bit allocation at a budget: "bpw3.5"; embed "auto" lets the allocator pick the embedding format.
         # One allocation cache per (model, method): a sweep pays probes and estimates once.
-        # (gptq-seq allocates from the one-shot GPTQ sensitivities, so it shares gptq's cache.)
-        fargs = ["--bpw", fmt[3:], "--alloc-cache",
-                 os.path.join(WORK, f"{name}.{method.split('-')[0]}.alloc-cache.json")]
-        fargs += cfg.get("alloc_args", [])
-        fargs += ["--alloc-embed-formats", "auto"] if embed == "auto" else ["--embed-format", embed,
-                                                                           "--alloc-embed-formats", "none"]
+        # (gptq-seq allocates from the one-shot GPTQ sensitivities, so it shares gptq's cache; rotated
+        # weights are another model: their own cache.)
+        cache = parts[0] + ("-rot" if "rot" in parts else "") + ("-low" if embed == "auto-low" else "")
+        fargs = ["--bpw", fmt[3:], "--alloc-cache", os.path.join(WORK, f"{name}.{cache}.alloc-cache.json")]
+        alloc_args = list(cfg.get("alloc_args", []))
+        if embed == "auto-low":
+            # Budgets near 2 bpw_all: binary and 2.125-bit candidates for the linears, and embedding
+            # candidates down to int2_g128_sym (auto's cheapest, int2_g64, is 2.5 bpw on 21% of SmolLM2).
+            i = alloc_args.index("--alloc-formats") + 1
+            alloc_args[i] += ",int2_g128_sym,binary_g64,binary_g128"
+            fargs += alloc_args + ["--alloc-embed-formats", "int4_g64,int3_g64,int2_g64,int2_g64_sym,int2_g128_sym"]
+        elif embed == "auto":
+            fargs += alloc_args + ["--alloc-embed-formats", "auto"]
+        else:
+            fargs += alloc_args + ["--embed-format", embed, "--alloc-embed-formats", "none"]
     elif method.startswith("dfmpc"):
         # DF-MPC: "LOW/HIGH" = wv, w_up (and wq, wk, w_gate) in LOW; wo, w_down compensated, in HIGH.
         # "dfmpc-nocomp" is the same per-tensor formats without compensation (the equal-bits baseline).
@@ -279,9 +296,12 @@ def run_config(name, method, fmt, embed, args, doc, logits):
             fargs += ["--dfmpc-weighting", "calib"]
     else:
         fargs = ["--format", fmt, "--embed-format", embed]
-    if method == "gptq-seq":
+    if "seq" in parts:
         # Sequential GPTQ: each layer calibrated on the outputs of the already-quantized earlier layers.
         fargs.append("--sequential")
+    if "rot" in parts:
+        # Incoherence processing: residual stream and value heads rotated before quantization (exact in fp32).
+        fargs.append("--rotate")
     cmd += ["-o", nbl] + fargs + ["--method", "dfmpc" if method.startswith("dfmpc") else method.split("-")[0],
                                   "-t", str(args.threads), "--report", rep_path] + qargs
     print(f"-- {key}: quantizing", file=sys.stderr, flush=True)

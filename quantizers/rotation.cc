@@ -65,13 +65,17 @@ void RotateOutput(HostTensor* w, const std::vector<float>& r, int n, int n_threa
   w->data = std::move(out);
 }
 
+// The FFN rotation's seed: derived from the residual one, in [1, 2^53].
+uint64_t FfnSeed(uint64_t seed) { return ((seed * 0x9e3779b97f4a7c15ULL) >> 11) | 1; }
+
 }  // namespace
 
 absl::Status RotateModel(LoadedModel* m, const RotationOptions& opt, int n_threads) {
   const ModelConfig& cfg = m->config;
   ModelWeights& w = m->weights;
   const int n = cfg.dim, hd = cfg.head_dim;
-  if (cfg.residual_rotation != 0) return absl::FailedPreconditionError("rotation: the model is already rotated");
+  if (cfg.residual_rotation != 0 || cfg.ffn_rotation != 0)
+    return absl::FailedPreconditionError("rotation: the model is already rotated");
   if (opt.seed == 0 || opt.seed > (uint64_t{1} << 53))
     return absl::InvalidArgumentError("rotation: seed must be in [1, 2^53]");
   if (n <= 0 || cfg.n_layers != int(w.layers.size()))
@@ -93,6 +97,9 @@ absl::Status RotateModel(LoadedModel* m, const RotationOptions& opt, int n_threa
 
   const std::vector<float> r = StructuredRotation(n, opt.seed);
   const std::vector<float> rt = Transpose(r, n, n);
+  const std::vector<float> rft =
+      opt.ffn ? Transpose(StructuredRotation(cfg.hidden_dim, FfnSeed(opt.seed)), cfg.hidden_dim, cfg.hidden_dim)
+              : std::vector<float>();
   const std::vector<float> p = StructuredRotation(hd, opt.seed ^ 0x5bd1e995ULL);
   const std::vector<float> pt = Transpose(p, hd, hd);
 
@@ -129,7 +136,9 @@ absl::Status RotateModel(LoadedModel* m, const RotationOptions& opt, int n_threa
     std::fill(l.ffn_norm.data.begin(), l.ffn_norm.data.end(), 1.0f);
     RotateOutput(&l.wo, r, n, n_threads);
     RotateOutput(&l.w_down, r, n, n_threads);
+    if (opt.ffn) RotateInput(&l.w_down, nullptr, rft, cfg.hidden_dim, n_threads);
   }
+  if (opt.ffn) m->config.ffn_rotation = FfnSeed(opt.seed);
   if (cfg.tied_embeddings) {
     // The shared embedding/head stays in the original basis; the model rotates
     // embedded tokens by R and the last hidden state back by R^T at run time.

@@ -13,6 +13,8 @@
 //   inputs:  wq, wk, wv, w_gate, w_up  -> W diag(g) R^T
 //   outputs: wo, w_down                -> R W
 //   values:  wv rows of kv head k      -> P wv_k;  wo columns of head h -> wo_h P^T
+//   FFN:     w_down columns            -> w_down R_f^T, the engine rotating
+//            silu(gate) * up by R_f (config.ffn_rotation, FastRotation)
 //   embedding / head: see RotateModel.
 //
 // Measured (docs/QUALITY.md): helps GPTQ at int2 on SmolLM2-135M, hurts RTN
@@ -31,6 +33,10 @@ namespace nibble {
 struct RotationOptions {
   uint64_t seed = 0x6e6962626c65ULL;  // in [1, 2^53]
   bool value_heads = true;            // also rotate each value head (P above)
+  // Also rotate w_down's input (the FFN activations) by R_f at run time
+  // (config.ffn_rotation; w_down -> w_down R_f^T): an O(hidden log hidden)
+  // transform per token and layer.
+  bool ffn = true;
 };
 
 // Rotates m's fp32 weights in place (REQUIRES: no tensor quantized yet).

@@ -47,6 +47,23 @@ TEST(RotationTest, StructuredRotationIsOrthogonalAndIncoherent) {
   }
 }
 
+TEST(RotationTest, FastRotationMatchesDenseProduct) {
+  for (int n : {1, 6, 64, 172, 1536}) {
+    const std::vector<float> q = StructuredRotation(n, 7);
+    const FastRotation fast(n, 7);
+    std::vector<float> x(size_t(n) * 2);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37 * double(i)) + (i % 17 == 0 ? 5.0 : 0.0);
+    std::vector<float> y = x;
+    fast.Apply(y.data(), 2);
+    for (int row = 0; row < 2; ++row)
+      for (int i = 0; i < n; ++i) {
+        double want = 0;
+        for (int j = 0; j < n; ++j) want += double(q[size_t(i) * n + j]) * x[size_t(row) * n + j];
+        ASSERT_NEAR(y[size_t(row) * n + i], want, 1e-5 * (1 + std::abs(want))) << "n=" << n << " i=" << i;
+      }
+  }
+}
+
 LoadedModel LoadStories() {
   LoadOptions lo;
   lo.tokenizer_path = Stories260KTokenizer();
@@ -96,6 +113,7 @@ TEST(RotationTest, RotatedModelComputesTheSameLogits) {
     ASSERT_TRUE(RotateModel(&rotated, opt, 2).ok());
     EXPECT_TRUE(rotated.config.tied_embeddings);  // shared table kept, rotated at run time
     EXPECT_EQ(rotated.config.residual_rotation, opt.seed);
+    EXPECT_NE(rotated.config.ffn_rotation, 0u);
     EXPECT_EQ(rotated.weights.tok_embeddings.data, base.weights.tok_embeddings.data);
     for (float g : rotated.weights.layers[0].attn_norm.data) EXPECT_EQ(g, 1.0f);
     // The weights really changed basis (not an identity rotation).
@@ -119,7 +137,9 @@ TEST(RotationTest, UntiedModelIsFoldedWithoutRuntimeRotation) {
   for (float g : rotated.weights.final_norm.data) EXPECT_EQ(g, 1.0f);
   const std::vector<float> got = AllLogits(rotated, tokens);
   ExpectSameLogits(got, want, "untied");
-  EXPECT_EQ(RotateModel(&rotated, RotationOptions{.seed = 0}, 1).code(), absl::StatusCode::kInvalidArgument);
+  LoadedModel again = base;
+  EXPECT_EQ(RotateModel(&again, RotationOptions{.seed = 0}, 1).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(RotateModel(&rotated, RotationOptions{}, 1).code(), absl::StatusCode::kFailedPrecondition);
 }
 
 // A rotated, quantized tied model written to a nibble file (version 2, the
@@ -140,6 +160,7 @@ TEST(RotationTest, RotatedModelRoundTripsThroughNibbleFile) {
   auto back = LoadModel(path, lo);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->config.residual_rotation, m.config.residual_rotation);
+  EXPECT_EQ(back->config.ffn_rotation, m.config.ffn_rotation);
   const std::vector<int32_t> tokens = {1, 403, 261, 378, 290, 21, 330, 260, 3, 497};
   EXPECT_EQ(AllLogits(*back, tokens), AllLogits(m, tokens));
   auto version_of = [](const std::string& p) {

@@ -32,6 +32,10 @@ struct ModelConfig {
   // last hidden state back by R^T before the final norm. 0: no rotation.
   // At most 2^53 (stored as a JSON number).
   uint64_t residual_rotation = 0;
+  // Nonzero: w_down works on rotated FFN activations u' = R_f u, R_f =
+  // StructuredRotation(hidden_dim, ffn_rotation), applied at run time to
+  // silu(gate) * up (FastRotation). 0: none. At most 2^53.
+  uint64_t ffn_rotation = 0;
 
   int q_dim() const { return n_heads * head_dim; }
   int kv_dim() const { return n_kv_heads * head_dim; }

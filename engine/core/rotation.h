@@ -17,4 +17,22 @@ namespace nibble {
 // sqrt(2 / n) in magnitude.
 std::vector<float> StructuredRotation(int n, uint64_t seed);
 
+// x <- R x for rows of length n, R = StructuredRotation(n, seed), in
+// O(n (log a + b)) per row: signs, the DCT along the b-blocks, then a fast
+// Walsh-Hadamard transform across them. Equal to the dense product up to fp32
+// rounding (rotation_test). For the run-time rotation of FFN activations.
+class FastRotation {
+ public:
+  FastRotation(int n, uint64_t seed);
+  int n() const { return n_; }
+  // Rotates `rows` vectors of n floats in place.
+  void Apply(float* x, int64_t rows) const;
+
+ private:
+  int n_, a_, b_;
+  float h_scale_;               // 1 / sqrt(a)
+  std::vector<float> c_;        // [b][b] DCT-II
+  std::vector<float> signs_;    // [n]
+};
+
 }  // namespace nibble

@@ -263,11 +263,12 @@ absl::Status ReadConfig(const Reader& r, const json& doc, uint32_t version, Mode
   auto rs = nbl::ParseRopeStyle(style);
   if (!rs) return r.Bad(w, absl::StrCat("unknown rope_style '", style, "'"));
   c->rope_style = *rs;
-  if (j.contains("residual_rotation")) {
-    if (version < 2) return r.Bad(w, "residual_rotation needs file version 2");
+  for (auto [key, dst] : {std::pair{"residual_rotation", &c->residual_rotation}, {"ffn_rotation", &c->ffn_rotation}}) {
+    if (!j.contains(key)) continue;
+    if (version < 2) return r.Bad(w, absl::StrCat(key, " needs file version 2"));
     int64_t seed = 0;
-    if (auto s = r.Int(j, "residual_rotation", w, 1, int64_t{1} << 53, &seed); !s.ok()) return s;
-    c->residual_rotation = static_cast<uint64_t>(seed);
+    if (auto s = r.Int(j, key, w, 1, int64_t{1} << 53, &seed); !s.ok()) return s;
+    *dst = static_cast<uint64_t>(seed);
   }
   return c->Validate(r.path());
 }

@@ -82,11 +82,12 @@ json ConfigJson(const ModelConfig& c) {
               {"rope_style", nbl::RopeStyleName(c.rope_style)},
               {"tied_embeddings", c.tied_embeddings}};
   if (c.residual_rotation != 0) j["residual_rotation"] = c.residual_rotation;
+  if (c.ffn_rotation != 0) j["ffn_rotation"] = c.ffn_rotation;
   return j;
 }
 
 // Version 2 only when the model needs it (engine/io/nibble_file.h).
-uint32_t VersionFor(const ModelConfig& c) { return c.residual_rotation != 0 ? 2 : 1; }
+uint32_t VersionFor(const ModelConfig& c) { return c.residual_rotation != 0 || c.ffn_rotation != 0 ? 2 : 1; }
 
 absl::StatusOr<json> TokenizerJson(const VocabSpec& v, const std::string& path, DataLayout* data) {
   json j{{"kind", nbl::TokenizerKindName(v.kind)},

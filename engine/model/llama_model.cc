@@ -19,6 +19,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(LoadedModel model
 LlamaModel::LlamaModel(LoadedModel m, std::unique_ptr<Backend> backend)
     : m_(std::move(m)), backend_(std::move(backend)) {
   const ModelConfig& c = m_.config;
+  if (c.ffn_rotation != 0) ffn_rot_ = std::make_unique<FastRotation>(c.hidden_dim, c.ffn_rotation);
   if (c.residual_rotation != 0) {
     const int64_t d = c.dim;
     rot_.name = "residual_rotation";
@@ -204,6 +205,7 @@ void LlamaModel::RunLayerPart(int l, LayerPart part, const LayerRows& r, int n, 
         be.MatMulMany(w, r.xb, n, y);
       }
       be.SwiGLU(r.h, h3_.data(), int64_t{n} * hid);
+      if (ffn_rot_) ffn_rot_->Apply(r.h, n);
       if (observer_) observer_->OnLinearInput(l, LinearInput::kFfnMid, r.h, n, hid);
       break;
     case LayerPart::kFfnOut:

@@ -16,6 +16,7 @@
 #include "engine/model/kv_cache.h"
 #include "engine/model/paged_kv_cache.h"
 #include "engine/core/loaded_model.h"
+#include "engine/core/rotation.h"
 
 namespace nibble {
 
@@ -165,6 +166,7 @@ class LlamaModel {
   std::vector<float> x_, xb_, q_, k_, v_, att_, h1_, h3_, last_;
   // config().residual_rotation: R and R^T ([dim, dim] fp32), rows scratch.
   HostTensor rot_, rot_t_;
+  std::unique_ptr<FastRotation> ffn_rot_;  // config().ffn_rotation
   std::vector<float> rot_buf_;
 };
 

@@ -109,6 +109,7 @@ absl::Status LlamaModel::ForwardBatched(std::span<const BatchSequence> batch, Pa
       be.MatMulMany(wgu, xb_.data(), n, ygu);
     }
     be.SwiGLU(h1_.data(), h3_.data(), int64_t{n} * hid);
+    if (ffn_rot_) ffn_rot_->Apply(h1_.data(), n);
     be.MatMul(lw.w_down, h1_.data(), n, xb_.data());
     for (size_t i = 0; i < size_t(n) * dim; ++i) x_[i] += xb_[i];
   }

@@ -28,6 +28,7 @@ std::unique_ptr<LlamaModel> LoadStories(uint64_t residual_rotation = 0) {
   auto m = LoadModel(testing::Stories260KModel(), lo);
   EXPECT_TRUE(m.ok()) << m.status();
   m->config.residual_rotation = residual_rotation;
+  m->config.ffn_rotation = residual_rotation;
   auto model = LlamaModel::Create(*std::move(m), 2);
   EXPECT_TRUE(model.ok()) << model.status();
   return *std::move(model);
