@@ -35,8 +35,9 @@ struct RotationOptions {
   bool value_heads = true;            // also rotate each value head (P above)
   // Also rotate w_down's input (the FFN activations) by R_f at run time
   // (config.ffn_rotation; w_down -> w_down R_f^T): an O(hidden log hidden)
-  // transform per token and layer.
-  bool ffn = true;
+  // transform per token and layer. Off by default: every --rotate row in
+  // docs/QUALITY.md was measured without it; its quality effect is unmeasured.
+  bool ffn = false;
 };
 
 // Rotates m's fp32 weights in place (REQUIRES: no tensor quantized yet).

@@ -110,6 +110,7 @@ TEST(RotationTest, RotatedModelComputesTheSameLogits) {
     ASSERT_TRUE(base.config.tied_embeddings);
     RotationOptions opt;
     opt.value_heads = heads;
+    opt.ffn = true;
     ASSERT_TRUE(RotateModel(&rotated, opt, 2).ok());
     EXPECT_TRUE(rotated.config.tied_embeddings);  // shared table kept, rotated at run time
     EXPECT_EQ(rotated.config.residual_rotation, opt.seed);
@@ -152,7 +153,7 @@ TEST(RotationTest, RotatedModelRoundTripsThroughNibbleFile) {
   cfg.method = "rtn";
   cfg.format = fmt::Format{fmt::Kind::kInt, 4, 32, false};
   cfg.rotate = true;
-  ASSERT_TRUE(QuantizeModel(&m, cfg, nullptr).ok());
+  ASSERT_TRUE(QuantizeModel(&m, cfg, nullptr).ok());  // residual + value heads (ffn off by default)
   ASSERT_NE(m.config.residual_rotation, 0u);
   const std::string path = dir + "/rot.nbl";
   ASSERT_TRUE(io::WriteNibbleFile(m, path).ok());
@@ -161,6 +162,7 @@ TEST(RotationTest, RotatedModelRoundTripsThroughNibbleFile) {
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->config.residual_rotation, m.config.residual_rotation);
   EXPECT_EQ(back->config.ffn_rotation, m.config.ffn_rotation);
+  EXPECT_EQ(m.config.ffn_rotation, 0u);
   const std::vector<int32_t> tokens = {1, 403, 261, 378, 290, 21, 330, 260, 3, 497};
   EXPECT_EQ(AllLogits(*back, tokens), AllLogits(m, tokens));
   auto version_of = [](const std::string& p) {
