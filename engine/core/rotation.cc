@@ -66,7 +66,8 @@ FastRotation::FastRotation(int n, uint64_t seed) : n_(n), a_(PowerOfTwoPart(n)),
 }
 
 void FastRotation::Apply(float* x, int64_t rows) const {
-  std::vector<float> t(static_cast<size_t>(b_));
+  thread_local std::vector<float> t;  // grows once per thread: no allocation per decode step
+  t.resize(static_cast<size_t>(b_));
   for (int64_t row = 0; row < rows; ++row) {
     float* v = x + row * n_;
     for (int i = 0; i < n_; ++i) v[i] *= signs_[i];
