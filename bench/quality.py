@@ -245,7 +245,7 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     cfg = MODELS[name]
     settings = dict(cfg["settings"])
     qargs = []
-    # Method names: BASE[-seq][-rot] (--sequential, --rotate) or dfmpc[-nocomp|-calib].
+    # Method names: BASE[-seq][-rot][-hg] (--sequential, --rotate, --embed-method gptq) or dfmpc[-nocomp|-calib].
     parts = method.split("-")
     if parts[0] in ("gptq", "boa") or method == "dfmpc-calib" or fmt.startswith("bpw"):
         if name == "stories260K":
@@ -270,7 +270,8 @@ def run_config(name, method, fmt, embed, args, doc, logits):
         # One allocation cache per (model, method): a sweep pays probes and estimates once.
         # (gptq-seq allocates from the one-shot GPTQ sensitivities, so it shares gptq's cache; rotated
         # weights are another model: their own cache.)
-        cache = parts[0] + ("-rot" if "rot" in parts else "") + ("-low" if embed == "auto-low" else "")
+        cache = (parts[0] + ("-rot" if "rot" in parts else "") + ("-hg" if "hg" in parts else "")
+                 + ("-low" if embed == "auto-low" else ""))
         fargs = ["--bpw", fmt[3:], "--alloc-cache", os.path.join(WORK, f"{name}.{cache}.alloc-cache.json")]
         alloc_args = list(cfg.get("alloc_args", []))
         if embed == "auto-low":
@@ -302,6 +303,9 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     if "rot" in parts:
         # Incoherence processing: residual stream and value heads rotated before quantization (exact in fp32).
         fargs.append("--rotate")
+    # The tied embedding / output head: GPTQ with the head-input Hessian ("-hg"), else RTN (explicit, so
+    # rows keep their meaning whatever nibble-quantize's default is).
+    fargs += ["--embed-method", "gptq" if "hg" in parts else "rtn"]
     cmd += ["-o", nbl] + fargs + ["--method", "dfmpc" if method.startswith("dfmpc") else method.split("-")[0],
                                   "-t", str(args.threads), "--report", rep_path] + qargs
     print(f"-- {key}: quantizing", file=sys.stderr, flush=True)

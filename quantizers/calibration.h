@@ -30,7 +30,7 @@
 
 namespace nibble {
 
-constexpr int kNumLinearInputs = 4;  // LinearInput values, in enum order
+constexpr int kNumLinearInputs = 5;  // LinearInput values, in enum order (kHeadIn at layer n_layers)
 
 // The seven linear weights of a decoder block.
 enum class LinearWeight { kWq, kWk, kWv, kWo, kGate, kUp, kDown };

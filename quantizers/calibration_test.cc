@@ -155,7 +155,13 @@ TEST(CalibrateTest, Stories260KShapesAndCounts) {
   EXPECT_EQ(stats->n_tokens, 1000);
   EXPECT_EQ(stats->n_chunks, 4);  // 300 + 300 + 300 + 100
   const ModelConfig& c = model->config();
-  ASSERT_EQ(static_cast<int>(stats->hessians.size()), c.n_layers);
+  // Every layer, and the output head's input at index n_layers.
+  ASSERT_EQ(static_cast<int>(stats->hessians.size()), c.n_layers + 1);
+  const Hessian* head = stats->Get(c.n_layers, LinearInput::kHeadIn);
+  ASSERT_NE(head, nullptr);
+  EXPECT_EQ(head->dim, c.dim);
+  EXPECT_EQ(head->n_tokens, 1000);
+  EXPECT_EQ(stats->Get(c.n_layers, LinearWeight::kWq), nullptr);
   for (int l = 0; l < c.n_layers; ++l) {
     for (LinearWeight w : kAllLinearWeights) {
       const Hessian* h = stats->Get(l, w);
@@ -186,8 +192,11 @@ TEST(CalibrateTest, Stories260KHessiansEqualGramOfActivations) {
   EXPECT_EQ(stats->n_tokens, static_cast<int64_t>(chunk.size()));
   EXPECT_EQ(stats->n_chunks, 1);
 
-  for (int layer : {0, 3}) {
-    for (LinearInput which : {LinearInput::kAttnIn, LinearInput::kAttnOut, LinearInput::kFfnMid}) {
+  const int head_layer = model->config().n_layers;
+  for (int layer : {0, 3, head_layer}) {
+    for (LinearInput which : {LinearInput::kAttnIn, LinearInput::kAttnOut, LinearInput::kFfnMid,
+                              LinearInput::kHeadIn}) {
+      if ((layer == head_layer) != (which == LinearInput::kHeadIn)) continue;
       HessianCollector sink;
       Recorder rec(&sink, layer, which);
       model->SetObserver(&rec);
@@ -210,6 +219,43 @@ TEST(CalibrateTest, Stories260KHessiansEqualGramOfActivations) {
         }
     }
   }
+}
+
+// The observed head input is what the output head multiplies: the tied
+// embedding times each observed row gives Forward's logits for that token.
+TEST(CalibrateTest, HeadInputTimesTiedEmbeddingIsTheLogits) {
+  std::unique_ptr<Tokenizer> tok;
+  auto model = LoadStories(&tok);
+  ASSERT_NE(model, nullptr);
+  const ModelConfig& c = model->config();
+  ASSERT_TRUE(c.tied_embeddings);
+  auto ids = tok->Encode("Lily saw a big red ball in the garden.", EncodeOptions{true, false});
+  ASSERT_TRUE(ids.ok());
+  const int64_t n = static_cast<int64_t>(ids->size());
+  HessianCollector sink;
+  Recorder rec(&sink, c.n_layers, LinearInput::kHeadIn);
+  model->SetObserver(&rec);
+  auto cache = model->NewKVCache(64);
+  std::vector<float> logits(n * c.vocab_size);
+  ASSERT_TRUE(model->Forward(*ids, 0, cache.get(), logits, /*all_logits=*/true).ok());
+  model->SetObserver(nullptr);
+  ASSERT_EQ(rec.width_, c.dim);
+  ASSERT_EQ(static_cast<int64_t>(rec.rows.size()), n * c.dim);
+  const std::vector<float>& e = model->loaded().weights.tok_embeddings.data;
+  for (int64_t t = 0; t < n; ++t)
+    for (int v = 0; v < c.vocab_size; ++v) {
+      double dot = 0, mag = 0;
+      for (int i = 0; i < c.dim; ++i) {
+        dot += double(e[size_t(v) * c.dim + i]) * rec.rows[t * c.dim + i];
+        mag += std::fabs(double(e[size_t(v) * c.dim + i]) * rec.rows[t * c.dim + i]);
+      }
+      ASSERT_NEAR(logits[t * c.vocab_size + v], dot, 1e-5 * mag + 1e-6) << "token " << t << " vocab " << v;
+    }
+  // Without an observer the same call gives the same logits.
+  auto cache2 = model->NewKVCache(64);
+  std::vector<float> logits2(logits.size());
+  ASSERT_TRUE(model->Forward(*ids, 0, cache2.get(), logits2, /*all_logits=*/true).ok());
+  EXPECT_EQ(logits, logits2);
 }
 
 TEST(CalibrateTest, ChunksStartWithBosAndStopAtTextEnd) {

@@ -37,6 +37,7 @@ struct Job {
   int layer = -1;                                  // linear layers: block index and weight (BoA)
   LinearWeight weight = LinearWeight::kWq;
   const BoaLayerStats* boa = nullptr;  // sequential BoA: this layer's attention statistics
+  bool head = false;                   // the output head (tied embedding or output matrix)
 };
 
 // Storage bits of a [rows, cols] tensor in format f (nullopt: fp32).
@@ -72,11 +73,15 @@ void AccountBits(const LoadedModel& m, QuantizeReport* report) {
   report->bpw_linear = bits_linear / static_cast<double>(report->params_linear);
 }
 
-absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfig& cfg,
+absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfig& cfg_in,
                                              const QuantizeProgress& progress) {
   const auto t0 = Clock::now();
+  QuantizeConfig cfg = cfg_in;
+  if (cfg.embed_method == "auto") cfg.embed_method = cfg.method == "gptq" || cfg.method == "boa" ? "gptq" : "rtn";
   if (cfg.method == "dfmpc") {
     if (cfg.rotate) return absl::InvalidArgumentError("--rotate is not supported with method dfmpc");
+    if (cfg.embed_method == "gptq")
+      return absl::InvalidArgumentError("--embed-method gptq is not supported with method dfmpc");
     return QuantizeModelDfmpc(m, cfg, progress);  // quantizers/dfmpc.h
   }
   if (cfg.method != "rtn" && cfg.method != "gptq" && cfg.method != "boa") {
@@ -87,6 +92,13 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   if ((cfg.method == "gptq" || boa) && cfg.calib_path.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("method ", cfg.method, " needs calibration text (--calib FILE)"));
   }
+  if (cfg.embed_method != "rtn" && cfg.embed_method != "gptq" && cfg.embed_method != "auto")
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown embedding/head method '", cfg.embed_method, "' (supported: auto, rtn, gptq)"));
+  if (cfg.embed_method == "gptq" && cfg.calib_path.empty())
+    return absl::InvalidArgumentError("embedding/head method gptq needs calibration text (--calib FILE)");
+  if (!(cfg.embed_percdamp > 0.0 && cfg.embed_percdamp <= 1e6))
+    return absl::InvalidArgumentError(absl::StrCat("embedding damping ", cfg.embed_percdamp, " is not in (0, 1e6]"));
   if (boa && (cfg.target_bpw != 0.0 || cfg.outlier_fraction > 0.0))
     return absl::InvalidArgumentError("method boa cannot be combined with bit allocation (--bpw) or --outliers");
   if (!(cfg.outlier_fraction >= 0.0 && cfg.outlier_fraction < 1.0))
@@ -159,12 +171,39 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       jobs.back().weight = w;
     }
   }
+  // The output head's Hessian (embed_method gptq): from the calibration pass
+  // above when it ran over the whole model, else from a pass of its own over
+  // the same text (sequential calibration quantizes the embedding first).
+  const Hessian* head_hessian = nullptr;
+  std::optional<CalibrationStats> head_stats;
+  if (cfg.embed_method == "gptq") {
+    if (stats) head_hessian = stats->Get(m->config.n_layers, LinearInput::kHeadIn);
+    if (head_hessian == nullptr) {
+      const auto tc = Clock::now();
+      CalibrateOptions hopts;
+      hopts.n_tokens = cfg.calib_tokens;
+      hopts.ctx = cfg.calib_ctx;
+      hopts.collector.n_threads = cfg.n_threads;
+      hopts.collector.layer_begin = m->config.n_layers;  // only the head's input
+      auto hs = Calibrate(*fp_model, *fp_tokenizer, cfg.calib_path, hopts);
+      if (!hs.ok()) return hs.status();
+      head_stats = *std::move(hs);
+      head_hessian = head_stats->Get(m->config.n_layers, LinearInput::kHeadIn);
+      report.calib_seconds += Seconds(tc);
+    }
+    if (head_hessian == nullptr) return absl::InternalError("calibration did not observe the output head's input");
+  }
   if (cfg.embed_format) {
-    jobs.push_back({&m->weights.tok_embeddings, "token_embd", *cfg.embed_format, nullptr, false});
+    jobs.push_back({&m->weights.tok_embeddings, "token_embd", *cfg.embed_format,
+                    m->config.tied_embeddings ? head_hessian : nullptr, false});
+    jobs.back().head = m->config.tied_embeddings;
   }
   if (!m->config.tied_embeddings) {
     std::optional<fmt::Format> f = cfg.output_format ? cfg.output_format : cfg.embed_format;
-    if (f) jobs.push_back({&m->weights.output, "output", *f, nullptr, false});
+    if (f) {
+      jobs.push_back({&m->weights.output, "output", *f, head_hessian, false});
+      jobs.back().head = true;
+    }
   }
 
   BitAllocation allocation;
@@ -230,6 +269,10 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
           cfg.alloc.probe_tokens, "/", cfg.alloc.probe_ctx, ";calib_tokens=", cfg.calib_tokens,
           ";calib_ctx=", cfg.calib_ctx, ";percdamp=", cfg.gptq.percdamp, ";act_order=", cfg.gptq.act_order,
           ";embed_format=", cfg.embed_format ? cfg.embed_format->Name() : "f32", ";candidates=");
+      // Only a non-default embedding method enters the key, so caches written
+      // before it existed still match RTN runs.
+      if (cfg.embed_method != "rtn")
+        absl::StrAppend(&settings, ";embed_method=", cfg.embed_method, "/", cfg.embed_percdamp);
       for (const fmt::Format& f : cfg.alloc.candidates.empty() ? DefaultAllocFormats() : cfg.alloc.candidates)
         absl::StrAppend(&settings, f.Name(), ",");
       absl::StrAppend(&settings, ";embed_candidates=");
@@ -262,9 +305,21 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
         for (int l = 0; l < m->config.n_layers; ++l)
           for (size_t k = 0; k < kAllLinearWeights.size(); ++k) weights[p++] = (*sens)[l][k];
         if (alloc_embed) {
+          // The head (tied embedding or output matrix) is priced as it will be
+          // quantized: by GPTQ with the head Hessian under embed_method gptq.
+          std::optional<GptqFactor> head_factor;
+          GptqOptions head_gptq = cfg.gptq;
+          head_gptq.percdamp = cfg.embed_percdamp;
+          if (head_hessian != nullptr) {
+            auto f = FactorHessian(*head_hessian, head_gptq);
+            if (!f.ok()) return absl::Status(f.status().code(), absl::StrCat("output head: ", f.status().message()));
+            head_factor = *std::move(f);
+          }
           for (bool output : {false, true}) {
             if (output && m->config.tied_embeddings) continue;
-            auto costs = EmbeddingCosts(**probe, *fp_model, cfg.alloc.embed_candidates, output, cfg.n_threads, pp);
+            const bool is_head = output || m->config.tied_embeddings;
+            auto costs = EmbeddingCosts(**probe, *fp_model, cfg.alloc.embed_candidates, output, cfg.n_threads, pp,
+                                        is_head && head_factor ? &*head_factor : nullptr, head_gptq);
             if (!costs.ok()) return costs.status();
             entry.extras.push_back({output ? "output" : "token_embd", cfg.alloc.embed_candidates, *std::move(costs)});
           }
@@ -319,9 +374,11 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     const auto tt = Clock::now();
     HostTensor& w = *j.tensor;
     absl::StatusOr<QuantTensor> q;
-    const bool use_gptq = (cfg.method == "gptq" || boa) && j.hessian != nullptr;
+    const bool use_gptq = (cfg.method == "gptq" || boa || j.head) && j.hessian != nullptr;
+    GptqOptions job_gptq = cfg.gptq;
+    if (j.head) job_gptq.percdamp = cfg.embed_percdamp;
     if (use_gptq && factored != j.hessian) {
-      auto f = FactorHessian(*j.hessian, cfg.gptq);
+      auto f = FactorHessian(*j.hessian, job_gptq);
       if (!f.ok()) return absl::Status(f.status().code(), absl::StrCat(j.name, ": ", f.status().message()));
       factor = std::make_unique<GptqFactor>(*std::move(f));
       factored = j.hessian;
@@ -345,7 +402,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       go.n_threads = cfg.n_threads;
       q = BoaQuantizeAttention(w, j.weight, j.boa != nullptr ? *j.boa : boa_stats[j.layer], *factor, j.format, go);
     } else if (use_gptq) {
-      GptqOptions go = cfg.gptq;
+      GptqOptions go = job_gptq;
       go.n_threads = cfg.n_threads;
       q = GptqQuantize(w, *factor, j.format, go);
     } else {
@@ -453,6 +510,8 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     if (!report.alloc_embed.empty()) m->metadata["quant.alloc.embed"] = report.alloc_embed;
   }
   m->metadata["quant.embed_format"] = cfg.embed_format ? cfg.embed_format->Name() : "f32";
+  m->metadata["quant.embed_method"] =
+      cfg.embed_method == "gptq" ? absl::StrFormat("gptq(percdamp %g)", cfg.embed_percdamp) : "rtn";
   m->metadata["quant.bpw_all"] = absl::StrFormat("%.4f", report.bpw_all);
   m->metadata["quant.bpw_linear"] = absl::StrFormat("%.4f", report.bpw_linear);
   if (!cfg.calib_path.empty()) {

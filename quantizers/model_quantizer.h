@@ -42,6 +42,16 @@ struct QuantizeConfig {
   std::optional<fmt::Format> embed_format = fmt::Format{fmt::Kind::kInt, 8, 32, false};
   // Separate output head, if the model has one; nullopt: same as embed_format.
   std::optional<fmt::Format> output_format;
+  // How the output head is quantized (the tied embedding, or a separate
+  // output matrix): "rtn", or "gptq" with the Hessian of the head's input
+  // (the final-normed hidden states of the full-precision model over the
+  // calibration text; needs calib_path). For a tied embedding the same matrix
+  // also serves the token lookups, which the head Hessian does not see:
+  // embed_percdamp (damping as a fraction of mean diag H) pulls GPTQ toward
+  // plain weight error (large damping = RTN). An untied token embedding is
+  // always RTN. "auto": gptq for methods gptq and boa, rtn otherwise.
+  std::string embed_method = "auto";
+  double embed_percdamp = 0.1;
   std::string calib_path;      // calibration text (required for gptq and boa)
   int calib_tokens = 8192;
   int calib_ctx = 256;
@@ -52,7 +62,8 @@ struct QuantizeConfig {
   // quantized sub-blocks before them. About one extra calibration forward.
   bool sequential = false;
   // Rotate the fp32 weights first (quantizers/rotation.h): residual stream and
-  // value heads in an incoherent basis; unties tied embeddings. Not with dfmpc.
+  // value heads in an incoherent basis (a tied embedding stays tied and
+  // unrotated; the engine rotates around it). Not with dfmpc.
   bool rotate = false;
   int n_threads = 0;
   // Outlier / salient side-car on the linear layers (quantizers/outliers.h):

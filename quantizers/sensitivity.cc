@@ -148,7 +148,8 @@ absl::StatusOr<std::vector<std::array<double, 7>>> LinearSensitivities(KldProbe&
 
 absl::StatusOr<std::vector<KnapsackOption>> EmbeddingCosts(KldProbe& probe, LlamaModel& model,
                                                            const std::vector<fmt::Format>& formats, bool output,
-                                                           int n_threads, const ProbeProgress& progress) {
+                                                           int n_threads, const ProbeProgress& progress,
+                                                           const GptqFactor* head_factor, const GptqOptions& gptq) {
   LoadedModel& lm = model.mutable_loaded();
   HostTensor& w = output ? lm.weights.output : lm.weights.tok_embeddings;
   const char* name = output ? "output" : "token_embd";
@@ -159,7 +160,14 @@ absl::StatusOr<std::vector<KnapsackOption>> EmbeddingCosts(KldProbe& probe, Llam
   std::vector<KnapsackOption> out;
   for (size_t i = 0; i < formats.size(); ++i) {
     if (progress) progress(static_cast<int>(i), static_cast<int>(formats.size()), absl::StrCat(name, " ", formats[i].Name()));
-    auto q = RtnQuantize(w, {}, formats[i], ro);
+    absl::StatusOr<QuantTensor> q;
+    if (head_factor != nullptr) {
+      GptqOptions go = gptq;
+      go.n_threads = n_threads;
+      q = GptqQuantize(w, *head_factor, formats[i], go);
+    } else {
+      q = RtnQuantize(w, {}, formats[i], ro);
+    }
     if (!q.ok()) return absl::Status(q.status().code(), absl::StrCat(name, ": ", q.status().message()));
     KnapsackOption o;
     o.bits = q->BitsPerWeight() * static_cast<double>(w.numel());

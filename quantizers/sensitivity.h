@@ -35,6 +35,7 @@
 #include "kernels/formats/format.h"
 #include "quantizers/bit_allocation.h"
 #include "quantizers/calibration.h"
+#include "quantizers/gptq.h"
 
 namespace nibble {
 
@@ -93,9 +94,13 @@ absl::StatusOr<std::vector<std::array<double, 7>>> LinearSensitivities(KldProbe&
                                                                      const ProbeProgress& progress = nullptr);
 
 // Bits and measured KLD of the token embedding (or, with output = true, the
-// separate output head) of `model` in each of `formats` (RTN, no importance).
+// separate output head) of `model` in each of `formats`: RTN (no importance),
+// or GPTQ with `head_factor` (the factored Hessian of the head's input, with
+// `gptq` options) when it is not null, as the tensor will be quantized.
 absl::StatusOr<std::vector<KnapsackOption>> EmbeddingCosts(KldProbe& probe, LlamaModel& model,
                                                            const std::vector<fmt::Format>& formats, bool output,
-                                                           int n_threads, const ProbeProgress& progress = nullptr);
+                                                           int n_threads, const ProbeProgress& progress = nullptr,
+                                                           const GptqFactor* head_factor = nullptr,
+                                                           const GptqOptions& gptq = {});
 
 }  // namespace nibble

@@ -230,6 +230,17 @@ void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* ca
       std::memcpy(layer_inputs + size_t(l) * n * dim, x_.data(), size_t(n) * dim * sizeof(float));
     RunLayer(l, n, pos, cache);
   }
+  if (observer_) {
+    // The output head's input for every token (calibration of the head / tied
+    // embedding), whether or not logits are wanted.
+    be.RmsNorm(Unrotate(x_.data(), n), w.final_norm.data.data(), n, dim, c.norm_eps, xb_.data());
+    observer_->OnLinearInput(c.n_layers, LinearInput::kHeadIn, xb_.data(), n, dim);
+    if (logits != nullptr) {
+      be.MatMul(c.tied_embeddings ? w.tok_embeddings : w.output, all_logits ? xb_.data() : xb_.data() + size_t(n - 1) * dim,
+                all_logits ? n : 1, logits);
+    }
+    return;
+  }
   if (logits == nullptr) return;
   const HostTensor& head = c.tied_embeddings ? w.tok_embeddings : w.output;
   if (all_logits) {

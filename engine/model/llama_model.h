@@ -26,6 +26,8 @@ enum class LinearInput {
   kAttnOut,  // attention output, input of wo    [n_tokens, q_dim]
   kFfnIn,    // normalized input of w_gate, w_up [n_tokens, dim]
   kFfnMid,   // silu(gate) * up, input of w_down [n_tokens, hidden_dim]
+  kHeadIn,   // final-normed hidden state, input of the output head [n_tokens, dim];
+             // reported with layer == n_layers, for every token of the batch
 };
 
 // Receives the inputs of every linear layer during Forward() (for GPTQ-style

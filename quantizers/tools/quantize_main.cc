@@ -80,6 +80,16 @@ int main(int argc, char** argv) {
   app.add_option("--format", format_name, "format of the linear layers (see --list-formats)");
   app.add_option("--embed-format", embed_name, "format of token embeddings / output head, or f32")
       ->capture_default_str();
+  std::string embed_method = "auto";
+  double embed_percdamp = 0.1;
+  app.add_option("--embed-method", embed_method,
+                 "output head / tied embedding: rtn | gptq (Hessian of the head's input over --calib) | auto (gptq "
+                 "with --method gptq or boa, else rtn)")
+      ->capture_default_str();
+  app.add_option("--embed-damp", embed_percdamp,
+                 "--embed-method gptq: damping as a fraction of mean diag(H); larger keeps a tied embedding's "
+                 "token rows closer to plain round-to-nearest")
+      ->capture_default_str();
   app.add_option("--method", method,
                  "rtn | gptq | boa (BoA: attention-aware wq/wk/wv, needs --calib) | dfmpc (data-free mixed-precision "
                  "compensation: wv/w_up in --format, wo/w_down compensated in --dfmpc-high)")
@@ -92,7 +102,7 @@ int main(int argc, char** argv) {
   bool rotate = false;
   app.add_flag("--rotate", rotate,
                "rotate the residual stream and value heads into an incoherent basis before quantizing "
-               "(QuIP/QuaRot-style; exact in fp32; unties tied embeddings)");
+               "(QuIP/QuaRot-style; exact in fp32; a tied embedding stays tied, the engine rotates around it)");
   app.add_option("--calib-tokens", calib_tokens, "calibration tokens")->capture_default_str();
   app.add_option("--calib-ctx", calib_ctx, "tokens per calibration chunk")->capture_default_str();
   app.add_option("--percdamp", percdamp, "gptq: damping as a fraction of mean diag(H)")->capture_default_str();
@@ -246,6 +256,8 @@ int main(int argc, char** argv) {
     return Fail(absl::InvalidArgumentError("--sequential needs calibration text (--calib FILE)"));
   cfg.sequential = sequential;
   cfg.rotate = rotate;
+  cfg.embed_method = embed_method;
+  cfg.embed_percdamp = embed_percdamp;
   cfg.gptq.percdamp = percdamp;
   cfg.gptq.act_order = act_order;
   cfg.n_threads = threads;
