@@ -184,6 +184,25 @@ void WithTokenCount(int64_t n, F&& f) {
 // Per-thread packed panel (no allocation once warm).
 thread_local AlignedScratch<float> t_panel;
 
+// One packed panel (nr <= Arch::kP rows from row r) times every token.
+template <class Arch>
+void PanelTimesTokens(const float* panel, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                    int64_t r, int64_t nr) {
+  for (int64_t k0 = 0; k0 < cols; k0 += kKc) {
+    const int64_t kc = std::min(kKc, cols - k0);
+    const float* pk = panel + k0 * Arch::kP;
+    const bool accumulate = k0 > 0;
+    int64_t t = 0;
+    for (; t + Arch::kNt <= n_tokens; t += Arch::kNt)
+      Arch::template Kernel<Arch::kNt>(pk, kc, x + t * cols + k0, cols, y + t * rows + r, rows, nr, accumulate);
+    if (t < n_tokens)
+      WithTokenCount<Arch::kNt - 1>(n_tokens - t, [&](auto nt) {
+        Arch::template Kernel<decltype(nt)::value>(pk, kc, x + t * cols + k0, cols, y + t * rows + r, rows, nr,
+                                                   accumulate);
+      });
+  }
+}
+
 // Rows [r0, r1) for all tokens via Arch (panel width Arch::kP, token tile Arch::kNt).
 // Each panel is packed whole (its rows are one contiguous stretch of w, read
 // sequentially); the kKc-column block in use is what stays hot in L1.
@@ -194,19 +213,24 @@ void MatMulPackedRows(const float* w, int64_t rows, int64_t cols, const float* x
   for (int64_t r = r0; r < r1; r += Arch::kP) {
     const int64_t nr = std::min<int64_t>(Arch::kP, r1 - r);
     Arch::Pack(w + r * cols, cols, nr, cols, panel);
-    for (int64_t k0 = 0; k0 < cols; k0 += kKc) {
-      const int64_t kc = std::min(kKc, cols - k0);
-      const float* pk = panel + k0 * Arch::kP;
-      const bool accumulate = k0 > 0;
-      int64_t t = 0;
-      for (; t + Arch::kNt <= n_tokens; t += Arch::kNt)
-        Arch::template Kernel<Arch::kNt>(pk, kc, x + t * cols + k0, cols, y + t * rows + r, rows, nr, accumulate);
-      if (t < n_tokens)
-        WithTokenCount<Arch::kNt - 1>(n_tokens - t, [&](auto nt) {
-          Arch::template Kernel<decltype(nt)::value>(pk, kc, x + t * cols + k0, cols, y + t * rows + r, rows, nr,
-                                                     accumulate);
-        });
-    }
+    PanelTimesTokens<Arch>(panel, rows, cols, x, n_tokens, y, r, nr);
+  }
+}
+
+// Per-thread rows written by a RowFill before packing (no allocation once warm).
+thread_local AlignedScratch<float> t_filled;
+
+// MatMulPackedRows with the rows produced by `fill` panel by panel.
+template <class Arch>
+void MatMulPackedFilledRows(const RowFill& fill, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
+                            float* y, int64_t r0, int64_t r1) {
+  float* panel = t_panel.Get(static_cast<size_t>(Arch::kP * cols));
+  float* src = t_filled.Get(static_cast<size_t>(Arch::kP * cols));
+  for (int64_t r = r0; r < r1; r += Arch::kP) {
+    const int64_t nr = std::min<int64_t>(Arch::kP, r1 - r);
+    fill(r, nr, src);
+    Arch::Pack(src, cols, nr, cols, panel);
+    PanelTimesTokens<Arch>(panel, rows, cols, x, n_tokens, y, r, nr);
   }
 }
 
@@ -399,6 +423,32 @@ bool ForceIsaForTesting(std::string_view isa) {
 }
 
 float DotF32(const float* a, const float* b, int64_t n) { return Dot(GetIsa(), a, b, n); }
+
+void MatMulF32Filled(const RowFill& fill, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                     ThreadPool* pool) {
+  const Isa isa = GetIsa();
+  auto run = [&](int64_t b, int64_t e) {
+#if defined(__x86_64__)
+    if (n_tokens >= kMatMulF32PackedMinTokens && isa == Isa::kAvx512)
+      return MatMulPackedFilledRows<PackedAvx512>(fill, rows, cols, x, n_tokens, y, b, e);
+    if (n_tokens >= kMatMulF32PackedMinTokens && isa == Isa::kAvx2)
+      return MatMulPackedFilledRows<PackedAvx2>(fill, rows, cols, x, n_tokens, y, b, e);
+#endif
+    // Other ISAs / few tokens: 16 rows at a time through MatMulRows (its order).
+    float* src = t_filled.Get(static_cast<size_t>(16 * cols));
+    for (int64_t r = b; r < e; r += 16) {
+      const int64_t nr = std::min<int64_t>(16, e - r);
+      fill(r, nr, src);
+      for (int64_t t = 0; t < n_tokens; ++t)
+        for (int64_t i = 0; i < nr; ++i) y[t * rows + r + i] = Dot(isa, src + i * cols, x + t * cols, cols);
+    }
+  };
+  if (pool == nullptr || pool->size() == 1) {
+    run(0, rows);
+    return;
+  }
+  pool->ParallelFor(rows, 32, [&](int, int64_t b, int64_t e) { run(b, e); });
+}
 
 void MatMulF32PackedOrderRef(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y) {
   for (int64_t t = 0; t < n_tokens; ++t)

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string_view>
 
 #include "kernels/common/rope_style.h"
@@ -29,6 +30,17 @@ void MatMulF32Ref(const float* w, int64_t rows, int64_t cols, const float* x, in
 // n_tokens or ISA. Below it (decode) a dot-product order applies.
 inline constexpr int64_t kMatMulF32PackedMinTokens = 8;
 void MatMulF32PackedOrderRef(const float* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y);
+
+// MatMulF32 over a matrix whose rows are produced on demand, e.g. dequantized
+// from a packed format for prefill: fill(r0, nr, dst) writes rows
+// [r0, r0 + nr) (nr <= 32) row-major into dst (nr * cols floats); it runs on
+// the pool's threads concurrently for disjoint rows. For n_tokens >=
+// kMatMulF32PackedMinTokens on AVX2/AVX-512 every output is exactly
+// MatMulF32PackedOrderRef's on the filled matrix (the same packed-panel
+// kernel); otherwise each output is the dispatched DotF32 of its row.
+using RowFill = std::function<void(int64_t r0, int64_t nr, float* dst)>;
+void MatMulF32Filled(const RowFill& fill, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                     ThreadPool* pool);
 
 // Dot product of two fp32 vectors (dispatched).
 float DotF32(const float* a, const float* b, int64_t n);

@@ -432,6 +432,27 @@ void QuantMatMulMany(std::span<const QMatrixView> ws, const float* x, int64_t n_
   QuantMatMulImpl(CallIsa(n_tokens), false, ws, x, n_tokens, ys.data(), pool, scratch);
 }
 
+bool QuantMatMulTakesAmx(int64_t n_tokens) { return CallIsa(n_tokens) == QIsa::kAmx; }
+
+namespace {
+// Row r of w dequantized to fp32 with the side-car applied (QuantMatMulF32Ref's row).
+void DequantizedRow(const QMatrixView& w, int64_t r, float* row) {
+  const QSegmentView& s = SegmentOf(w, r);
+  fmt::DequantizeRowRef(s.format, s.data + (r - s.row_begin) * s.format.RowBytes(w.cols), w.cols, row);
+  const QSidecarView& sc = w.sidecar;
+  if (sc.type != QSidecarView::Type::kNone)
+    for (uint32_t i = sc.row_ptr[r]; i < sc.row_ptr[r + 1]; ++i) row[sc.col[i]] = KeptValue(sc, r, i);
+}
+}  // namespace
+
+void QuantMatMulDequantF32(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool) {
+  MatMulF32Filled(
+      [&w](int64_t r0, int64_t nr, float* dst) {
+        for (int64_t i = 0; i < nr; ++i) DequantizedRow(w, r0 + i, dst + i * w.cols);
+      },
+      w.rows, w.cols, x, n_tokens, y, pool);
+}
+
 void QuantMatMulAmxOrderRef(const QMatrixView& w, const float* x, int64_t n_tokens, float* y) {
   QMatMulScratch scratch;
   QuantMatMulImpl(QIsa::kScalar, true, {&w, 1}, x, n_tokens, &y, nullptr, &scratch);
@@ -446,12 +467,8 @@ float PackedWeightAt(const QMatrixView& w, int64_t r, int64_t c) {
 
 void QuantMatMulF32Ref(const QMatrixView& w, const float* x, int64_t n_tokens, float* y) {
   std::vector<float> row(static_cast<size_t>(w.cols));
-  const QSidecarView& sc = w.sidecar;
   for (int64_t r = 0; r < w.rows; ++r) {
-    const QSegmentView& s = SegmentOf(w, r);
-    fmt::DequantizeRowRef(s.format, s.data + (r - s.row_begin) * s.format.RowBytes(w.cols), w.cols, row.data());
-    if (sc.type != QSidecarView::Type::kNone)
-      for (uint32_t i = sc.row_ptr[r]; i < sc.row_ptr[r + 1]; ++i) row[sc.col[i]] = KeptValue(sc, r, i);
+    DequantizedRow(w, r, row.data());
     for (int64_t t = 0; t < n_tokens; ++t) {
       float acc = 0.0f;
       for (int64_t c = 0; c < w.cols; ++c) acc += row[c] * x[t * w.cols + c];

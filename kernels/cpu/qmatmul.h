@@ -181,6 +181,22 @@ void QuantMatMulMany(std::span<const QMatrixView> ws, const float* x, int64_t n_
 void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_tokens, float* y,
                     ThreadPool* pool, QMatMulScratch* scratch);
 
+// Whether QuantMatMul takes the AMX tiles for a call of n_tokens (ActiveQIsa,
+// CPU support, NIBBLE_QMATMUL_AMX, the token threshold).
+bool QuantMatMulTakesAmx(int64_t n_tokens);
+
+// Prefill on CPUs without AMX: y = x W^T in fp32 from W dequantized 32 rows
+// at a time (fmt::DequantizeRowRef, side-car applied) into the packed-panel
+// fp32 GEMM of cpu::MatMulF32Filled. No activation rounding: for n_tokens >=
+// kMatMulF32PackedMinTokens on AVX2/AVX-512 every output is exactly
+// MatMulF32PackedOrderRef of the dequantized matrix (within fp32 rounding of
+// QuantMatMulF32Ref, closer to it than the int8 path). Dequantization costs
+// O(rows * cols) per call, repaid over many tokens; the int8 VNNI kernels
+// spend ~6 instructions per 64 multiply-adds on block scales, so from a few
+// dozen tokens on the fp32 FMA GEMM is faster where no AMX unit takes them.
+// pool may be null.
+void QuantMatMulDequantF32(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool);
+
 // The AMX path's result computed in scalar code on any CPU: bit-identical to
 // QuantMatMulIsa(QIsa::kAmx, ...) (the AMX fp32 order for segments the AMX
 // kernel covers, the canonical order for the others). Single-threaded, slow.

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "kernels/common/fp16.h"
+#include "kernels/cpu/ops.h"
 #include "kernels/cpu/qmatmul_internal.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/formats/blocks.h"
@@ -260,6 +261,78 @@ TEST(QMatMulTest, MixedSegmentsWithSidecarAndThreads) {
   CheckAll(m, 6, &pool, "mixed t6");
   const TestMatrix big = MakeMatrix({P("int4_g64"), P("int2_g128")}, 600, 256, QSidecarView::Type::kF16, 4);
   CheckAll(big, 2, &pool, "mixed threaded");
+}
+
+// The dense matrix a view stands for: PackedWeightAt, then the side-car's kept
+// values (fp16, or int8 times the row's fp16 scale) replacing entries.
+std::vector<float> DenseOf(const QMatrixView& w) {
+  std::vector<float> d(static_cast<size_t>(w.rows * w.cols));
+  for (int64_t r = 0; r < w.rows; ++r)
+    for (int64_t c = 0; c < w.cols; ++c) d[r * w.cols + c] = PackedWeightAt(w, r, c);
+  const QSidecarView& sc = w.sidecar;
+  if (sc.type == QSidecarView::Type::kNone) return d;
+  for (int64_t r = 0; r < w.rows; ++r)
+    for (uint32_t i = sc.row_ptr[r]; i < sc.row_ptr[r + 1]; ++i)
+      d[r * w.cols + sc.col[i]] = sc.type == QSidecarView::Type::kF16
+                                      ? Fp16ToFp32(sc.f16[i])
+                                      : Fp16ToFp32(sc.row_scale[r]) * static_cast<float>(sc.i8[i]);
+  return d;
+}
+
+// QuantMatMulDequantF32 (prefill without AMX) on every fp32 ISA: from
+// kMatMulF32PackedMinTokens tokens on (AVX2/AVX-512) exactly
+// MatMulF32PackedOrderRef of the dense matrix, below that (and on scalar)
+// exactly the dispatched DotF32 of each dense row; within fp32 rounding of the
+// exact reference either way.
+void CheckDequant(const TestMatrix& m, int64_t n_tokens, ThreadPool* pool, const std::string& what) {
+  const QMatrixView w = m.View();
+  const std::vector<float> dense = DenseOf(w);
+  const std::vector<float> x = RandomActs(n_tokens, m.cols, static_cast<uint32_t>(m.rows * 7 + n_tokens));
+  std::vector<float> exact(static_cast<size_t>(n_tokens * m.rows)), packed_order(exact.size());
+  QuantMatMulF32Ref(w, x.data(), n_tokens, exact.data());
+  MatMulF32PackedOrderRef(dense.data(), m.rows, m.cols, x.data(), n_tokens, packed_order.data());
+  for (const char* isa : {"scalar", "avx2", "avx512"}) {
+    if (!ForceIsaForTesting(isa)) continue;
+    std::vector<float> y(exact.size(), NAN);
+    QuantMatMulDequantF32(w, x.data(), n_tokens, y.data(), pool);
+    const bool packed = n_tokens >= kMatMulF32PackedMinTokens && std::string(isa) != "scalar";
+    int bad = 0;
+    for (int64_t t = 0; t < n_tokens && bad < 3; ++t)
+      for (int64_t r = 0; r < m.rows && bad < 3; ++r) {
+        const size_t i = static_cast<size_t>(t * m.rows + r);
+        const float want = packed ? packed_order[i] : DotF32(&dense[r * m.cols], &x[t * m.cols], m.cols);
+        double mag = 0;
+        for (int64_t c = 0; c < m.cols; ++c) mag += std::fabs(double(dense[r * m.cols + c]) * x[t * m.cols + c]);
+        if (!(std::memcmp(&y[i], &want, sizeof(float)) == 0) || !(std::fabs(double(y[i]) - exact[i]) <= kFpRel * mag + 1e-30)) {
+          ++bad;
+          ADD_FAILURE() << what << " isa=" << isa << " t=" << t << " r=" << r << ": got " << y[i] << " want " << want
+                        << " exact " << exact[i];
+        }
+      }
+  }
+  ForceIsaForTesting("");
+}
+
+TEST_P(QMatMulFormatTest, DequantF32MatchesPackedOrderAndReference) {
+  const fmt::Format f = GetParam();
+  uint32_t seed = 11;
+  for (const Shape& s : kShapes) {
+    const TestMatrix m = MakeMatrix({f}, s.rows, s.cols, QSidecarView::Type::kNone, seed++);
+    for (int64_t n : {int64_t{1}, s.tokens, int64_t{8}, int64_t{19}})
+      CheckDequant(m, n, nullptr, f.Name() + " " + std::to_string(s.rows) + "x" + std::to_string(s.cols));
+  }
+  CheckDequant(MakeMatrix({f}, 9, 172, QSidecarView::Type::kF16, 5), 9, nullptr, f.Name() + " sidecar f16");
+  CheckDequant(MakeMatrix({f}, 9, 100, QSidecarView::Type::kI8, 6), 12, nullptr, f.Name() + " sidecar i8");
+}
+
+TEST(QMatMulTest, DequantF32MixedSegmentsSidecarAndThreads) {
+  const auto P = [](const char* n) { return *fmt::Format::Parse(n); };
+  ThreadPool pool(2);
+  const TestMatrix m = MakeMatrix({P("int4_g32"), P("ternary_g64"), P("int3_g128_sym"), P("binary_g32"),
+                                   P("int8_g64"), P("bintern_g128"), P("int2_g64")},
+                                  97, 300, QSidecarView::Type::kI8, 3);
+  CheckDequant(m, 37, &pool, "mixed 37 tokens, 2 threads");
+  CheckDequant(m, 3, &pool, "mixed 3 tokens, 2 threads");
 }
 
 TEST(QMatMulTest, ActiveIsaFollowsForcedIsa) {
