@@ -435,10 +435,16 @@ void QuantMatMulMany(std::span<const QMatrixView> ws, const float* x, int64_t n_
 bool QuantMatMulTakesAmx(int64_t n_tokens) { return CallIsa(n_tokens) == QIsa::kAmx; }
 
 namespace {
-// Row r of w dequantized to fp32 with the side-car applied (QuantMatMulF32Ref's row).
-void DequantizedRow(const QMatrixView& w, int64_t r, float* row) {
+// Row r of w dequantized to fp32 with the side-car applied (QuantMatMulF32Ref's
+// row); `simd`: the AVX-512 twin of DequantizeRowRef (same bits).
+void DequantizedRow(const QMatrixView& w, int64_t r, float* row, bool simd = false) {
   const QSegmentView& s = SegmentOf(w, r);
-  fmt::DequantizeRowRef(s.format, s.data + (r - s.row_begin) * s.format.RowBytes(w.cols), w.cols, row);
+  const uint8_t* packed = s.data + (r - s.row_begin) * s.format.RowBytes(w.cols);
+  if (simd) {
+    qmm::DequantRowAvx512(s.format, packed, w.cols, row);
+  } else {
+    fmt::DequantizeRowRef(s.format, packed, w.cols, row);
+  }
   const QSidecarView& sc = w.sidecar;
   if (sc.type != QSidecarView::Type::kNone)
     for (uint32_t i = sc.row_ptr[r]; i < sc.row_ptr[r + 1]; ++i) row[sc.col[i]] = KeptValue(sc, r, i);
@@ -446,9 +452,11 @@ void DequantizedRow(const QMatrixView& w, int64_t r, float* row) {
 }  // namespace
 
 void QuantMatMulDequantF32(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool) {
+  const QIsa isa = ActiveQIsa();
+  const bool simd = isa == QIsa::kAvx512 || isa == QIsa::kAmx;
   MatMulF32Filled(
-      [&w](int64_t r0, int64_t nr, float* dst) {
-        for (int64_t i = 0; i < nr; ++i) DequantizedRow(w, r0 + i, dst + i * w.cols);
+      [&w, simd](int64_t r0, int64_t nr, float* dst) {
+        for (int64_t i = 0; i < nr; ++i) DequantizedRow(w, r0 + i, dst + i * w.cols, simd);
       },
       w.rows, w.cols, x, n_tokens, y, pool);
 }

@@ -570,7 +570,86 @@ bool UseVbmiDecode() {
   return use;
 }
 
+// ------------------------------------------------------------- dequant ---
+// DequantRowAvx512 for one code layout: per 32-weight sub-block the u8 codes
+// (Unpack32) widened to int32, then each kind's reference formula in the
+// same fp32 operations (blocks.h): asym fma(d, q, m) (the reference's single
+// rounding of d q + m), sym / ternary a * (q - offset) (exact products, so the
+// sign of zero matches too), binary q ? a : -a. The row tail (cols % 32) is
+// stored under a mask; sub-blocks past cols are skipped.
+// 16 u8 codes -> values; md 0: fma(d, q, m), 1: d * (q - off), 2: q ? d : neg.
+NIBBLE_AVX512_INLINE __m512 DequantValues(__m128i q16, int md, __m512 dv, __m512 mv, __m512 neg, __m512i offv) {
+  const __m512i q = _mm512_cvtepu8_epi32(q16);
+  if (md == 0) return _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(q), mv);
+  if (md == 1) return _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, offv)));
+  return _mm512_mask_blend_ps(_mm512_test_epi32_mask(q, q), neg, dv);
+}
+
+template <CodeKind C>
+NIBBLE_AVX512 void DequantRowT(const FormatInfo& fi, const uint8_t* row, int64_t cols, float* out) {
+  const int spg = fi.group / kBlock;
+  const int64_t groups = (cols + fi.group - 1) / fi.group;
+  const F16 f16;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* block = row + g * fi.block_bytes;
+    const float a = f16(block);
+    // Which formula, its factors and where the codes start.
+    enum { kAffine, kOffset, kSign } mode = kOffset;
+    float d = a, m = 0.0f;
+    int off = 0;
+    const uint8_t* codes = block + 2;
+    bool ternary = false;
+    switch (fi.header) {
+      case HeaderKind::kIntAsym: mode = kAffine; m = f16(block + 2); codes = block + 4; break;
+      case HeaderKind::kIntSym: off = 1 << (fi.bits - 1); break;
+      case HeaderKind::kTernary: off = 1; ternary = true; break;
+      case HeaderKind::kBinary: mode = kSign; break;
+      case HeaderKind::kBinTern:
+        ternary = fmt::BinTernIsTernary(block);
+        codes = block + fmt::kBinTernHeaderBytes;
+        if (ternary) {
+          off = 1;
+        } else {
+          mode = kSign;
+        }
+        break;
+    }
+    const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m), neg = _mm512_set1_ps(-a);
+    const __m512i offv = _mm512_set1_epi32(off);
+    const int md = mode;
+    for (int k = 0; k < spg; ++k) {
+      const int64_t c = g * fi.group + int64_t{kBlock} * k;
+      if (c >= cols) break;
+      const __m256i q = Unpack32<C>(codes, fi.group, k, ternary);
+      const __m512 v0 = DequantValues(_mm256_castsi256_si128(q), md, dv, mv, neg, offv);
+      const __m512 v1 = DequantValues(_mm256_extracti128_si256(q, 1), md, dv, mv, neg, offv);
+      const int64_t n = cols - c;
+      if (n >= kBlock) {
+        _mm512_storeu_ps(out + c, v0);
+        _mm512_storeu_ps(out + c + 16, v1);
+      } else {
+        const __mmask16 k0 = n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
+        const __mmask16 k1 = n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
+        _mm512_mask_storeu_ps(out + c, k0, v0);
+        _mm512_mask_storeu_ps(out + c + 16, k1, v1);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void DequantRowAvx512(const fmt::Format& f, const uint8_t* row, int64_t cols, float* out) {
+  const FormatInfo fi = Describe(f);
+  switch (fi.code) {
+    case CodeKind::kU8: return DequantRowT<CodeKind::kU8>(fi, row, cols, out);
+    case CodeKind::kU4: return DequantRowT<CodeKind::kU4>(fi, row, cols, out);
+    case CodeKind::kU3: return DequantRowT<CodeKind::kU3>(fi, row, cols, out);
+    case CodeKind::kU2: return DequantRowT<CodeKind::kU2>(fi, row, cols, out);
+    case CodeKind::kU1: return DequantRowT<CodeKind::kU1>(fi, row, cols, out);
+    case CodeKind::kBinTern: return DequantRowT<CodeKind::kBinTern>(fi, row, cols, out);
+  }
+}
 
 void RowsAvx512(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
                 int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
@@ -599,6 +678,9 @@ namespace nibble::cpu::qmm {
 void RowsAvx512(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
                 int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
   RowsScalar(f, data, r_begin, r_end, a, t_begin, t_end, y, ldy);
+}
+void DequantRowAvx512(const fmt::Format& f, const uint8_t* row, int64_t cols, float* out) {
+  fmt::DequantizeRowRef(f, row, cols, out);
 }
 }  // namespace nibble::cpu::qmm
 

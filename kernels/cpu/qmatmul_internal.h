@@ -103,6 +103,12 @@ void RowsAvx2(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_
 void RowsAvx512(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
                 int64_t t_begin, int64_t t_end, float* y, int64_t ldy);
 
+// One packed row of `cols` weights in format f to fp32 (no side-car), bit for
+// bit fmt::DequantizeRowRef: every kind's value is fma(d, q, m) with
+// ParseGroup's exact factors. AVX-512 (F/BW/VL) twin of the reference for the
+// fp32 prefill path (QuantMatMulDequantF32).
+void DequantRowAvx512(const fmt::Format& f, const uint8_t* row, int64_t cols, float* out);
+
 // Quantizes x [n_tokens][cols] into the buffers (sizes from QActs). The
 // same bytes on every ISA (an AVX-512 twin of the scalar code, identical by
 // construction; kernels/cpu/qmatmul_acts.cc), so all ISAs see identical
