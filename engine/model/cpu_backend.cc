@@ -70,17 +70,22 @@ class CpuBackend final : public Backend {
   }
   // NIBBLE_QMATMUL_DEQUANT_MIN_TOKENS=N (read once) moves the threshold; 0 turns the path off.
   static int DequantPrefillMinTokens() {
-    static const int n = [] {
+    static const int env = [] {
       const char* e = std::getenv("NIBBLE_QMATMUL_DEQUANT_MIN_TOKENS");
-      if (e == nullptr || *e == '\0') return kDequantPrefillMinTokens;
+      if (e == nullptr || *e == '\0') return -1;
       const int v = std::atoi(e);
       return v <= 0 ? std::numeric_limits<int>::max() : v;
     }();
-    return n;
+    if (env > 0) return env;
+    const cpu::QIsa isa = cpu::ActiveQIsa();
+    return isa == cpu::QIsa::kAvx512 || isa == cpu::QIsa::kAmx ? kDequantMinTokensAvx512 : kDequantMinTokensOther;
   }
   // Measured (SmolLM2 int4_g32, 1 thread, AMD EPYC with AVX-512, no AMX): int8 kernels 348 / 372 / 373 /
-  // 379 / 359 tok/s at 8 / 12 / 16 / 32 / 512 tokens, dequantized fp32 276 / 343 / 423 / 579 / 728.
-  static constexpr int kDequantPrefillMinTokens = 16;
+  // 379 / 359 tok/s at 8 / 12 / 16 / 32 / 512 tokens, dequantized fp32 (AVX-512 row decode) 276 / 343 /
+  // 423 / 579 / 728. Forced to AVX2 (scalar row decode): int8 209 / 207 / 194 at 32 / 128 / 512 tokens,
+  // dequantized 208 / 381 / 397.
+  static constexpr int kDequantMinTokensAvx512 = 16;
+  static constexpr int kDequantMinTokensOther = 32;
 
   // The kernels' view of q; its segment list lives in *segs (reused: no
   // allocation after the first call).
