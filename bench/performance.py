@@ -73,23 +73,29 @@ PAIRS = [
 ]
 QUICK_PAIRS = [("int4_g32", "Q4_0"), ("int8_g32_sym", "Q8_0")]
 NOTES = [
-    "Measured on a machine with nothing else running (2 vCPUs; load average ~1), both engines in the same "
-    "run. The host itself is shared: the same nibble-bench command varies by up to +-30% between minutes "
-    "(int4_g64_sym tg128 at 1 thread: 84 tok/s in one full run, 71 +- 17 in the next), so a ratio near a "
-    "target can flip between runs. Re-run: `python3 bench/performance.py --force`.",
-    "Prefill: nibble runs its AMX int8 tile kernel for every packed-weight matmul call of >= 8 tokens "
-    "(kernels/cpu/qmatmul_amx.cc; NIBBLE_QMATMUL_AMX=0 turns it off: int4_g64_sym pp512 at 1 thread then "
-    "falls from ~340 to ~160 tok/s), and a packed-panel broadcast fp32 GEMM for fp32 weights (~100 GFLOP/s "
-    "at 1 thread). llama.cpp's own AMX buffer type is off in this comparison because it segfaults in "
-    "llama-cpp-python on this machine, so its prefill is its AVX-512 path.",
+    "Measured with nothing else running on the session's machine (2 vCPUs), both engines in the same run. "
+    "The host is shared with other tenants: the same nibble-bench command has varied by up to +-30% between "
+    "minutes on some machines, so a ratio near a target can flip between runs. The machine kind also "
+    "changes between sessions (Intel Sapphire Rapids with AMX, AMD EPYC without): compare numbers from one "
+    "document only. Re-run: `python3 bench/performance.py --force`.",
+    "Prefill paths: on CPUs with AMX-INT8 nibble runs its AMX int8 tile kernel for packed-weight matmul "
+    "calls of >= 8 tokens (kernels/cpu/qmatmul_amx.cc; NIBBLE_QMATMUL_AMX=0 turns it off); without AMX, "
+    "calls of >= 16 tokens dequantize the packed rows 32 at a time (AVX-512 twin of the reference decode) "
+    "into the packed-panel fp32 GEMM that fp32 weights use (cpu::QuantMatMulDequantF32; "
+    "NIBBLE_QMATMUL_DEQUANT_MIN_TOKENS=0 turns it off). On the AMD EPYC (AVX-512, no AMX) the int8 VNNI "
+    "kernels gave int4_g32 pp512 359 tok/s at 1 thread (0.86x llama.cpp's Q4_0), the dequantized path "
+    "728-778 tok/s: per 64 multiply-adds the int8 kernels spend ~6 instructions on the block scales, the "
+    "fp32 GEMM 4 FMAs. llama.cpp's own AMX / repacked buffer types are off in this comparison (they "
+    "segfault in llama-cpp-python here), so its prefill is its AVX-512 path.",
     "fp32 vs F16 decode cannot be won with fp32 weights: F16 streams half the bytes and nibble has no "
-    "16-bit weight type yet; fp32 vs F32 decode is at the bandwidth bound in both engines (~92-94%).",
-    "1-thread decode is limited by one core's memory-level parallelism: perf puts 93% of the GEMV row "
-    "loop's own samples on the weight stream's prefetcht0 (line-fill buffers full); the '% bw' bound "
-    "(10-11 GB/s) is that single-core limit. 2-thread decode reaches 47-62% of the 2-thread bound: per "
-    "step ~10% stays serial (norms, RoPE, residual adds, sampling) and each layer has 4 fork/joins (wq/wk/wv "
-    "and w_gate/w_up fused per layer); a persistent per-layer task graph or fusing norm + matmul would "
-    "cut both.",
+    "16-bit weight type. fp32 vs F32 decode: both stream 538 MB per token; the ratio follows which engine "
+    "gets closer to the bandwidth bound (see the % bw columns).",
+    "Decode reaches 76-88% of the bound for int4_g32 and int8 on the AMD EPYC, but int4_g64_sym and "
+    "int2_g64 stay at 49-60%: their bytes per token are lower while the per-weight unpack and scale work is "
+    "not, so at ~20-25 GB/s they are compute-bound in the GEMV (not profiled further on this machine). On "
+    "the Sapphire Rapids machine of earlier runs 1-thread decode was bound by one core's memory-level "
+    "parallelism (line-fill buffers full) and 2-thread decode lost ~10% to serial per-step work (norms, "
+    "RoPE, residual adds, sampling) and 4 fork/joins per layer.",
 ]
 TARGETS = {"tg_ratio": 1.3, "pp_ratio": 1.2, "tg_pct_bw": 70.0}
 
@@ -410,7 +416,12 @@ def main():
     except (OSError, IndexError):
         doc["cpu"] = "?"
     isa = subprocess.run(["grep", "-o", "-m1", "avx512_vnni", "/proc/cpuinfo"], capture_output=True, text=True)
-    doc["nibble_isa"] = "AVX-512 VNNI" if isa.stdout.strip() else "AVX2"
+    try:
+        amx = "amx_int8" in open("/proc/cpuinfo").read()
+    except OSError:
+        amx = False
+    doc["nibble_isa"] = ("AVX-512 VNNI" if isa.stdout.strip() else "AVX2") + (
+        " + AMX-INT8 tiles for prefill" if amx else "; no AMX: prefill by dequantized fp32 GEMM")
     _ = ""
     doc.setdefault("stats", {"nibble": {}, "llama": {}})
     doc["cur"] = {"nibble": {}, "llama": {}}
