@@ -79,7 +79,9 @@ def _kind(r):
     if r["engine"] == "llama.cpp":
         return "llama.cpp"
     if r["format"].startswith("bpw"):
-        return {"gptq-seq": "alloc-seq", "gptq-seq-rot": "alloc-seq-rot"}.get(r["method"], "alloc")
+        # "gptq[-seq][-rot][-hg]" -> "alloc[-seq][-rot][-hg]"
+        parts = r["method"].split("-")
+        return "-".join(["alloc"] + parts[1:]) if parts[0] == "gptq" else "alloc
     return r["method"]
 
 
@@ -232,6 +234,13 @@ def plot(rows, png_path):
               "gptq-rot": dict(marker="h", color="tab:cyan"),
               "gptq-seq-rot": dict(marker="h", color="tab:olive", fillstyle="none"),
               "alloc-seq-rot": dict(marker="*", color="tab:olive"),
+              "gptq-hg": dict(marker="s", color="black", fillstyle="none"),
+              "gptq-seq-hg": dict(marker="s", color="black"),
+              "gptq-seq-rot-hg": dict(marker="h", color="black"),
+              "alloc-hg": dict(marker="*", color="dimgray"),
+              "alloc-seq-hg": dict(marker="*", color="black", fillstyle="none"),
+              "alloc-seq-rot-hg": dict(marker="*", color="black"),
+              "boa-hg": dict(marker="D", color="black", fillstyle="none"),
               "llama.cpp": dict(marker="^", color="tab:green")}
     kind_names = {"rtn": "nibble RTN", "gptq": "nibble GPTQ", "gptq-seq": "nibble GPTQ, sequential",
                   "boa": "nibble BoA", "dfmpc": "nibble DF-MPC",
@@ -239,6 +248,12 @@ def plot(rows, png_path):
              "alloc-seq": "nibble bit allocation (sequential GPTQ)",
              "gptq-rot": "nibble GPTQ, rotated", "gptq-seq-rot": "nibble GPTQ, sequential, rotated",
              "alloc-seq-rot": "nibble bit allocation (sequential GPTQ, rotated)",
+             "gptq-hg": "nibble GPTQ, head GPTQ", "gptq-seq-hg": "nibble GPTQ, sequential, head GPTQ",
+             "gptq-seq-rot-hg": "nibble GPTQ, sequential, rotated, head GPTQ",
+             "alloc-hg": "nibble bit allocation (GPTQ, head GPTQ)",
+             "alloc-seq-hg": "nibble bit allocation (sequential GPTQ, head GPTQ)",
+             "alloc-seq-rot-hg": "nibble bit allocation (sequential GPTQ, rotated, head GPTQ)",
+             "boa-hg": "nibble BoA, head GPTQ",
              "llama.cpp": "llama.cpp"}
     for col, model in enumerate(MODEL_ORDER):
         mr = [r for r in rows if r["model"] == model]
@@ -254,7 +269,7 @@ def plot(rows, png_path):
                     continue
                 kind = _kind(r)
                 st = styles.get(kind, dict(marker="v", color="black"))
-                hollow = r["engine"] == "nibble" and r["embed"] not in ("int8_g32", "auto")
+                hollow = r["engine"] == "nibble" and r["embed"] not in ("int8_g32", "auto", "auto-low")
                 lab = kind_names.get(kind, kind)
                 if hollow:
                     lab += " (embed smaller than int8_g32)"
@@ -349,7 +364,8 @@ def write(nib, lla, md_path, png_path):
          "  counted) / all parameters; bpw_linear = 2-D tensors incl. the token embedding (llama.cpp's script's",
          "  definition, recomputed from nibble-quantize's per-tensor report). Comparisons below use bpw_all.",
          "* nibble RTN = plain round-to-nearest (no calibration); GPTQ = `--method gptq` (no act-order, 1 %",
-         "  damping). `embed` = the format of the token embedding / tied output head (`--embed-format`).",
+         "  damping). `embed` = the format of the token embedding / tied output head (`--embed-format`), quantized",
+         "  by RTN (`--embed-method rtn`) except in methods ending in `-hg` (`--embed-method gptq`, see below).",
          "* 2 shared vCPUs; timings are not part of this report.", ""]
     for model in MODEL_ORDER:
         rn, rl = _ref(rows, model, "nibble"), _ref(rows, model, "llama.cpp")
@@ -389,6 +405,20 @@ def write(nib, lla, md_path, png_path):
               "the file is no larger. Same calibration text, format and embedding format as the row beside it.", "",
               f"Rotated one-shot GPTQ has the lower PPL in {rw} of {rw + rl} pairs; rotated sequential GPTQ in "
               f"{rw2} of {rw2 + rl2}.", ""] + rv + [""] + rv2 + [""]
+    hv, hw, hl = [], 0, 0
+    for base in ("gptq", "gptq-seq", "gptq-seq-rot", "boa"):
+        v, w, l = method_vs(rows, base + "-hg", base)
+        if w + l:
+            hv += v + [""]
+            hw, hl = hw + w, hl + l
+    if hw + hl:
+        L += ["## Output head by GPTQ (`--embed-method gptq`, `-hg`) vs RTN", "",
+              "The token embedding is tied to the output head. `-hg` rows quantize that matrix by GPTQ with the",
+              "Hessian of the head's input (the final-normed hidden states of the fp32 model over the calibration",
+              "text; damping 0.1 of mean diag H, which keeps the rows the token lookups read near RTN); the plain",
+              "rows by RTN. The allocator prices the embedding candidates with the same quantizer. Same format,",
+              "embedding format (or budget) and calibration as the row beside it.", "",
+              f"Head GPTQ has the lower PPL in {hw} of {hw + hl} pairs.", ""] + hv
     dv, dw, dl = method_vs(rows, "dfmpc", "dfmpc-nocomp")
     L += ["## DF-MPC (data-free compensation)", "",
           "`--method dfmpc --format LOW --dfmpc-high HIGH` (format column: LOW/HIGH): wv, w_up (and wq, wk, w_gate)",

@@ -124,6 +124,17 @@ CONFIGS = (
     + [("smollm2", "gptq-seq-rot", "bpw2.0", "auto-low")]
     # stories260K at budget 5.0 (llama.cpp's smallest file there is 7.5 bpw, PPL 3.80), one-shot and sequential.
     + [("stories260K", m, f"bpw{b}", "auto") for m in ("gptq", "gptq-seq") for b in ("4.98", "4.5")]
+    # The output head / tied embedding by GPTQ (--embed-method gptq, "-hg"): the low budgets of SmolLM2
+    # (one allocation cache for both: auto-low's embedding candidates), stories260K at 4.5 / 5.0, and
+    # uniform pairs beside the RTN-embedding rows.
+    + [("smollm2", "gptq-seq-rot-hg", f"bpw{b}", "auto-low") for b in ("2.5", "2.0")]
+    + [("stories260K", "gptq-hg", f"bpw{b}", "auto") for b in ("4.98", "4.5")]
+    + [("stories260K", "gptq-hg", f, E4) for f in ("int4_g32", "int3_g64", "int2_g64")]
+    + [("smollm2", "gptq-hg", "int3_g64", E4), ("smollm2", "gptq-hg", "int2_g128", "int3_g64")]
+    # Activation ordering on top, at SmolLM2's 2.5 budget.
+    + [("smollm2", "gptq-seq-rot-hg-ao", "bpw2.5", "auto-low")]
+    # Four times the calibration text at the same budget.
+    + [("smollm2", "gptq-seq-rot-hg-c32k", "bpw2.5", "auto-low")]
 )
 
 
@@ -245,15 +256,18 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     cfg = MODELS[name]
     settings = dict(cfg["settings"])
     qargs = []
-    # Method names: BASE[-seq][-rot][-hg] (--sequential, --rotate, --embed-method gptq) or dfmpc[-nocomp|-calib].
+    # Method names: BASE[-seq][-rot][-hg][-ao][-c32k] (--sequential, --rotate, --embed-method gptq, --act-order,
+    # 32,768 calibration tokens) or dfmpc[-nocomp|-calib].
     parts = method.split("-")
     if parts[0] in ("gptq", "boa") or method == "dfmpc-calib" or fmt.startswith("bpw"):
         if name == "stories260K":
             calib, info = stories_calib_file()
         else:
             calib, info = TINY, {"calib": "tinystories-val.txt from its start"}
-        qargs = ["--calib", calib, "--calib-tokens", str(cfg["calib_tokens"])]
-        settings.update(info, calib_tokens=cfg["calib_tokens"])
+        # "-c32k": 32,768 calibration tokens instead of the model's default.
+        ctoks = 32768 if "c32k" in parts else cfg["calib_tokens"]
+        qargs = ["--calib", calib, "--calib-tokens", str(ctoks)]
+        settings.update(info, calib_tokens=ctoks)
     key = key_of(name, method, fmt, embed)
     if not args.force and find(doc, key, settings):
         return
@@ -271,6 +285,7 @@ def run_config(name, method, fmt, embed, args, doc, logits):
         # (gptq-seq allocates from the one-shot GPTQ sensitivities, so it shares gptq's cache; rotated
         # weights are another model: their own cache.)
         cache = (parts[0] + ("-rot" if "rot" in parts else "") + ("-hg" if "hg" in parts else "")
+                 + ("-ao" if "ao" in parts else "") + ("-c32k" if "c32k" in parts else "")
                  + ("-low" if embed == "auto-low" else ""))
         fargs = ["--bpw", fmt[3:], "--alloc-cache", os.path.join(WORK, f"{name}.{cache}.alloc-cache.json")]
         alloc_args = list(cfg.get("alloc_args", []))
@@ -303,6 +318,9 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     if "rot" in parts:
         # Incoherence processing: residual stream and value heads rotated before quantization (exact in fp32).
         fargs.append("--rotate")
+    if "ao" in parts:
+        # GPTQ with activation ordering (columns by descending Hessian diagonal).
+        fargs.append("--act-order")
     # The tied embedding / output head: GPTQ with the head-input Hessian ("-hg"), else RTN (explicit, so
     # rows keep their meaning whatever nibble-quantize's default is).
     fargs += ["--embed-method", "gptq" if "hg" in parts else "rtn"]
