@@ -131,6 +131,9 @@ CONFIGS = (
     + [("stories260K", "gptq-hg", f"bpw{b}", "auto") for b in ("4.98", "4.5")]
     + [("stories260K", "gptq-hg", f, E4) for f in ("int4_g32", "int3_g64", "int2_g64")]
     + [("smollm2", "gptq-hg", "int3_g64", E4), ("smollm2", "gptq-hg", "int2_g128", "int3_g64")]
+    # Per-tensor group sizes (--tensor-format) on stories260K under 5.0 bpw: int4_g32 where rows are 64 wide,
+    # int4_g64 for w_down (172-wide rows: 3 groups of 64 instead of 6 of 32) and w_up, embedding int4_g32.
+    + [("stories260K", m, "int4_g32+w_down=int4_g64+w_up=int4_g64", E4) for m in ("boa-hg", "gptq-hg")]
     # Activation ordering on top, at SmolLM2's 2.5 budget.
     + [("smollm2", "gptq-seq-rot-hg-ao", "bpw2.5", "auto-low")]
     # Four times the calibration text at the same budget.
@@ -311,7 +314,11 @@ def run_config(name, method, fmt, embed, args, doc, logits):
             # calibration text and token count as the GPTQ rows).
             fargs += ["--dfmpc-weighting", "calib"]
     else:
-        fargs = ["--format", fmt, "--embed-format", embed]
+        # "BASE+w_down=F2+...": per-tensor formats over BASE (--tensor-format).
+        base, *over = fmt.split("+")
+        fargs = ["--format", base, "--embed-format", embed]
+        for o in over:
+            fargs += ["--tensor-format", o]
     if "seq" in parts:
         # Sequential GPTQ: each layer calibrated on the outputs of the already-quantized earlier layers.
         fargs.append("--sequential")

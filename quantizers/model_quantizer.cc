@@ -82,6 +82,8 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     if (cfg.rotate) return absl::InvalidArgumentError("--rotate is not supported with method dfmpc");
     if (cfg.embed_method == "gptq")
       return absl::InvalidArgumentError("--embed-method gptq is not supported with method dfmpc");
+    if (!cfg.tensor_formats.empty())
+      return absl::InvalidArgumentError("per-tensor formats are not supported with method dfmpc");
     return QuantizeModelDfmpc(m, cfg, progress);  // quantizers/dfmpc.h
   }
   if (cfg.method != "rtn" && cfg.method != "gptq" && cfg.method != "boa") {
@@ -99,6 +101,21 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     return absl::InvalidArgumentError("embedding/head method gptq needs calibration text (--calib FILE)");
   if (!(cfg.embed_percdamp > 0.0 && cfg.embed_percdamp <= 1e6))
     return absl::InvalidArgumentError(absl::StrCat("embedding damping ", cfg.embed_percdamp, " is not in (0, 1e6]"));
+  if (!cfg.tensor_formats.empty()) {
+    if (cfg.target_bpw != 0.0)
+      return absl::InvalidArgumentError("per-tensor formats cannot be combined with bit allocation (--bpw)");
+    for (const auto& [pattern, f] : cfg.tensor_formats) {
+      bool known = false;
+      for (LinearWeight w : kAllLinearWeights) known = known || pattern == LinearWeightName(w);
+      for (int l = 0; l < m->config.n_layers && !known; ++l)
+        for (LinearWeight w : kAllLinearWeights)
+          known = known || pattern == absl::StrCat("blk.", l, ".", LinearWeightName(w));
+      if (!known)
+        return absl::InvalidArgumentError(absl::StrCat("per-tensor format '", pattern, "=", f.Name(),
+                                                       "': no linear matrix is named '", pattern,
+                                                       "' (wq, wk, wv, wo, w_gate, w_up, w_down or blk.L.<that>)"));
+    }
+  }
   if (boa && (cfg.target_bpw != 0.0 || cfg.outlier_fraction > 0.0))
     return absl::InvalidArgumentError("method boa cannot be combined with bit allocation (--bpw) or --outliers");
   if (!(cfg.outlier_fraction >= 0.0 && cfg.outlier_fraction < 1.0))
@@ -125,6 +142,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   QuantizeReport report;
   report.method = cfg.method;
   report.format = allocate ? "mixed" : cfg.format.Name();
+  for (const auto& [pattern, f] : cfg.tensor_formats) absl::StrAppend(&report.format, ",", pattern, "=", f.Name());
   report.target_bpw = cfg.target_bpw;
 
   // Calibration: run the full-precision model over the calibration text once,
@@ -165,8 +183,11 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   for (int l = 0; l < m->config.n_layers; ++l) {
     for (LinearWeight w : kAllLinearWeights) {
       const Hessian* h = stats ? stats->Get(l, w) : nullptr;
-      jobs.push_back({&MutableWeightOf(m->weights.layers[l], w), absl::StrCat("blk.", l, ".", LinearWeightName(w)),
-                      cfg.format, h, true});
+      const std::string name = absl::StrCat("blk.", l, ".", LinearWeightName(w));
+      fmt::Format f = cfg.format;
+      for (const auto& [pattern, tf] : cfg.tensor_formats)
+        if (pattern == name || pattern == LinearWeightName(w)) f = tf;
+      jobs.push_back({&MutableWeightOf(m->weights.layers[l], w), name, f, h, true});
       jobs.back().layer = l;
       jobs.back().weight = w;
     }

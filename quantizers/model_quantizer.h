@@ -23,6 +23,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -38,6 +39,11 @@ namespace nibble {
 struct QuantizeConfig {
   std::string method = "rtn";  // "rtn" | "gptq" | "boa" | "dfmpc"
   fmt::Format format;          // linear layers
+  // Per-tensor formats over `format` (FineQuant-style per-tensor choice, e.g.
+  // a group size that fits a row width): {pattern, format}; a linear matrix
+  // named "blk.L.W" takes the last entry whose pattern is that name or its
+  // weight name W ("w_down"). Not with bit allocation or dfmpc.
+  std::vector<std::pair<std::string, fmt::Format>> tensor_formats;
   // Token embeddings (and the tied output head); nullopt keeps them fp32.
   std::optional<fmt::Format> embed_format = fmt::Format{fmt::Kind::kInt, 8, 32, false};
   // Separate output head, if the model has one; nullopt: same as embed_format.

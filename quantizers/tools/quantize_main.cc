@@ -78,6 +78,11 @@ int main(int argc, char** argv) {
   app.add_option("--tokenizer", tokenizer_path, "tokenizer file (llama2.c tok*.bin or SentencePiece .model)");
   app.add_option("-o,--output", out, "output nibble file");
   app.add_option("--format", format_name, "format of the linear layers (see --list-formats)");
+  std::vector<std::string> tensor_format_args;
+  app.add_option("--tensor-format", tensor_format_args,
+                 "per-tensor format over --format, NAME=FORMAT with NAME a weight (wq wk wv wo w_gate w_up w_down) "
+                 "or one matrix (blk.3.w_down); repeatable, the last match wins")
+      ->allow_extra_args(false);
   app.add_option("--embed-format", embed_name, "format of token embeddings / output head, or f32")
       ->capture_default_str();
   std::string embed_method = "auto";
@@ -206,6 +211,14 @@ int main(int argc, char** argv) {
     if (!f) return Fail(absl::InvalidArgumentError(absl::StrCat("--format: unknown format '", format_name,
                                                                 "' (see --list-formats)")));
     cfg.format = *f;
+  }
+  for (const std::string& a : tensor_format_args) {
+    const size_t eq = a.find('=');
+    auto f = eq == std::string::npos ? std::nullopt : nibble::fmt::Format::Parse(a.substr(eq + 1));
+    if (!f)
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--tensor-format '", a,
+                                                          "': expected NAME=FORMAT with a known format")));
+    cfg.tensor_formats.emplace_back(a.substr(0, eq), *f);
   }
   if (embed_name == "f32") {
     cfg.embed_format.reset();
