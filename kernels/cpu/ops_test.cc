@@ -103,6 +103,27 @@ TEST_P(IsaTest, MatMulIsIndependentOfThreadsAndBatch) {
   }
 }
 
+// Decode (1..3 tokens): every output is exactly DotF32 of its row, whatever
+// the row count (the 4-row AVX-512 pass and its row tail) and column tail.
+TEST_P(IsaTest, DecodeMatMulIsDotOfEachRowBitForBit) {
+  for (int rows : {1, 3, 4, 5, 8, 9, 33}) {
+    for (int cols : {1, 15, 16, 17, 31, 32, 33, 100, 576}) {
+      for (int tokens : {1, 2, 3}) {
+        auto w = Random(size_t(rows) * cols, rows * 29 + cols);
+        auto x = Random(size_t(tokens) * cols, cols * 3 + tokens);
+        std::vector<float> y(size_t(tokens) * rows, -7.0f);
+        MatMulF32(w.data(), rows, cols, x.data(), tokens, y.data(), nullptr);
+        for (int t = 0; t < tokens; ++t)
+          for (int r = 0; r < rows; ++r) {
+            const float want = DotF32(w.data() + size_t(r) * cols, x.data() + size_t(t) * cols, cols);
+            ASSERT_EQ(std::memcmp(&y[size_t(t) * rows + r], &want, sizeof(float)), 0)
+                << GetParam() << " rows=" << rows << " cols=" << cols << " tokens=" << tokens << " r=" << r;
+          }
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllIsas, IsaTest, ::testing::Values("scalar", "avx2", "avx512"));
 
 TEST(OpsTest, RopeInterleavedRotatesAdjacentPairs) {
