@@ -90,9 +90,11 @@ NOTES = [
     "fp32 vs F16 decode cannot be won with fp32 weights: F16 streams half the bytes and nibble has no "
     "16-bit weight type. fp32 vs F32 decode: both stream 538 MB per token; the ratio follows which engine "
     "gets closer to the bandwidth bound (see the % bw columns).",
-    "Decode reaches 76-88% of the bound for int4_g32 and int8 on the AMD EPYC, but int4_g64_sym and "
-    "int2_g64 stay at 49-60%: their bytes per token are lower while the per-weight unpack and scale work is "
-    "not, so at ~20-25 GB/s they are compute-bound in the GEMV (not profiled further on this machine). On "
+    "On the AMD EPYC, int4_g32 and int8 decode reach the 70% bandwidth target while int4_g64_sym and "
+    "int2_g64 stay below it (47-70% over this session's runs; the measured bound itself moves by +-25% "
+    "between runs): their bytes per token are lower while the unpack and scale work per weight is not. perf: "
+    "the 4-row int4 g64 symmetric decode tile takes 57% of samples, spread over scale permutes, converts "
+    "and dot products (~16 instructions per 64 weights per row pair), so ~22 GB/s is its compute limit. On "
     "the Sapphire Rapids machine of earlier runs 1-thread decode was bound by one core's memory-level "
     "parallelism (line-fill buffers full) and 2-thread decode lost ~10% to serial per-step work (norms, "
     "RoPE, residual adds, sampling) and 4 fork/joins per layer.",
