@@ -81,7 +81,7 @@ def _kind(r):
     if r["format"].startswith("bpw"):
         # "gptq[-seq][-rot][-hg]" -> "alloc[-seq][-rot][-hg]"
         parts = r["method"].split("-")
-        return "-".join(["alloc"] + parts[1:]) if parts[0] == "gptq" else "alloc
+        return "-".join(["alloc"] + parts[1:]) if parts[0] == "gptq" else "alloc"
     return r["method"]
 
 
@@ -163,7 +163,8 @@ def alloc_vs_uniform(rows):
     verdicts = []
     for model in MODEL_ORDER:
         nib = [r for r in rows if r["model"] == model and r["engine"] == "nibble" and not r["ref"]]
-        uni = [r for r in nib if not _kind(r).startswith("alloc")]
+        # Uniform = one format for every linear layer; hand-made per-tensor mixes ("BASE+w_down=F") are not.
+        uni = [r for r in nib if not _kind(r).startswith("alloc") and "+" not in r["format"]]
         for a in sorted([r for r in nib if _kind(r).startswith("alloc")], key=lambda r: r["bpw_all"]):
             le = _best([u for u in uni if u["bpw_all"] <= a["bpw_all"] + 1e-9])
             larger = sorted([u for u in uni if u["bpw_all"] > a["bpw_all"]], key=lambda u: u["bpw_all"])[:2]
@@ -241,6 +242,8 @@ def plot(rows, png_path):
               "alloc-seq-hg": dict(marker="*", color="black", fillstyle="none"),
               "alloc-seq-rot-hg": dict(marker="*", color="black"),
               "boa-hg": dict(marker="D", color="black", fillstyle="none"),
+              "alloc-seq-rot-hg-ao": dict(marker="*", color="tab:gray"),
+              "alloc-seq-rot-hg-c32k": dict(marker="*", color="tab:purple"),
               "llama.cpp": dict(marker="^", color="tab:green")}
     kind_names = {"rtn": "nibble RTN", "gptq": "nibble GPTQ", "gptq-seq": "nibble GPTQ, sequential",
                   "boa": "nibble BoA", "dfmpc": "nibble DF-MPC",
@@ -254,6 +257,8 @@ def plot(rows, png_path):
              "alloc-seq-hg": "nibble bit allocation (sequential GPTQ, head GPTQ)",
              "alloc-seq-rot-hg": "nibble bit allocation (sequential GPTQ, rotated, head GPTQ)",
              "boa-hg": "nibble BoA, head GPTQ",
+             "alloc-seq-rot-hg-ao": "nibble bit allocation (sequential, rotated, head GPTQ, act-order)",
+             "alloc-seq-rot-hg-c32k": "nibble bit allocation (sequential, rotated, head GPTQ, 32k calib tokens)",
              "llama.cpp": "llama.cpp"}
     for col, model in enumerate(MODEL_ORDER):
         mr = [r for r in rows if r["model"] == model]
@@ -283,7 +288,8 @@ def plot(rows, png_path):
                 seen.add(lab)
                 short = (r["format"] if r["engine"] == "llama.cpp" else
                          r["format"].replace("int", "i").replace("_g", "g").replace("ternary", "ter")
-                         .replace("bintern", "bit").replace("binary", "bin").replace("_sym", "s"))
+                         .replace("bintern", "bit").replace("binary", "bin").replace("_sym", "s")
+                         .replace("+w_down=", "+dn:").replace("+w_up=", "+up:"))
                 # llama.cpp types that fell back to the same file cluster: one label per cluster.
                 if clipped:  # vertical label hanging from the top edge
                     ax.annotate(f"{short} ({r[metric]:.0f})", (r["bpw_all"], y), fontsize=6, rotation=90,
@@ -419,6 +425,16 @@ def write(nib, lla, md_path, png_path):
               "rows by RTN. The allocator prices the embedding candidates with the same quantizer. Same format,",
               "embedding format (or budget) and calibration as the row beside it.", "",
               f"Head GPTQ has the lower PPL in {hw} of {hw + hl} pairs.", ""] + hv
+    extra = []
+    for method, what in (("gptq-seq-rot-hg-ao", "with `--act-order`"),
+                         ("gptq-seq-rot-hg-c32k", "with 32,768 calibration tokens instead of 8,192")):
+        v, w, l = method_vs(rows, method, "gptq-seq-rot-hg")
+        if w + l:
+            extra += [f"{method}: the same configuration {what}.", ""] + v + [""]
+    if extra:
+        L += ["## GPTQ settings at SmolLM2's lowest budgets", "",
+              "Sequential, rotated GPTQ with the head by GPTQ, allocated at the budget, beside one setting changed.",
+              "One evaluation each; the allocation (probes, estimates) is recomputed for each setting.", ""] + extra
     dv, dw, dl = method_vs(rows, "dfmpc", "dfmpc-nocomp")
     L += ["## DF-MPC (data-free compensation)", "",
           "`--method dfmpc --format LOW --dfmpc-high HIGH` (format column: LOW/HIGH): wv, w_up (and wq, wk, w_gate)",
@@ -431,8 +447,9 @@ def write(nib, lla, md_path, png_path):
           "`--bpw B` (GPTQ): per-(matrix, 64-row block) formats under the budget, the token embedding allocated",
           "too. Each block's Hessian proxy error is weighted by its matrix's end-to-end sensitivity (KLD of the",
           "model with that matrix alone quantized, per unit of proxy; quantizers/sensitivity.h). The table compares",
-          "each allocation with every uniform configuration (any method, any embedding format) that is no larger.",
-          ""]
+          "each allocation with every uniform configuration (any method, any embedding format) that is no larger;",
+          "hand-made per-tensor mixes (`--tensor-format`, formats written BASE+NAME=F) are not uniform and are not",
+          "in this comparison.", ""]
     if averd:
         lost = [f"{m} {b}" for m, b, w in averd if not w]
         L += [("The allocator beats every uniform configuration of equal or smaller size at every budget measured."
