@@ -281,6 +281,7 @@ std::vector<float> Logits(LoadedModel m, const std::vector<int32_t>& ids) {
 
 TEST_F(NibbleFileTest, Stories260KRoundTripIsBitIdenticalAndGivesSameLogits) {
   const LoadedModel m = LoadStories();
+  ASSERT_FALSE(m.weights.layers.empty()) << "stories260K did not load (NIBBLE_SHARED_DIR?)";
   ASSERT_GT(m.config.n_layers, 0);
   const std::string path = Path("stories.nbl");
   ASSERT_TRUE(WriteNibbleFile(m, path).ok());
@@ -309,6 +310,7 @@ TEST_F(NibbleFileTest, Stories260KRoundTripIsBitIdenticalAndGivesSameLogits) {
 
 TEST_F(NibbleFileTest, Fp16MatricesKeepNormsExact) {
   const LoadedModel m = LoadStories();
+  ASSERT_FALSE(m.weights.layers.empty()) << "stories260K did not load (NIBBLE_SHARED_DIR?)";
   NibbleWriteOptions o = Fast();
   o.fp16_matrices = true;
   ASSERT_TRUE(WriteNibbleFile(m, Path("f32.nbl"), Fast()).ok());
@@ -333,6 +335,7 @@ TEST_F(NibbleFileTest, Fp16MatricesKeepNormsExact) {
 
 TEST_F(NibbleFileTest, QuantizedTensorsRoundTripAsViewsOfTheMapping) {
   const LoadedModel m = QuantStories();
+  ASSERT_FALSE(m.weights.layers.empty()) << "stories260K did not load (NIBBLE_SHARED_DIR?)";
   const std::string path = Path("quant.nbl");
   ASSERT_TRUE(WriteNibbleFile(m, path, Fast()).ok());
   auto back = LoadNibbleFile(path);
@@ -357,6 +360,7 @@ TEST_F(NibbleFileTest, SentencePieceModelIsEmbedded) {
   const std::string sp = testing::SharedDir() + "/models/llama2-tokenizer.model";
   if (!fs::exists(sp)) GTEST_SKIP() << sp << " not present";
   LoadedModel m = LoadStories();
+  ASSERT_FALSE(m.weights.layers.empty()) << "stories260K did not load (NIBBLE_SHARED_DIR?)";
   m.vocab = VocabSpec{};
   m.vocab.kind = TokenizerKind::kSentencePieceModel;
   m.vocab.sp_model_path = sp;
@@ -411,6 +415,7 @@ TEST_F(NibbleFileTest, SmolLM2Gpt2VocabRoundTrip) {
 
 TEST_F(NibbleFileTest, WriterRejectsInconsistentModels) {
   LoadedModel m = QuantStories();
+  ASSERT_FALSE(m.weights.layers.empty()) << "stories260K did not load (NIBBLE_SHARED_DIR?)";
   auto q = std::make_shared<QuantTensor>(*m.weights.layers[1].wq.quant);
   q->segments[1].row_begin = 41;  // a gap between the segments
   m.weights.layers[1].wq.quant = q;
@@ -421,6 +426,7 @@ TEST_F(NibbleFileTest, WriterRejectsInconsistentModels) {
   EXPECT_FALSE(fs::exists(Path("bad.nbl.tmp")));
 
   LoadedModel t = LoadStories();
+  ASSERT_FALSE(t.weights.layers.empty()) << "stories260K did not load (NIBBLE_SHARED_DIR?)";
   t.chat_template = "bad \xff utf-8";
   s = WriteNibbleFile(t, Path("bad2.nbl"), Fast());
   EXPECT_FALSE(s.ok());

@@ -436,12 +436,14 @@ bool QuantMatMulTakesAmx(int64_t n_tokens) { return CallIsa(n_tokens) == QIsa::k
 
 namespace {
 // Row r of w dequantized to fp32 with the side-car applied (QuantMatMulF32Ref's
-// row); `simd`: the AVX-512 twin of DequantizeRowRef (same bits).
-void DequantizedRow(const QMatrixView& w, int64_t r, float* row, bool simd = false) {
+// row), decoded on `isa`'s twin of DequantizeRowRef (same bits).
+void DequantizedRow(const QMatrixView& w, int64_t r, float* row, QIsa isa = QIsa::kScalar) {
   const QSegmentView& s = SegmentOf(w, r);
   const uint8_t* packed = s.data + (r - s.row_begin) * s.format.RowBytes(w.cols);
-  if (simd) {
+  if (isa == QIsa::kAvx512 || isa == QIsa::kAmx) {
     qmm::DequantRowAvx512(s.format, packed, w.cols, row);
+  } else if (isa == QIsa::kAvx2) {
+    qmm::DequantRowAvx2(s.format, packed, w.cols, row);
   } else {
     fmt::DequantizeRowRef(s.format, packed, w.cols, row);
   }
@@ -453,10 +455,9 @@ void DequantizedRow(const QMatrixView& w, int64_t r, float* row, bool simd = fal
 
 void QuantMatMulDequantF32(const QMatrixView& w, const float* x, int64_t n_tokens, float* y, ThreadPool* pool) {
   const QIsa isa = ActiveQIsa();
-  const bool simd = isa == QIsa::kAvx512 || isa == QIsa::kAmx;
   MatMulF32Filled(
-      [&w, simd](int64_t r0, int64_t nr, float* dst) {
-        for (int64_t i = 0; i < nr; ++i) DequantizedRow(w, r0 + i, dst + i * w.cols, simd);
+      [&w, isa](int64_t r0, int64_t nr, float* dst) {
+        for (int64_t i = 0; i < nr; ++i) DequantizedRow(w, r0 + i, dst + i * w.cols, isa);
       },
       w.rows, w.cols, x, n_tokens, y, pool);
 }

@@ -186,8 +186,8 @@ void QuantMatMulIsa(QIsa isa, const QMatrixView& w, const float* x, int64_t n_to
 bool QuantMatMulTakesAmx(int64_t n_tokens);
 
 // Prefill on CPUs without AMX: y = x W^T in fp32 from W dequantized 32 rows
-// at a time (fmt::DequantizeRowRef, or its bit-identical AVX-512 twin when
-// ActiveQIsa() is kAvx512; side-car applied) into the packed-panel
+// at a time (fmt::DequantizeRowRef, or its bit-identical AVX-512 / AVX2 twin
+// on ActiveQIsa(); side-car applied) into the packed-panel
 // fp32 GEMM of cpu::MatMulF32Filled. No activation rounding: for n_tokens >=
 // kMatMulF32PackedMinTokens on AVX2/AVX-512 every output is exactly
 // MatMulF32PackedOrderRef of the dequantized matrix (within fp32 rounding of

@@ -591,32 +591,13 @@ NIBBLE_AVX512 void DequantRowT(const FormatInfo& fi, const uint8_t* row, int64_t
   const int64_t groups = (cols + fi.group - 1) / fi.group;
   const F16 f16;
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* block = row + g * fi.block_bytes;
-    const float a = f16(block);
-    // Which formula, its factors and where the codes start.
-    enum { kAffine, kOffset, kSign } mode = kOffset;
-    float d = a, m = 0.0f;
-    int off = 0;
-    const uint8_t* codes = block + 2;
-    bool ternary = false;
-    switch (fi.header) {
-      case HeaderKind::kIntAsym: mode = kAffine; m = f16(block + 2); codes = block + 4; break;
-      case HeaderKind::kIntSym: off = 1 << (fi.bits - 1); break;
-      case HeaderKind::kTernary: off = 1; ternary = true; break;
-      case HeaderKind::kBinary: mode = kSign; break;
-      case HeaderKind::kBinTern:
-        ternary = fmt::BinTernIsTernary(block);
-        codes = block + fmt::kBinTernHeaderBytes;
-        if (ternary) {
-          off = 1;
-        } else {
-          mode = kSign;
-        }
-        break;
-    }
-    const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m), neg = _mm512_set1_ps(-a);
+    const DequantGroup dg = ParseDequantGroup(fi, row + g * fi.block_bytes, f16);
+    const float a = dg.d, m = dg.m;
+    const int md = dg.mode, off = dg.off;
+    const uint8_t* codes = dg.codes;
+    const bool ternary = dg.ternary;
+    const __m512 dv = _mm512_set1_ps(a), mv = _mm512_set1_ps(m), neg = _mm512_set1_ps(-a);
     const __m512i offv = _mm512_set1_epi32(off);
-    const int md = mode;
     for (int k = 0; k < spg; ++k) {
       const int64_t c = g * fi.group + int64_t{kBlock} * k;
       if (c >= cols) break;

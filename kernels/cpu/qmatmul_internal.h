@@ -103,11 +103,49 @@ void RowsAvx2(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_
 void RowsAvx512(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_t r_end, const QActs& a,
                 int64_t t_begin, int64_t t_end, float* y, int64_t ldy);
 
+// How the row dequantizers (DequantRowAvx512 / DequantRowAvx2) turn one
+// group's codes into fp32 with the reference's exact operations (blocks.h):
+// kAffine fma(d, q, m) (int asym: one rounding of d q + m), kOffset
+// d * (q - off) (int sym, ternary: exact products, signed zeros included),
+// kSign q ? d : -d (binary).
+struct DequantGroup {
+  enum Mode : int { kAffine = 0, kOffset = 1, kSign = 2 } mode = kOffset;
+  float d = 0.0f, m = 0.0f;
+  int off = 0;
+  const uint8_t* codes = nullptr;
+  bool ternary = false;
+};
+template <typename F16>
+__attribute__((always_inline)) inline DequantGroup ParseDequantGroup(const FormatInfo& fi, const uint8_t* block,
+                                                                     F16 f16) {
+  DequantGroup g;
+  g.d = f16(block);
+  g.codes = block + 2;
+  switch (fi.header) {
+    case HeaderKind::kIntAsym: g.mode = DequantGroup::kAffine; g.m = f16(block + 2); g.codes = block + 4; break;
+    case HeaderKind::kIntSym: g.off = 1 << (fi.bits - 1); break;
+    case HeaderKind::kTernary: g.off = 1; g.ternary = true; break;
+    case HeaderKind::kBinary: g.mode = DequantGroup::kSign; break;
+    case HeaderKind::kBinTern:
+      g.ternary = fmt::BinTernIsTernary(block);
+      g.codes = block + fmt::kBinTernHeaderBytes;
+      if (g.ternary) {
+        g.off = 1;
+      } else {
+        g.mode = DequantGroup::kSign;
+      }
+      break;
+  }
+  return g;
+}
+
 // One packed row of `cols` weights in format f to fp32 (no side-car), bit for
 // bit fmt::DequantizeRowRef: every kind's value is fma(d, q, m) with
 // ParseGroup's exact factors. AVX-512 (F/BW/VL) twin of the reference for the
 // fp32 prefill path (QuantMatMulDequantF32).
 void DequantRowAvx512(const fmt::Format& f, const uint8_t* row, int64_t cols, float* out);
+// The same with AVX2 (+FMA, F16C).
+void DequantRowAvx2(const fmt::Format& f, const uint8_t* row, int64_t cols, float* out);
 
 // Quantizes x [n_tokens][cols] into the buffers (sizes from QActs). The
 // same bytes on every ISA (an AVX-512 twin of the scalar code, identical by

@@ -327,21 +327,26 @@ TEST_P(QMatMulFormatTest, DequantF32MatchesPackedOrderAndReference) {
 
 // The AVX-512 row dequantizer against the format's reference decode, bit for
 // bit, at row widths with every tail.
-TEST_P(QMatMulFormatTest, DequantRowAvx512EqualsReference) {
-  if (!QIsaSupported(QIsa::kAvx512)) GTEST_SKIP() << "no AVX-512 VNNI here";
+TEST_P(QMatMulFormatTest, DequantRowSimdEqualsReference) {
   const fmt::Format f = GetParam();
   std::mt19937 rng(5);
-  for (int64_t cols : {1, 17, 32, 33, 100, 172, 300, 576}) {
-    const std::vector<uint8_t> rows = PackRows(f, 3, cols, rng);
-    for (int64_t r = 0; r < 3; ++r) {
-      const uint8_t* row = rows.data() + r * f.RowBytes(cols);
-      std::vector<float> want(cols + 16, -7.0f), got(cols + 16, -7.0f);
-      fmt::DequantizeRowRef(f, row, cols, want.data());
-      qmm::DequantRowAvx512(f, row, cols, got.data());
-      ASSERT_EQ(std::memcmp(want.data(), got.data(), sizeof(float) * (cols + 16)), 0)
-          << f.Name() << " cols " << cols << " row " << r;  // incl. nothing written past cols
+  int ran = 0;
+  for (QIsa isa : {QIsa::kAvx2, QIsa::kAvx512}) {
+    if (!QIsaSupported(isa)) continue;
+    ++ran;
+    for (int64_t cols : {1, 7, 8, 9, 17, 32, 33, 100, 172, 300, 576}) {
+      const std::vector<uint8_t> rows = PackRows(f, 3, cols, rng);
+      for (int64_t r = 0; r < 3; ++r) {
+        const uint8_t* row = rows.data() + r * f.RowBytes(cols);
+        std::vector<float> want(cols + 16, -7.0f), got(cols + 16, -7.0f);
+        fmt::DequantizeRowRef(f, row, cols, want.data());
+        (isa == QIsa::kAvx2 ? qmm::DequantRowAvx2 : qmm::DequantRowAvx512)(f, row, cols, got.data());
+        ASSERT_EQ(std::memcmp(want.data(), got.data(), sizeof(float) * (cols + 16)), 0)
+            << QIsaName(isa) << " " << f.Name() << " cols " << cols << " row " << r;  // nothing written past cols
+      }
     }
   }
+  if (ran == 0) GTEST_SKIP() << "no AVX2 / AVX-512 VNNI here";
 }
 
 TEST(QMatMulTest, DequantF32MixedSegmentsSidecarAndThreads) {
