@@ -4,7 +4,9 @@
 // 576x576 and 192x576, gate/up 1536x576, down 576x1536), AVX-512 VNNI vs AMX.
 // Reports bytes_per_second = packed weight bytes streamed per second, plus
 // the fp32 dequantize-then-dot reference for scale. f32/... times the
-// unquantized fp32 MatMulF32 (ops.h) on the same shapes, in GFLOP/s.
+// unquantized fp32 MatMulF32 (ops.h) on the same shapes, in GFLOP/s;
+// <format>/dequant-f32 times QuantMatMulDequantF32 (the prefill path of CPUs
+// without AMX) at 16 and 512 tokens.
 //
 //   build/bin/qmatmul_bench --benchmark_filter='int4_g32/' --benchmark_min_time=0.2
 // Args: {rows, cols, n_tokens, isa (0 scalar, 1 avx2, 2 avx512, 3 amx)}.
@@ -106,6 +108,34 @@ void BM_F32Ref(benchmark::State& state, fmt::Format f) {
   state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(p.bytes.size()));
 }
 
+// QuantMatMulDequantF32 (prefill where no AMX unit runs: rows dequantized into
+// the fp32 packed-panel GEMM) at 1 thread. Args: {rows, cols, n_tokens, isa
+// (1 avx2, 2 avx512)}; GFLOP/s counts 2 rows cols n_tokens.
+void BM_DequantF32(benchmark::State& state, fmt::Format f) {
+  const int64_t rows = state.range(0), cols = state.range(1), n_tokens = state.range(2);
+  const char* isa = state.range(3) == 2 ? "avx512" : "avx2";
+  if (!ForceIsaForTesting(isa)) {
+    state.SkipWithError("ISA not supported");
+    return;
+  }
+  const Packed p = MakePacked(f, rows, cols);
+  std::vector<float> x(static_cast<size_t>(n_tokens * cols)), y(static_cast<size_t>(n_tokens * rows));
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (float& v : x) v = nd(rng);
+  for (auto _ : state) {
+    QuantMatMulDequantF32(p.view, x.data(), n_tokens, y.data(), nullptr);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  ForceIsaForTesting("");
+  state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(p.bytes.size()));
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * static_cast<double>(rows * cols * n_tokens),
+                                                 benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+  state.SetLabel(isa);
+}
+
 // fp32 MatMulF32 at 1 thread. Args: {rows, cols, n_tokens, isa (1 avx2, 2 avx512)}.
 void BM_MatMulF32(benchmark::State& state) {
   const int64_t rows = state.range(0), cols = state.range(1), n_tokens = state.range(2);
@@ -158,6 +188,8 @@ int Register() {
     auto* pp = benchmark::RegisterBenchmark((std::string(name) + "/prefill512").c_str(), BM_QMatMul, f);
     for (const auto& s : {std::array<int64_t, 2>{576, 576}, {192, 576}, {1536, 576}, {576, 1536}})
       for (int isa : {2, 3}) pp->Args({s[0], s[1], 512, isa});
+    auto* dq = benchmark::RegisterBenchmark((std::string(name) + "/dequant-f32").c_str(), BM_DequantF32, f);
+    for (int n : {16, 512}) dq->Args({1536, 576, n, 2})->Args({1536, 576, n, 1});
     benchmark::RegisterBenchmark((std::string(name) + "/f32ref").c_str(), BM_F32Ref, f)->Args({1536, 576});
   }
   return 0;
