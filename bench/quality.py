@@ -136,8 +136,8 @@ CONFIGS = (
     + [("stories260K", m, "int4_g32+w_down=int4_g64+w_up=int4_g64", E4) for m in ("boa-hg", "gptq-hg")]
     # Activation ordering on top, at SmolLM2's 2.5 budget.
     + [("smollm2", "gptq-seq-rot-hg-ao", "bpw2.5", "auto-low")]
-    # Four times the calibration text at the same budget.
-    + [("smollm2", "gptq-seq-rot-hg-c32k", "bpw2.5", "auto-low")]
+    # Four times the calibration text at the same budget, and at 3.0 / 2.0 with that allocation cache.
+    + [("smollm2", "gptq-seq-rot-hg-c32k", f"bpw{b}", "auto-low") for b in ("2.5", "3.0", "2.0")]
 )
 
 
