@@ -134,6 +134,8 @@ CONFIGS = (
     # Per-tensor group sizes (--tensor-format) on stories260K under 5.0 bpw: int4_g32 where rows are 64 wide,
     # int4_g64 for w_down (172-wide rows: 3 groups of 64 instead of 6 of 32) and w_up, embedding int4_g32.
     + [("stories260K", m, "int4_g32+w_down=int4_g64+w_up=int4_g64", E4) for m in ("boa-hg", "gptq-hg")]
+    # ... and w_gate at g64 too, the bits saved spent on wk at int8 (4.99 bpw).
+    + [("stories260K", "boa-hg", "int4_g32+w_down=int4_g64+w_gate=int4_g64+w_up=int4_g64+wk=int8_g64_sym", E4)]
     # Activation ordering on top, at SmolLM2's 2.5 budget.
     + [("smollm2", "gptq-seq-rot-hg-ao", "bpw2.5", "auto-low")]
     # Four times the calibration text at the same budget, and at 3.0 / 2.0 with that allocation cache.
