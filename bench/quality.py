@@ -139,7 +139,7 @@ CONFIGS = (
     # Activation ordering on top, at SmolLM2's 2.5 budget.
     + [("smollm2", "gptq-seq-rot-hg-ao", "bpw2.5", "auto-low")]
     # Four times the calibration text at the same budget, and at 3.0 / 2.0 with that allocation cache.
-    + [("smollm2", "gptq-seq-rot-hg-c32k", f"bpw{b}", "auto-low") for b in ("2.5", "3.0", "2.0")]
+    + [("smollm2", "gptq-seq-rot-hg-c32k", f"bpw{b}", "auto-low") for b in ("2.5", "3.0", "2.0", "3.5")]
 )
 
 
