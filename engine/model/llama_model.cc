@@ -236,8 +236,8 @@ void LlamaModel::ForwardBatch(const int32_t* tokens, int n, int pos, KVCache* ca
     be.RmsNorm(Unrotate(x_.data(), n), w.final_norm.data.data(), n, dim, c.norm_eps, xb_.data());
     observer_->OnLinearInput(c.n_layers, LinearInput::kHeadIn, xb_.data(), n, dim);
     if (logits != nullptr) {
-      be.MatMul(c.tied_embeddings ? w.tok_embeddings : w.output, all_logits ? xb_.data() : xb_.data() + size_t(n - 1) * dim,
-                all_logits ? n : 1, logits);
+      const float* in = all_logits ? xb_.data() : xb_.data() + size_t(n - 1) * dim;
+      be.MatMul(c.tied_embeddings ? w.tok_embeddings : w.output, in, all_logits ? n : 1, logits);
     }
     return;
   }
