@@ -489,7 +489,10 @@ def write(nib, lla, md_path, png_path):
           "  weights (28 M of 135 M), so the embedding format moves bpw_all a lot; rows differing only in `embed`",
           "  show the trade-off.",
           "* One evaluation run per row; PPL differences well under 1 % between close rows are within what",
-          "  another calibration sample could change.", ""]
+          "  another calibration sample could change.",
+          "* The stories260K per-tensor rows (formats `BASE+NAME=F`) were picked among about a dozen hand-made",
+          "  splits by their PPL on this evaluation set, so their small gains over the allocator rows carry that",
+          "  selection; the allocator rows and every other row were configured without looking at it.", ""]
     exp = _expected_llama_types()
     missing = []
     if exp:
