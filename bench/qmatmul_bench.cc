@@ -58,6 +58,15 @@ Packed MakePacked(const fmt::Format& f, int64_t rows, int64_t cols) {
   return p;
 }
 
+// n standard-normal activations (fixed seed).
+std::vector<float> RandomActs(int64_t n) {
+  std::vector<float> x(static_cast<size_t>(n));
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (float& v : x) v = nd(rng);
+  return x;
+}
+
 void BM_QMatMul(benchmark::State& state, fmt::Format f) {
   const int64_t rows = state.range(0), cols = state.range(1), n_tokens = state.range(2);
   const QIsa isa = static_cast<QIsa>(state.range(3));
@@ -66,10 +75,8 @@ void BM_QMatMul(benchmark::State& state, fmt::Format f) {
     return;
   }
   const Packed p = MakePacked(f, rows, cols);
-  std::vector<float> x(static_cast<size_t>(n_tokens * cols)), y(static_cast<size_t>(n_tokens * rows));
-  std::mt19937 rng(2);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (float& v : x) v = nd(rng);
+  const std::vector<float> x = RandomActs(n_tokens * cols);
+  std::vector<float> y(static_cast<size_t>(n_tokens * rows));
   QMatMulScratch scratch;
   // Guard: every ISA must equal the scalar kernel bit for bit on this shape
   // (qmatmul.h's contract; the unit test covers small shapes only).
@@ -119,10 +126,8 @@ void BM_DequantF32(benchmark::State& state, fmt::Format f) {
     return;
   }
   const Packed p = MakePacked(f, rows, cols);
-  std::vector<float> x(static_cast<size_t>(n_tokens * cols)), y(static_cast<size_t>(n_tokens * rows));
-  std::mt19937 rng(2);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (float& v : x) v = nd(rng);
+  const std::vector<float> x = RandomActs(n_tokens * cols);
+  std::vector<float> y(static_cast<size_t>(n_tokens * rows));
   for (auto _ : state) {
     QuantMatMulDequantF32(p.view, x.data(), n_tokens, y.data(), nullptr);
     benchmark::DoNotOptimize(y.data());

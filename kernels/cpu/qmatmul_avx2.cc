@@ -176,40 +176,36 @@ void RowsCode(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int6
   }
 }
 
-// 8 u8 codes (the low 8 bytes of q8) -> values; md 0: fma(d, q, m),
-// 1: d * (q - off), 2: q ? d : neg (DequantRowAvx512's formulas).
-NIBBLE_AVX2 inline __m256 DequantValues8(__m128i q8, int md, __m256 dv, __m256 mv, __m256 neg, __m256i offv) {
+// 8 u8 codes (the low 8 bytes of q8) -> values by the group's DequantGroup
+// mode (qmatmul_internal.h).
+NIBBLE_AVX2 inline __m256 DequantValues8(__m128i q8, const DequantGroup& g, __m256 dv, __m256 mv, __m256 neg,
+                                         __m256i offv) {
   const __m256i q = _mm256_cvtepu8_epi32(q8);
-  if (md == 0) return _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(q), mv);
-  if (md == 1) return _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_sub_epi32(q, offv)));
+  if (g.mode == DequantGroup::kAffine) return _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(q), mv);
+  if (g.mode == DequantGroup::kOffset) return _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_sub_epi32(q, offv)));
   return _mm256_blendv_ps(dv, neg, _mm256_castsi256_ps(_mm256_cmpeq_epi32(q, _mm256_setzero_si256())));
 }
 
-// DequantRowAvx2 for one code layout (see DequantRowAvx512 in qmatmul_avx512.cc:
-// the same per-kind formulas, so the same bits as fmt::DequantizeRowRef).
+// DequantRowAvx2 for one code layout (DequantRowAvx512's scheme at 8 lanes:
+// the same formulas, so the same bits as fmt::DequantizeRowRef).
 template <CodeKind C>
 NIBBLE_AVX2 void DequantRowT(const FormatInfo& fi, const uint8_t* row, int64_t cols, float* out) {
   const int spg = fi.group / kBlock;
   const int64_t groups = (cols + fi.group - 1) / fi.group;
-  const F16 f16;
   for (int64_t g = 0; g < groups; ++g) {
-    const DequantGroup dg = ParseDequantGroup(fi, row + g * fi.block_bytes, f16);
-    const float a = dg.d, m = dg.m;
-    const int md = dg.mode, off = dg.off;
-    const uint8_t* codes = dg.codes;
-    const bool ternary = dg.ternary;
-    const __m256 dv = _mm256_set1_ps(a), mv = _mm256_set1_ps(m), neg = _mm256_set1_ps(-a);
-    const __m256i offv = _mm256_set1_epi32(off);
+    const DequantGroup dg = ParseDequantGroup(fi, row + g * fi.block_bytes, F16{});
+    const __m256 dv = _mm256_set1_ps(dg.d), mv = _mm256_set1_ps(dg.m), neg = _mm256_set1_ps(-dg.d);
+    const __m256i offv = _mm256_set1_epi32(dg.off);
     for (int k = 0; k < spg; ++k) {
       const int64_t c = g * fi.group + int64_t{kBlock} * k;
       if (c >= cols) break;
-      __m256i q = Unpack32<C>(codes, fi.group, k, ternary);
+      __m256i q = Unpack32<C>(dg.codes, fi.group, k, dg.ternary);
       if constexpr (C == CodeKind::kU8) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));  // unsigned
       const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-      __m256 v[4] = {DequantValues8(lo, md, dv, mv, neg, offv),
-                     DequantValues8(_mm_unpackhi_epi64(lo, lo), md, dv, mv, neg, offv),
-                     DequantValues8(hi, md, dv, mv, neg, offv),
-                     DequantValues8(_mm_unpackhi_epi64(hi, hi), md, dv, mv, neg, offv)};
+      __m256 v[4] = {DequantValues8(lo, dg, dv, mv, neg, offv),
+                     DequantValues8(_mm_unpackhi_epi64(lo, lo), dg, dv, mv, neg, offv),
+                     DequantValues8(hi, dg, dv, mv, neg, offv),
+                     DequantValues8(_mm_unpackhi_epi64(hi, hi), dg, dv, mv, neg, offv)};
       const int64_t n = cols - c;
       if (n >= kBlock) {
         for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + c + 8 * i, v[i]);

@@ -571,39 +571,33 @@ bool UseVbmiDecode() {
 }
 
 // ------------------------------------------------------------- dequant ---
-// DequantRowAvx512 for one code layout: per 32-weight sub-block the u8 codes
-// (Unpack32) widened to int32, then each kind's reference formula in the
-// same fp32 operations (blocks.h): asym fma(d, q, m) (the reference's single
-// rounding of d q + m), sym / ternary a * (q - offset) (exact products, so the
-// sign of zero matches too), binary q ? a : -a. The row tail (cols % 32) is
-// stored under a mask; sub-blocks past cols are skipped.
-// 16 u8 codes -> values; md 0: fma(d, q, m), 1: d * (q - off), 2: q ? d : neg.
-NIBBLE_AVX512_INLINE __m512 DequantValues(__m128i q16, int md, __m512 dv, __m512 mv, __m512 neg, __m512i offv) {
+// 16 u8 codes -> values by the group's DequantGroup mode (qmatmul_internal.h).
+NIBBLE_AVX512_INLINE __m512 DequantValues(__m128i q16, const DequantGroup& g, __m512 dv, __m512 mv, __m512 neg,
+                                          __m512i offv) {
   const __m512i q = _mm512_cvtepu8_epi32(q16);
-  if (md == 0) return _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(q), mv);
-  if (md == 1) return _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, offv)));
+  if (g.mode == DequantGroup::kAffine) return _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(q), mv);
+  if (g.mode == DequantGroup::kOffset) return _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, offv)));
   return _mm512_mask_blend_ps(_mm512_test_epi32_mask(q, q), neg, dv);
 }
 
+// DequantRowAvx512 for one code layout: per 32-weight sub-block the u8 codes
+// (Unpack32) widened to int32, then the group's reference formula in the same
+// fp32 operations (DequantGroup). The row tail (cols % 32) is stored under a
+// mask; sub-blocks past cols are skipped.
 template <CodeKind C>
 NIBBLE_AVX512 void DequantRowT(const FormatInfo& fi, const uint8_t* row, int64_t cols, float* out) {
   const int spg = fi.group / kBlock;
   const int64_t groups = (cols + fi.group - 1) / fi.group;
-  const F16 f16;
   for (int64_t g = 0; g < groups; ++g) {
-    const DequantGroup dg = ParseDequantGroup(fi, row + g * fi.block_bytes, f16);
-    const float a = dg.d, m = dg.m;
-    const int md = dg.mode, off = dg.off;
-    const uint8_t* codes = dg.codes;
-    const bool ternary = dg.ternary;
-    const __m512 dv = _mm512_set1_ps(a), mv = _mm512_set1_ps(m), neg = _mm512_set1_ps(-a);
-    const __m512i offv = _mm512_set1_epi32(off);
+    const DequantGroup dg = ParseDequantGroup(fi, row + g * fi.block_bytes, F16{});
+    const __m512 dv = _mm512_set1_ps(dg.d), mv = _mm512_set1_ps(dg.m), neg = _mm512_set1_ps(-dg.d);
+    const __m512i offv = _mm512_set1_epi32(dg.off);
     for (int k = 0; k < spg; ++k) {
       const int64_t c = g * fi.group + int64_t{kBlock} * k;
       if (c >= cols) break;
-      const __m256i q = Unpack32<C>(codes, fi.group, k, ternary);
-      const __m512 v0 = DequantValues(_mm256_castsi256_si128(q), md, dv, mv, neg, offv);
-      const __m512 v1 = DequantValues(_mm256_extracti128_si256(q, 1), md, dv, mv, neg, offv);
+      const __m256i q = Unpack32<C>(dg.codes, fi.group, k, dg.ternary);
+      const __m512 v0 = DequantValues(_mm256_castsi256_si128(q), dg, dv, mv, neg, offv);
+      const __m512 v1 = DequantValues(_mm256_extracti128_si256(q, 1), dg, dv, mv, neg, offv);
       const int64_t n = cols - c;
       if (n >= kBlock) {
         _mm512_storeu_ps(out + c, v0);
