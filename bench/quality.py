@@ -140,6 +140,9 @@ CONFIGS = (
     + [("smollm2", "gptq-seq-rot-hg-ao", "bpw2.5", "auto-low")]
     # Four times the calibration text at the same budget, and at 3.0 / 2.0 with that allocation cache.
     + [("smollm2", "gptq-seq-rot-hg-c32k", f"bpw{b}", "auto-low") for b in ("2.5", "3.0", "2.0", "3.5")]
+    # stories260K's allocation at 4.5 / 5.0 with the head by GPTQ and 32,768 calibration tokens. (Its rows are
+    # 64 and 172 wide: the default candidates include int4/int8 at groups of 32 and 64, which do not pad them.)
+    + [("stories260K", "gptq-hg-c32k", f"bpw{b}", "auto") for b in ("4.98", "4.5")]
 )
 
 

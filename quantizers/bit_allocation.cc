@@ -171,8 +171,8 @@ absl::StatusOr<KnapsackSolution> SolveMultipleChoiceKnapsack(const std::vector<s
 
 std::vector<fmt::Format> DefaultAllocFormats() {
   std::vector<fmt::Format> out;
-  for (const char* n : {"int2_g32", "int2_g64", "int2_g128", "int3_g32", "int3_g64", "int3_g128", "int4_g64", "int4_g128",
-                        "int8_g128"}) {
+  for (const char* n : {"int2_g32", "int2_g64", "int2_g128", "int3_g32", "int3_g64", "int3_g128", "int4_g32",
+                        "int4_g64", "int4_g128", "int8_g32", "int8_g64", "int8_g128"}) {
     for (const char* suffix : {"", "_sym"}) {
       auto f = fmt::Format::Parse(absl::StrCat(n, suffix));
       if (f) out.push_back(*f);

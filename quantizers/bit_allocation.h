@@ -87,10 +87,13 @@ absl::StatusOr<KnapsackSolution> SolveMultipleChoiceKnapsack(
 
 // ---- Model-level allocation.
 
-// Default candidates: int2_g32, int2_g64, int2_g128, int3_g32, int3_g64,
-// int3_g128, int4_g64, int4_g128, int8_g128 and their _sym variants
-// (dominated ones are never chosen by the solver; int2_g128 lets budgets near
-// 2.1 linear bpw be met). Binary/ternary formats can be passed explicitly.
+// Default candidates: int2, int3, int4 and int8 at groups 32, 64 and 128,
+// asym and _sym (24 formats; dominated ones are never chosen by the solver).
+// int2_g128 lets budgets near 2.1 linear bpw be met; the groups of 32 and 64
+// matter on narrow or odd rows (stories260K's 64 and 172 columns), where a
+// 128-column group pads each row to 128 or 256 codes (int8_g128 on a 64-wide
+// row costs 16.25 bits per weight). Binary/ternary formats can be passed
+// explicitly.
 std::vector<fmt::Format> DefaultAllocFormats();
 // Parses "a,b,c" format names; errors name the unknown one.
 absl::StatusOr<std::vector<fmt::Format>> ParseFormatList(const std::string& list);

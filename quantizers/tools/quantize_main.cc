@@ -128,7 +128,7 @@ int main(int argc, char** argv) {
   app.add_option("--alloc-block-rows", alloc_block_rows, "bit allocation: rows per allocation block")
       ->capture_default_str();
   app.add_option("--alloc-formats", alloc_formats,
-                 "bit allocation: candidate formats a,b,c (default: int2/3/4/8 at groups 32-128, asym and sym)");
+                 "bit allocation: candidate formats a,b,c (default: int2/3/4/8 at groups 32, 64, 128, asym and sym)");
   app.add_option("--alloc-estimate", alloc_estimate,
                  "bit allocation: error estimate gptq (exact for --method gptq) | rtn (faster); default: the method");
   app.add_option("--alloc-sensitivity", alloc_sensitivity,
