@@ -91,6 +91,8 @@ void RowsScalar(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int6
   const int64_t row_bytes = f.RowBytes(a.cols);
   const int spg = fi.group / kBlock;
   const int64_t nb_used = (a.cols + kBlock - 1) / kBlock;
+  const bool sym = fi.header == HeaderKind::kIntSym;
+  const float sym_c = SymMul(fi.bits);
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int8_t* xq = a.xq + t * a.nb * kBlock;
     const float* dx = a.dx + t * a.nb;
@@ -102,14 +104,15 @@ void RowsScalar(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int6
         const int64_t g = b / spg;
         const int k = static_cast<int>(b % spg);
         const GroupAffine ga = ParseGroup(fi.header, fi.bits, row + g * fi.block_bytes, fmt::LoadF16);
-        const float ds = ga.d * dx[b], ms = ga.m * dx[b];
+        // int sym: m = c d with c = -2^(bits-1); the M lanes take c X and D's scale (canonical order).
+        const float ds = ga.d * dx[b], ms = sym ? ds : ga.m * dx[b];
         float* dl = dacc + (b % 4) * 8;
         float* ml = macc + (b % 4) * 8;
         for (int l = 0; l < 8; ++l) {
           int lane = 0;
           for (int i = 4 * l; i < 4 * l + 4; ++i) lane += CodeAt(fi, ga, k * kBlock + i) * xq[b * kBlock + i];
           dl[l] = std::fma(static_cast<float>(lane), ds, dl[l]);
-          ml[l] = std::fma(x4[b * 8 + l], ms, ml[l]);
+          ml[l] = std::fma(sym ? x4[b * 8 + l] * sym_c : x4[b * 8 + l], ms, ml[l]);
         }
       }
       y[t * ldy + r] = Reduce32(dacc) + Reduce32(macc);

@@ -93,7 +93,10 @@ struct Acc256 {
 };
 
 // Block b (< nb_used) into slot P = b % 4.
-template <CodeKind C, int T, int P>
+// kFold: m = c d (int sym: c = SymMul(bits), canonical order of
+// qmatmul_internal.h; ternary: c = -1, where fl(-d dx) = -fl(d dx) exactly),
+// so the M lanes take c X with D's scale product.
+template <CodeKind C, bool kFold, int T, int P>
 NIBBLE_AVX2 inline void BlockStep(const FormatInfo& fi, const uint8_t* row, int64_t b, const QActs& a,
                                   const int8_t* const* xq, const float* const* dx, const int32_t* const* xs4,
                                   const float* const* x4, Acc256<T>& acc) {
@@ -107,12 +110,19 @@ NIBBLE_AVX2 inline void BlockStep(const FormatInfo& fi, const uint8_t* row, int6
       const __m256i l4 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xs4[t] + b * 8));
       i = _mm256_add_epi32(i, _mm256_slli_epi32(l4, 7));
     }
-    acc.d[P][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(ga.d * dx[t][b]), acc.d[P][t]);
-    acc.m[P][t] = _mm256_fmadd_ps(_mm256_load_ps(x4[t] + b * 8), _mm256_set1_ps(ga.m * dx[t][b]), acc.m[P][t]);
+    const __m256 ds = _mm256_set1_ps(ga.d * dx[t][b]);
+    acc.d[P][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), ds, acc.d[P][t]);
+    const __m256 xs = _mm256_load_ps(x4[t] + b * 8);
+    if constexpr (kFold) {
+      const float c = fi.header == HeaderKind::kIntSym ? SymMul(fi.bits) : -1.0f;
+      acc.m[P][t] = _mm256_fmadd_ps(_mm256_mul_ps(xs, _mm256_set1_ps(c)), ds, acc.m[P][t]);
+    } else {
+      acc.m[P][t] = _mm256_fmadd_ps(xs, _mm256_set1_ps(ga.m * dx[t][b]), acc.m[P][t]);
+    }
   }
 }
 
-template <CodeKind C, int T>
+template <CodeKind C, bool kFold, int T>
 NIBBLE_AVX2 void RowT(const FormatInfo& fi, const uint8_t* row, int64_t nb_used, const QActs& a, int64_t t0,
                       float* out) {
   Acc256<T> acc;
@@ -129,14 +139,14 @@ NIBBLE_AVX2 void RowT(const FormatInfo& fi, const uint8_t* row, int64_t nb_used,
   }
   int64_t b = 0;
   for (; b + 4 <= nb_used; b += 4) {
-    BlockStep<C, T, 0>(fi, row, b, a, xq, dx, xs4, x4, acc);
-    BlockStep<C, T, 1>(fi, row, b + 1, a, xq, dx, xs4, x4, acc);
-    BlockStep<C, T, 2>(fi, row, b + 2, a, xq, dx, xs4, x4, acc);
-    BlockStep<C, T, 3>(fi, row, b + 3, a, xq, dx, xs4, x4, acc);
+    BlockStep<C, kFold, T, 0>(fi, row, b, a, xq, dx, xs4, x4, acc);
+    BlockStep<C, kFold, T, 1>(fi, row, b + 1, a, xq, dx, xs4, x4, acc);
+    BlockStep<C, kFold, T, 2>(fi, row, b + 2, a, xq, dx, xs4, x4, acc);
+    BlockStep<C, kFold, T, 3>(fi, row, b + 3, a, xq, dx, xs4, x4, acc);
   }
-  if (b < nb_used) BlockStep<C, T, 0>(fi, row, b, a, xq, dx, xs4, x4, acc);
-  if (b + 1 < nb_used) BlockStep<C, T, 1>(fi, row, b + 1, a, xq, dx, xs4, x4, acc);
-  if (b + 2 < nb_used) BlockStep<C, T, 2>(fi, row, b + 2, a, xq, dx, xs4, x4, acc);
+  if (b < nb_used) BlockStep<C, kFold, T, 0>(fi, row, b, a, xq, dx, xs4, x4, acc);
+  if (b + 1 < nb_used) BlockStep<C, kFold, T, 1>(fi, row, b + 1, a, xq, dx, xs4, x4, acc);
+  if (b + 2 < nb_used) BlockStep<C, kFold, T, 2>(fi, row, b + 2, a, xq, dx, xs4, x4, acc);
   for (int t = 0; t < T; ++t) {
     const float d = Reduce(_mm256_add_ps(acc.d[0][t], acc.d[2][t]), _mm256_add_ps(acc.d[1][t], acc.d[3][t]));
     const float m = Reduce(_mm256_add_ps(acc.m[0][t], acc.m[2][t]), _mm256_add_ps(acc.m[1][t], acc.m[3][t]));
@@ -144,36 +154,46 @@ NIBBLE_AVX2 void RowT(const FormatInfo& fi, const uint8_t* row, int64_t nb_used,
   }
 }
 
-template <CodeKind C, int T>
+template <CodeKind C, bool kFold, int T>
 NIBBLE_AVX2 void RowsT(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin, int64_t r_end,
                        const QActs& a, int64_t t0, float* y, int64_t ldy) {
   const int64_t nb_used = (a.cols + kBlock - 1) / kBlock;
   float out[T];
   for (int64_t r = r_begin; r < r_end; ++r) {
-    RowT<C, T>(fi, data + r * row_bytes, nb_used, a, t0, out);
+    RowT<C, kFold, T>(fi, data + r * row_bytes, nb_used, a, t0, out);
     for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r] = out[t];
+  }
+}
+
+template <CodeKind C, bool kFold>
+void RowsCodeFold(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin, int64_t r_end,
+                  const QActs& a, int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
+  for (int64_t t0 = t_begin; t0 < t_end;) {
+    const int64_t n = t_end - t0;
+    if (n >= 4) {
+      RowsT<C, kFold, 4>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      t0 += 4;
+    } else if (n == 3) {
+      RowsT<C, kFold, 3>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      t0 += 3;
+    } else if (n == 2) {
+      RowsT<C, kFold, 2>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      t0 += 2;
+    } else {
+      RowsT<C, kFold, 1>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      t0 += 1;
+    }
   }
 }
 
 template <CodeKind C>
 void RowsCode(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin, int64_t r_end,
               const QActs& a, int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
-  for (int64_t t0 = t_begin; t0 < t_end;) {
-    const int64_t n = t_end - t0;
-    if (n >= 4) {
-      RowsT<C, 4>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
-      t0 += 4;
-    } else if (n == 3) {
-      RowsT<C, 3>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
-      t0 += 3;
-    } else if (n == 2) {
-      RowsT<C, 2>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
-      t0 += 2;
-    } else {
-      RowsT<C, 1>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
-      t0 += 1;
-    }
+  if constexpr (C == CodeKind::kU8 || C == CodeKind::kU4 || C == CodeKind::kU3 || C == CodeKind::kU2) {
+    if (fi.header == HeaderKind::kIntSym || fi.header == HeaderKind::kTernary)
+      return RowsCodeFold<C, true>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
   }
+  RowsCodeFold<C, false>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
 }
 
 // 8 u8 codes (the low 8 bytes of q8) -> values by the group's DequantGroup

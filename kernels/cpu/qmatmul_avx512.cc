@@ -163,6 +163,12 @@ NIBBLE_AVX512_INLINE void LoadPair(const FormatInfo& fi, const uint8_t* row, int
   }
 }
 
+// Header kinds whose m is an exact multiple of d (int sym: SymMul(bits) d;
+// ternary: -d): their M lanes take FoldMul * X with D's scale product.
+template <HeaderKind H>
+inline constexpr bool kFoldM = H == HeaderKind::kIntSym || H == HeaderKind::kTernary;
+constexpr float FoldMul(HeaderKind h, int bits) { return h == HeaderKind::kIntSym ? SymMul(bits) : -1.0f; }
+
 // R rows x T tokens: accumulators [slot pair][row][token] (canonical lane
 // order of qmatmul_internal.h: a zmm holds block slots 2P, 2P + 1).
 template <int R, int T>
@@ -181,6 +187,9 @@ NIBBLE_AVX512_INLINE void TileStep(const FormatInfo& fi, const uint8_t* row0, in
     x[t] = _mm512_load_si512(xq[t] + b * kBlock);
     dx[t] = _mm512_load_ps(d16[t] + b * 8);
     xs[t] = _mm512_load_ps(x4[t] + b * 8);
+    // m = c d (int sym: c = SymMul, canonical order of qmatmul_internal.h; ternary: c = -1, where
+    // fl(-d dx) = -fl(d dx) exactly): the M lanes take c X with D's scale.
+    if constexpr (kFoldM<H>) xs[t] = _mm512_mul_ps(xs[t], _mm512_set1_ps(FoldMul(H, fi.bits)));
   }
   for (int r = 0; r < R; ++r) {
     __m512i q;
@@ -188,8 +197,9 @@ NIBBLE_AVX512_INLINE void TileStep(const FormatInfo& fi, const uint8_t* row0, in
     LoadPair<C, H, SPG>(fi, row0 + r * row_bytes, b, two, q, dv, mv);
     for (int t = 0; t < T; ++t) {
       const __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x[t]);
-      acc.d[P][r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dv, dx[t]), acc.d[P][r][t]);
-      acc.m[P][r][t] = _mm512_fmadd_ps(xs[t], _mm512_mul_ps(mv, dx[t]), acc.m[P][r][t]);
+      const __m512 ds = _mm512_mul_ps(dv, dx[t]);
+      acc.d[P][r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), ds, acc.d[P][r][t]);
+      acc.m[P][r][t] = _mm512_fmadd_ps(xs[t], kFoldM<H> ? ds : _mm512_mul_ps(mv, dx[t]), acc.m[P][r][t]);
     }
   }
 }
@@ -300,7 +310,8 @@ struct alignas(64) Table {
 };
 // vpermt2w: header words of rows A (first table) and B (second) -> words
 // [d_b, d_b+1, m_b, m_b+1] of A (0-3) and of B (4-7). Kinds without a stored
-// m take d there (scaled by kScaleMul). SPG > 1: blocks b, b + 1 share one header.
+// m take d there (binary: scaled by kBinaryScaleMul; int sym and ternary do
+// not read them). SPG > 1: blocks b, b + 1 share one header.
 template <CodeKind C, HeaderKind H, int SPG>
 constexpr Table<int16_t, 32> MakeHeaderIdx() {
   constexpr int bb = kDecodeBlockBytes<C, H, SPG>;
@@ -317,17 +328,15 @@ constexpr Table<int16_t, 32> MakeHeaderIdx() {
 }
 template <CodeKind C, HeaderKind H, int SPG>
 inline constexpr Table<int16_t, 32> kHeaderIdx = MakeHeaderIdx<C, H, SPG>();
-// [d, d, m, m] per row from the header's a (ParseGroup's exact factors).
-template <CodeKind C, HeaderKind H>
-constexpr Table<float, 16> MakeScaleMul() {
-  const float d = H == HeaderKind::kBinary ? 2.0f : 1.0f;
-  const float m = H == HeaderKind::kIntSym ? -static_cast<float>(1 << (kCodeBits<C> - 1)) : -1.0f;
+// Binary: [d, d, m, m] = [2a, 2a, -a, -a] per row from the header's a
+// (ParseGroup's exact factors). Int sym and ternary use only the d words
+// (kFoldM); int asym has both stored.
+constexpr Table<float, 16> MakeBinaryScaleMul() {
   Table<float, 16> t{};
-  for (int r = 0; r < 4; ++r) t.v[4 * r] = t.v[4 * r + 1] = d, t.v[4 * r + 2] = t.v[4 * r + 3] = m;
+  for (int r = 0; r < 4; ++r) t.v[4 * r] = t.v[4 * r + 1] = 2.0f, t.v[4 * r + 2] = t.v[4 * r + 3] = -1.0f;
   return t;
 }
-template <CodeKind C, HeaderKind H>
-inline constexpr Table<float, 16> kScaleMul = MakeScaleMul<C, H>();
+inline constexpr Table<float, 16> kBinaryScaleMul = MakeBinaryScaleMul();
 // vpermps: row r's d (m) products of blocks b, b + 1 -> lanes 0-7, 8-15.
 constexpr Table<int32_t, 16> MakeSpread(int lane) {
   Table<int32_t, 16> t{};
@@ -421,14 +430,22 @@ NIBBLE_VBMI_INLINE void DecodeHalf(const uint8_t* rowa, int64_t row_bytes, int64
   // 8 fp16 [d_b, d_b+1, m_b, m_b+1] of the two rows -> 8 products (upper lanes unused).
   const __m512i hw = _mm512_permutex2var_epi16(hdr0, _mm512_load_si512(kHeaderIdx<C, H, SPG>.v), hdr1);
   __m512 f = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm512_castsi512_si128(hw)));
-  if constexpr (H != HeaderKind::kIntAsym) f = _mm512_mul_ps(f, _mm512_load_ps(kScaleMul<C, H>.v));
+  if constexpr (H == HeaderKind::kBinary) f = _mm512_mul_ps(f, _mm512_load_ps(kBinaryScaleMul.v));
   const __m512 sc = _mm512_mul_ps(f, dxv);
   const __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, x);
   const __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q1, x);
-  da = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_permutexvar_ps(_mm512_load_si512(kSpread[0].v), sc), da);
-  ma = _mm512_fmadd_ps(xs, _mm512_permutexvar_ps(_mm512_load_si512(kSpread[1].v), sc), ma);
-  db = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_permutexvar_ps(_mm512_load_si512(kSpread[2].v), sc), db);
-  mb = _mm512_fmadd_ps(xs, _mm512_permutexvar_ps(_mm512_load_si512(kSpread[3].v), sc), mb);
+  const __m512 sa = _mm512_permutexvar_ps(_mm512_load_si512(kSpread[0].v), sc);
+  const __m512 sb = _mm512_permutexvar_ps(_mm512_load_si512(kSpread[2].v), sc);
+  da = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), sa, da);
+  db = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), sb, db);
+  if constexpr (kFoldM<H>) {
+    // xs already holds FoldMul * X (DecodePass): D's scale serves the M lanes.
+    ma = _mm512_fmadd_ps(xs, sa, ma);
+    mb = _mm512_fmadd_ps(xs, sb, mb);
+  } else {
+    ma = _mm512_fmadd_ps(xs, _mm512_permutexvar_ps(_mm512_load_si512(kSpread[1].v), sc), ma);
+    mb = _mm512_fmadd_ps(xs, _mm512_permutexvar_ps(_mm512_load_si512(kSpread[3].v), sc), mb);
+  }
 }
 
 // One slot pair's pass over a 4-row tile: steps b = b0, b0 + 4, ... (b0 = 0
@@ -442,7 +459,8 @@ NIBBLE_VBMI_INLINE void DecodePass(const uint8_t* row0, int64_t row_bytes, int64
     // [dx_b, dx_b+1] in every lane pair (dx has nb >= b + 2 entries).
     const __m512 dxv = _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(dx + b)));
     const __m512i x = _mm512_load_si512(xq + b * kBlock);
-    const __m512 xs = _mm512_load_ps(x4 + b * 8);
+    __m512 xs = _mm512_load_ps(x4 + b * 8);
+    if constexpr (kFoldM<H>) xs = _mm512_mul_ps(xs, _mm512_set1_ps(FoldMul(H, kCodeBits<C>)));
     DecodeHalf<C, H, SPG>(row0, row_bytes, b, two, dxv, x, xs, d0, m0, d1, m1);
     DecodeHalf<C, H, SPG>(row0 + 2 * row_bytes, row_bytes, b, two, dxv, x, xs, d2, m2, d3, m3);
   };

@@ -64,6 +64,9 @@ inline FormatInfo Describe(const fmt::Format& f) {
   return i;
 }
 
+// int sym formats: m_g = SymMul(bits) * d_g (an exact power of two).
+inline constexpr float SymMul(int bits) { return -static_cast<float>(1 << (bits - 1)); }
+
 // One group's affine parameters and where its codes start. For kBinTern,
 // ternary says which code layout the group uses (2-bit if true, 1-bit else).
 struct GroupAffine {
@@ -80,7 +83,7 @@ __attribute__((always_inline)) inline GroupAffine ParseGroup(HeaderKind h, int b
   const float a = f16(block);
   switch (h) {
     case HeaderKind::kIntAsym: return {a, f16(block + 2), block + 4, false};
-    case HeaderKind::kIntSym: return {a, -static_cast<float>(1 << (bits - 1)) * a, block + 2, false};
+    case HeaderKind::kIntSym: return {a, SymMul(bits) * a, block + 2, false};
     case HeaderKind::kTernary: return {a, -a, block + 2, true};
     case HeaderKind::kBinary: return {2.0f * a, -a, block + 2, false};
     case HeaderKind::kBinTern: {
@@ -166,6 +169,11 @@ void QuantizeActsScalar(const float* x, int64_t n_tokens, int64_t cols, int64_t 
 //  * two sets of 32 fp32 lanes, for blocks b < ceil(cols/32) in order, lane
 //    j = 8 (b % 4) + l:  D[j] = fma(float(L_b[l]), fl(d_g * dx_b), D[j]),
 //                        M[j] = fma(float(X_b[l]), fl(m_g * dx_b), M[j])
+//    except for int sym (m_g = c d_g, c = SymMul(bits) = -2^(bits-1)), whose
+//    M lanes reuse D's scale:  M[j] = fma(c * float(X_b[l]), fl(d_g * dx_b), M[j])
+//    (c X is exact; the same value as the general form unless fl(d_g dx_b)
+//    is subnormal or within a factor |c| of overflow; it saves the SIMD
+//    kernels a scale product and its broadcast per block)
 //    (SIMD padding blocks add fma(0, ., .) = no change);
 //  * packed row . x = Reduce32(D) + Reduce32(M).
 // Four block slots keep independent fma chains (latency) in every ISA.
