@@ -29,15 +29,15 @@ struct QMatMulScratch::Impl {
   int8_t* xq = nullptr;
   float *dx = nullptr, *dxs = nullptr, *dx16 = nullptr;
   int32_t* xs4 = nullptr;
-  float* xs4f = nullptr;
+  float* xsum = nullptr;
   int64_t cap_blocks = 0;  // n_tokens * nb the buffers hold
   std::vector<float> amx_gdxs;  // AMX path: dxt + dxs group sums (qmm::AmxActs), grow only
   std::vector<int8_t> amx_xq;   // AMX path: tile-major xq (+ 64 bytes for alignment), grow only
 
   void Reserve(int64_t total_blocks) {
     if (total_blocks <= cap_blocks) return;
-    // Per block: 32 B codes + 4 B dx + 4 B dxs + 32 B dx16 (16 floats per pair) + 32 B xs4.
-    const size_t need = static_cast<size_t>(total_blocks) * (32 + 4 + 4 + 32 + 32 + 32) + 6 * 64;
+    // Per block: 32 B codes + 32 B dx16 (16 floats per pair) + 4 B dx + 4 B dxs + 32 B xs4 + 4 B xsum.
+    const size_t need = static_cast<size_t>(total_blocks) * (32 + 32 + 4 + 4 + 32 + 4) + 6 * 64;
     bytes.assign(need, 0);
     uintptr_t p = (reinterpret_cast<uintptr_t>(bytes.data()) + 63) & ~uintptr_t{63};
     xq = reinterpret_cast<int8_t*>(p);
@@ -52,7 +52,7 @@ struct QMatMulScratch::Impl {
     p = (p + 63) & ~uintptr_t{63};
     xs4 = reinterpret_cast<int32_t*>(p);
     p += static_cast<size_t>(total_blocks) * 32;
-    xs4f = reinterpret_cast<float*>(p);
+    xsum = reinterpret_cast<float*>(p);
     cap_blocks = total_blocks;
   }
 };
@@ -96,26 +96,25 @@ void RowsScalar(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int6
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int8_t* xq = a.xq + t * a.nb * kBlock;
     const float* dx = a.dx + t * a.nb;
-    const float* x4 = a.xs4f + t * a.nb * 8;
+    const float* xsum = a.xsum + t * a.nb;
     for (int64_t r = r_begin; r < r_end; ++r) {
       const uint8_t* row = data + r * row_bytes;
-      float dacc[32] = {}, macc[32] = {};
+      float dacc[32] = {}, macc[4] = {};
       for (int64_t b = 0; b < nb_used; ++b) {
         const int64_t g = b / spg;
         const int k = static_cast<int>(b % spg);
         const GroupAffine ga = ParseGroup(fi.header, fi.bits, row + g * fi.block_bytes, fmt::LoadF16);
-        // int sym: m = c d with c = -2^(bits-1); the M lanes take c X and D's scale (canonical order).
+        // int sym: m = c d with c = -2^(bits-1); its M chain takes c S_b and D's scale (canonical order).
         const float ds = ga.d * dx[b], ms = sym ? ds : ga.m * dx[b];
         float* dl = dacc + (b % 4) * 8;
-        float* ml = macc + (b % 4) * 8;
         for (int l = 0; l < 8; ++l) {
           int lane = 0;
           for (int i = 4 * l; i < 4 * l + 4; ++i) lane += CodeAt(fi, ga, k * kBlock + i) * xq[b * kBlock + i];
           dl[l] = std::fma(static_cast<float>(lane), ds, dl[l]);
-          ml[l] = std::fma(sym ? x4[b * 8 + l] * sym_c : x4[b * 8 + l], ms, ml[l]);
         }
+        macc[b % 4] = std::fma(sym ? xsum[b] * sym_c : xsum[b], ms, macc[b % 4]);
       }
-      y[t * ldy + r] = Reduce32(dacc) + Reduce32(macc);
+      y[t * ldy + r] = Reduce32(dacc) + ((macc[0] + macc[1]) + (macc[2] + macc[3]));
     }
   }
 }
@@ -372,7 +371,7 @@ void QuantMatMulImpl(QIsa isa, bool amx_ref, std::span<const QMatrixView> ws, co
   s->Reserve(n_tokens * nb);
   const auto quantize = [&](int64_t t0, int64_t t1) {
     qmm::QuantizeActs(x + t0 * cols, t1 - t0, cols, nb, s->xq + t0 * nb * qmm::kBlock, s->dx + t0 * nb,
-                      s->dxs + t0 * nb, s->dx16 + t0 * nb * 8, s->xs4 + t0 * nb * 8, s->xs4f + t0 * nb * 8);
+                      s->dxs + t0 * nb, s->dx16 + t0 * nb * 8, s->xs4 + t0 * nb * 8, s->xsum + t0 * nb);
   };
   // Per-token work: prefill splits it over the pool (same bytes either way).
   if (pool != nullptr && pool->size() > 1 && n_tokens >= 32)
@@ -390,7 +389,7 @@ void QuantMatMulImpl(QIsa isa, bool amx_ref, std::span<const QMatrixView> ws, co
   a.dxs = s->dxs;
   a.dx16 = s->dx16;
   a.xs4 = s->xs4;
-  a.xs4f = s->xs4f;
+  a.xsum = s->xsum;
   a.x = x;
   RowsPlan plan;
   plan.kernel = KernelFor(isa);

@@ -18,18 +18,19 @@
 //     columns, to int8: dx_b = max|x| / 127, xq = rint(x * (127 / max|x|))
 //     in [-127, 127] (dx_b = 0 for an all-zero or non-finite block). Columns
 //     past `cols` are zero up to the next multiple of 64. Also kept per block:
-//     the 8 lane sums X_b[l] = sum of xq over columns 4l .. 4l+3.
+//     the 8 lane sums X_b[l] = sum of xq over columns 4l .. 4l+3 and the block
+//     sum S_b = sum of xq over the block.
 //  2. Every format's value is written as w = d * q + m with an unsigned code
 //     q and per-group d, m: int asym (d, m as stored), int sym (m = -2^(B-1) d),
 //     ternary (d = a, m = -a), binary (q = sign bit, d = 2a, m = -a), bintern
 //     per group as ternary or binary.
-//  3. row . x = sum_b sum_{l<8} [ d_g dx_b L_b[l] + m_g dx_b X_b[l] ]
+//  3. row . x = sum_b [ sum_{l<8} d_g dx_b L_b[l] + m_g dx_b S_b ]
 //     where L_b[l] = sum of q * xq over columns 4l .. 4l+3 of block b is an
 //     exact int32 (u8 x s8: _mm512_dpbusd_epi32 on AVX-512 VNNI; on AVX2
 //     _mm256_maddubs_epi16 + madd, int8 codes as q - 128 with the sign trick
 //     and 128 X_b[l] added back in int32, so nothing saturates; plain ints
 //     in scalar). The fp32 sums follow one canonical order in every ISA
-//     (kernels/cpu/qmatmul_internal.h: 32 + 32 lanes, 4 block slots, fixed
+//     (kernels/cpu/qmatmul_internal.h: 32 D lanes + 4 M chains, 4 block slots, fixed
 //     reduction tree), so scalar, AVX2 and AVX-512 give bit-identical y.
 //  4. Side-car: y[r] += sum over kept (c, v) of (v - packed(r, c)) * x[c] in
 //     fp32 with the exact x (kept values REPLACE the packed value), fused per

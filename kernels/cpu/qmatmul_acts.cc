@@ -27,9 +27,9 @@ namespace nibble::cpu::qmm {
 namespace {
 
 // One 32-wide block b of token row xt (cols valid columns): writes q[32],
-// *dx, *dxs, l4[8], l4f[8]. Scalar reference.
+// *dx, *dxs, l4[8], *xsum. Scalar reference.
 inline void BlockScalar(const float* xt, int64_t cols, int64_t b, int8_t* q, float* dx, float* dxs, int32_t* l4,
-                        float* l4f) {
+                        float* xsum) {
   const int64_t c0 = b * kBlock;
   const int n = static_cast<int>(std::clamp<int64_t>(cols - c0, 0, kBlock));
   float amax = 0.0f;
@@ -55,10 +55,8 @@ inline void BlockScalar(const float* xt, int64_t cols, int64_t b, int8_t* q, flo
     *dx = amax / 127.0f;
   }
   *dxs = *dx * static_cast<float>(sum);
-  for (int l = 0; l < 8; ++l) {
-    l4[l] = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
-    l4f[l] = static_cast<float>(l4[l]);
-  }
+  *xsum = static_cast<float>(sum);
+  for (int l = 0; l < 8; ++l) l4[l] = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
 }
 
 inline void PairScales(const float* dxt, int64_t nb, float* d16) {
@@ -72,7 +70,7 @@ inline void PairScales(const float* dxt, int64_t nb, float* d16) {
 // Quantizes one finite-checked full or partial block; returns false (nothing
 // written) when the block holds a non-finite value, for the scalar fallback.
 NIBBLE_ACTS_AVX512 inline bool BlockAvx512(const float* xt, int64_t cols, int64_t b, int8_t* q, float* dx, float* dxs,
-                                           int32_t* l4, float* l4f) {
+                                           int32_t* l4, float* xsum) {
   const int64_t c0 = b * kBlock;
   const int n = static_cast<int>(std::clamp<int64_t>(cols - c0, 0, kBlock));
   const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
@@ -88,8 +86,8 @@ NIBBLE_ACTS_AVX512 inline bool BlockAvx512(const float* xt, int64_t cols, int64_
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_setzero_si256());
     *dx = 0.0f;
     *dxs = 0.0f;
+    *xsum = 0.0f;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(l4), _mm256_setzero_si256());
-    _mm256_storeu_ps(l4f, _mm256_setzero_ps());
     return true;
   }
   const __m512 inv = _mm512_set1_ps(127.0f / amax);
@@ -112,24 +110,24 @@ NIBBLE_ACTS_AVX512 inline bool BlockAvx512(const float* xt, int64_t cols, int64_
   // s01 lane k (k < 8): q[4k] + q[4k+2]; lane 8 + k: q[4k+1] + q[4k+3].
   const __m256i s4 = _mm256_add_epi32(_mm512_castsi512_si256(s01), _mm512_extracti64x4_epi64(s01, 1));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(l4), s4);
-  _mm256_storeu_ps(l4f, _mm256_cvtepi32_ps(s4));
   const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
   *dx = amax / 127.0f;
   *dxs = *dx * static_cast<float>(sum);
+  *xsum = static_cast<float>(sum);
   return true;
 }
 
 NIBBLE_ACTS_AVX512 void QuantizeActsAvx512(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq,
-                                           float* dx, float* dxs, float* dx16, int32_t* xs4, float* xs4f) {
+                                           float* dx, float* dxs, float* dx16, int32_t* xs4, float* xsum) {
   for (int64_t t = 0; t < n_tokens; ++t) {
     const float* xt = x + t * cols;
     float* dxt = dx + t * nb;
     for (int64_t b = 0; b < nb; ++b) {
       int8_t* q = xq + (t * nb + b) * kBlock;
       int32_t* l4 = xs4 + (t * nb + b) * 8;
-      float* l4f = xs4f + (t * nb + b) * 8;
-      if (!BlockAvx512(xt, cols, b, q, dxt + b, dxs + t * nb + b, l4, l4f))
-        BlockScalar(xt, cols, b, q, dxt + b, dxs + t * nb + b, l4, l4f);
+      float* s = xsum + t * nb + b;
+      if (!BlockAvx512(xt, cols, b, q, dxt + b, dxs + t * nb + b, l4, s))
+        BlockScalar(xt, cols, b, q, dxt + b, dxs + t * nb + b, l4, s);
     }
     PairScales(dxt, nb, dx16 + t * nb * 8);
   }
@@ -148,23 +146,23 @@ bool HasAvx512() {
 }  // namespace
 
 void QuantizeActsScalar(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx,
-                        float* dxs, float* dx16, int32_t* xs4, float* xs4f) {
+                        float* dxs, float* dx16, int32_t* xs4, float* xsum) {
   for (int64_t t = 0; t < n_tokens; ++t) {
     const float* xt = x + t * cols;
     float* dxt = dx + t * nb;
     for (int64_t b = 0; b < nb; ++b)
       BlockScalar(xt, cols, b, xq + (t * nb + b) * kBlock, dxt + b, dxs + t * nb + b, xs4 + (t * nb + b) * 8,
-                  xs4f + (t * nb + b) * 8);
+                  xsum + t * nb + b);
     PairScales(dxt, nb, dx16 + t * nb * 8);
   }
 }
 
 void QuantizeActs(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx, float* dxs,
-                  float* dx16, int32_t* xs4, float* xs4f) {
+                  float* dx16, int32_t* xs4, float* xsum) {
 #if defined(__x86_64__)
-  if (HasAvx512()) return QuantizeActsAvx512(x, n_tokens, cols, nb, xq, dx, dxs, dx16, xs4, xs4f);
+  if (HasAvx512()) return QuantizeActsAvx512(x, n_tokens, cols, nb, xq, dx, dxs, dx16, xs4, xsum);
 #endif
-  QuantizeActsScalar(x, n_tokens, cols, nb, xq, dx, dxs, dx16, xs4, xs4f);
+  QuantizeActsScalar(x, n_tokens, cols, nb, xq, dx, dxs, dx16, xs4, xsum);
 }
 
 }  // namespace nibble::cpu::qmm

@@ -18,11 +18,11 @@ namespace {
 
 struct Acts {
   std::vector<int8_t> xq;
-  std::vector<float> dx, dxs, dx16, xs4f;
+  std::vector<float> dx, dxs, dx16, xsum;
   std::vector<int32_t> xs4;
   Acts(int64_t n_tokens, int64_t nb)
       : xq(n_tokens * nb * kBlock, 99), dx(n_tokens * nb, -1), dxs(n_tokens * nb, -1), dx16(n_tokens * nb * 8, -1),
-        xs4f(n_tokens * nb * 8, -1), xs4(n_tokens * nb * 8, -1) {}
+        xsum(n_tokens * nb, -1), xs4(n_tokens * nb * 8, -1) {}
 };
 
 template <typename T>
@@ -34,15 +34,15 @@ void ExpectSame(const std::vector<float>& x, int64_t n_tokens, int64_t cols, con
   const int64_t nb = (cols + 63) / 64 * 2;
   Acts a(n_tokens, nb), b(n_tokens, nb);
   QuantizeActs(x.data(), n_tokens, cols, nb, a.xq.data(), a.dx.data(), a.dxs.data(), a.dx16.data(), a.xs4.data(),
-               a.xs4f.data());
+               a.xsum.data());
   QuantizeActsScalar(x.data(), n_tokens, cols, nb, b.xq.data(), b.dx.data(), b.dxs.data(), b.dx16.data(),
-                     b.xs4.data(), b.xs4f.data());
+                     b.xs4.data(), b.xsum.data());
   EXPECT_TRUE(SameBytes(a.xq, b.xq)) << what << " cols " << cols;
   EXPECT_TRUE(SameBytes(a.dx, b.dx)) << what << " cols " << cols;
   EXPECT_TRUE(SameBytes(a.dxs, b.dxs)) << what << " cols " << cols;
   EXPECT_TRUE(SameBytes(a.dx16, b.dx16)) << what << " cols " << cols;
   EXPECT_TRUE(SameBytes(a.xs4, b.xs4)) << what << " cols " << cols;
-  EXPECT_TRUE(SameBytes(a.xs4f, b.xs4f)) << what << " cols " << cols;
+  EXPECT_TRUE(SameBytes(a.xsum, b.xsum)) << what << " cols " << cols;
 }
 
 TEST(QuantizeActs, SimdMatchesScalarBytes) {
@@ -77,7 +77,7 @@ TEST(QuantizeActs, ScalarFollowsDefinition) {
   for (int64_t i = 0; i < cols; ++i) x[i] = (i % 32 == 0) ? -127.0f : static_cast<float>(i % 11) - 4.5f;
   Acts a(1, nb);
   QuantizeActsScalar(x.data(), 1, cols, nb, a.xq.data(), a.dx.data(), a.dxs.data(), a.dx16.data(), a.xs4.data(),
-                     a.xs4f.data());
+                     a.xsum.data());
   for (int64_t b = 0; b < 3; ++b) {
     EXPECT_EQ(a.dx[b], 1.0f) << b;
     int sum = 0;
@@ -88,12 +88,14 @@ TEST(QuantizeActs, ScalarFollowsDefinition) {
       sum += want;
     }
     EXPECT_EQ(a.dxs[b], static_cast<float>(sum));
+    EXPECT_EQ(a.xsum[b], static_cast<float>(sum));
     for (int l = 0; l < 8; ++l) {
       const int8_t* q = &a.xq[b * kBlock + 4 * l];
       EXPECT_EQ(a.xs4[b * 8 + l], q[0] + q[1] + q[2] + q[3]);
     }
   }
   EXPECT_EQ(a.dx[3], 0.0f);
+  EXPECT_EQ(a.xsum[3], 0.0f);
   for (int i = 0; i < kBlock; ++i) EXPECT_EQ(a.xq[3 * kBlock + i], 0);
   for (int l = 0; l < 16; ++l) EXPECT_EQ(a.dx16[l], a.dx[l / 8]);
 }

@@ -7,6 +7,7 @@
 // lane sums equal dpbusd's and the fp32 order is the canonical one
 // (qmatmul_internal.h): results are bit-identical to the other ISAs. Up to 4 tokens share
 // each unpacked block (prefill tiles).
+#include <cmath>
 #include <cstring>
 
 #include "kernels/cpu/qmatmul_internal.h"
@@ -89,7 +90,8 @@ NIBBLE_AVX2 inline float Reduce(__m256 even, __m256 odd) {
 
 template <int T>
 struct Acc256 {
-  __m256 d[4][T], m[4][T];  // [block slot b % 4][token]
+  __m256 d[4][T];  // [block slot b % 4][token]: D lanes
+  float m[4][T];   // M chains
 };
 
 // Block b (< nb_used) into slot P = b % 4.
@@ -99,7 +101,7 @@ struct Acc256 {
 template <CodeKind C, bool kFold, int T, int P>
 NIBBLE_AVX2 inline void BlockStep(const FormatInfo& fi, const uint8_t* row, int64_t b, const QActs& a,
                                   const int8_t* const* xq, const float* const* dx, const int32_t* const* xs4,
-                                  const float* const* x4, Acc256<T>& acc) {
+                                  const float* const* xsum, Acc256<T>& acc) {
   const int spg = fi.group / kBlock;
   const GroupAffine ga = ParseGroup(fi.header, fi.bits, row + (b / spg) * fi.block_bytes, F16{});
   const __m256i q = Unpack32<C>(ga.codes, fi.group, static_cast<int>(b % spg), ga.ternary);
@@ -110,14 +112,13 @@ NIBBLE_AVX2 inline void BlockStep(const FormatInfo& fi, const uint8_t* row, int6
       const __m256i l4 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xs4[t] + b * 8));
       i = _mm256_add_epi32(i, _mm256_slli_epi32(l4, 7));
     }
-    const __m256 ds = _mm256_set1_ps(ga.d * dx[t][b]);
-    acc.d[P][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), ds, acc.d[P][t]);
-    const __m256 xs = _mm256_load_ps(x4[t] + b * 8);
+    const float ds = ga.d * dx[t][b];
+    acc.d[P][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(ds), acc.d[P][t]);
     if constexpr (kFold) {
       const float c = fi.header == HeaderKind::kIntSym ? SymMul(fi.bits) : -1.0f;
-      acc.m[P][t] = _mm256_fmadd_ps(_mm256_mul_ps(xs, _mm256_set1_ps(c)), ds, acc.m[P][t]);
+      acc.m[P][t] = std::fma(c * xsum[t][b], ds, acc.m[P][t]);
     } else {
-      acc.m[P][t] = _mm256_fmadd_ps(xs, _mm256_set1_ps(ga.m * dx[t][b]), acc.m[P][t]);
+      acc.m[P][t] = std::fma(xsum[t][b], ga.m * dx[t][b], acc.m[P][t]);
     }
   }
 }
@@ -129,28 +130,30 @@ NIBBLE_AVX2 void RowT(const FormatInfo& fi, const uint8_t* row, int64_t nb_used,
   const int8_t* xq[T];
   const float* dx[T];
   const int32_t* xs4[T];
-  const float* x4[T];
+  const float* xsum[T];
   for (int t = 0; t < T; ++t) {
-    for (int p = 0; p < 4; ++p) acc.d[p][t] = acc.m[p][t] = _mm256_setzero_ps();
+    for (int p = 0; p < 4; ++p) {
+      acc.d[p][t] = _mm256_setzero_ps();
+      acc.m[p][t] = 0.0f;
+    }
     xq[t] = a.xq + (t0 + t) * a.nb * kBlock;
     dx[t] = a.dx + (t0 + t) * a.nb;
     xs4[t] = a.xs4 + (t0 + t) * a.nb * 8;
-    x4[t] = a.xs4f + (t0 + t) * a.nb * 8;
+    xsum[t] = a.xsum + (t0 + t) * a.nb;
   }
   int64_t b = 0;
   for (; b + 4 <= nb_used; b += 4) {
-    BlockStep<C, kFold, T, 0>(fi, row, b, a, xq, dx, xs4, x4, acc);
-    BlockStep<C, kFold, T, 1>(fi, row, b + 1, a, xq, dx, xs4, x4, acc);
-    BlockStep<C, kFold, T, 2>(fi, row, b + 2, a, xq, dx, xs4, x4, acc);
-    BlockStep<C, kFold, T, 3>(fi, row, b + 3, a, xq, dx, xs4, x4, acc);
+    BlockStep<C, kFold, T, 0>(fi, row, b, a, xq, dx, xs4, xsum, acc);
+    BlockStep<C, kFold, T, 1>(fi, row, b + 1, a, xq, dx, xs4, xsum, acc);
+    BlockStep<C, kFold, T, 2>(fi, row, b + 2, a, xq, dx, xs4, xsum, acc);
+    BlockStep<C, kFold, T, 3>(fi, row, b + 3, a, xq, dx, xs4, xsum, acc);
   }
-  if (b < nb_used) BlockStep<C, kFold, T, 0>(fi, row, b, a, xq, dx, xs4, x4, acc);
-  if (b + 1 < nb_used) BlockStep<C, kFold, T, 1>(fi, row, b + 1, a, xq, dx, xs4, x4, acc);
-  if (b + 2 < nb_used) BlockStep<C, kFold, T, 2>(fi, row, b + 2, a, xq, dx, xs4, x4, acc);
+  if (b < nb_used) BlockStep<C, kFold, T, 0>(fi, row, b, a, xq, dx, xs4, xsum, acc);
+  if (b + 1 < nb_used) BlockStep<C, kFold, T, 1>(fi, row, b + 1, a, xq, dx, xs4, xsum, acc);
+  if (b + 2 < nb_used) BlockStep<C, kFold, T, 2>(fi, row, b + 2, a, xq, dx, xs4, xsum, acc);
   for (int t = 0; t < T; ++t) {
     const float d = Reduce(_mm256_add_ps(acc.d[0][t], acc.d[2][t]), _mm256_add_ps(acc.d[1][t], acc.d[3][t]));
-    const float m = Reduce(_mm256_add_ps(acc.m[0][t], acc.m[2][t]), _mm256_add_ps(acc.m[1][t], acc.m[3][t]));
-    out[t] = d + m;
+    out[t] = d + ((acc.m[0][t] + acc.m[1][t]) + (acc.m[2][t] + acc.m[3][t]));
   }
 }
 

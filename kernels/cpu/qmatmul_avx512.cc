@@ -2,8 +2,9 @@
 // (kernels/cpu/qmatmul.h). 64 weights per step: two 32-column blocks are
 // unpacked to u8 codes in one zmm and multiplied with the int8 activations
 // by _mm512_dpbusd_epi32 (exact int32 lane sums of 4 products), converted to
-// fp32 and scaled by d_g * dx_b per 8-lane half; the additive term is
-// fma(xs4, m_g * dx_b) on the lane sums of the activations. Kernels are
+// fp32 and scaled by d_g * dx_b per 8-lane half; the additive term is one
+// fma(S_b, m_g * dx_b) per block on the block sum of the activations (one
+// lane per row in the decode tile, 8 replicated lanes in Tile). Kernels are
 // templates on (code layout, header kind, group / 32), so the per-step header
 // parse has no switch and the group index no division. Decode: 4-row x
 // 1-token tiles (activation loads shared, one joint reduction, prefetch 2
@@ -62,6 +63,53 @@ NIBBLE_AVX512_INLINE float Reduce(__m512 acc) {
   const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
   const __m128 p = _mm_add_ps(v4, _mm_shuffle_ps(v4, v4, _MM_SHUFFLE(2, 3, 0, 1)));  // [v0+v1, ., v2+v3, .]
   return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehl_ps(p, p)));
+}
+
+template <typename T, int N>
+struct alignas(64) Table {
+  T v[N];
+};
+// vpermps: lane `lane` -> lanes 0-7, lane + 1 -> lanes 8-15 (decode: row r's d / m products of
+// blocks b, b + 1; kSpread[0] also spreads an [S_b, S_b+1] pair).
+constexpr Table<int32_t, 16> MakeSpread(int lane) {
+  Table<int32_t, 16> t{};
+  for (int i = 0; i < 16; ++i) t.v[i] = lane + i / 8;
+  return t;
+}
+inline constexpr Table<int32_t, 16> kSpread[4] = {MakeSpread(0), MakeSpread(2), MakeSpread(4), MakeSpread(6)};
+
+// [p[0], p[1]] in every lane pair (p 8-byte aligned: an even block of a
+// per-token array whose token stride is even).
+NIBBLE_AVX512_INLINE __m512 PairBroadcast(const float* p) {
+  return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(p)));
+}
+
+// The canonical M term (M_0 + M_1) + (M_2 + M_3) of one output from its two
+// slot-pair accumulators (M_2P in lanes 0-7, M_2P+1 in 8-15; lane 0 and 8 used).
+NIBBLE_AVX512_INLINE float MChains(__m512 p0, __m512 p1) {
+  const __m128 a = _mm_add_ss(_mm512_castps512_ps128(p0), _mm512_extractf32x4_ps(p0, 2));
+  const __m128 b = _mm_add_ss(_mm512_castps512_ps128(p1), _mm512_extractf32x4_ps(p1, 2));
+  return _mm_cvtss_f32(_mm_add_ss(a, b));
+}
+
+// Four rows' Reduce32 of their D lanes at once (d[r]: slots 0-1 + 2-3
+// added = the 16 v16 values of row r), with exactly the pairwise adds of
+// Reduce32/Reduce16 (qmatmul_internal.h; fp32 addition is commutative, so
+// operand order within an add does not matter) done on several rows per
+// instruction. Returns [D_0, D_1, D_2, D_3].
+NIBBLE_AVX512_INLINE __m128 Reduce4RowsD(const __m512* d) {
+  // v8[l] = a[l] + a[l + 8]: two rows per zmm (row A in lanes 0-7, B in 8-15).
+  auto half = [](__m512 a, __m512 b) NIBBLE_AVX512 {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+  };
+  const __m512 d01 = half(d[0], d[1]), d23 = half(d[2], d[3]);
+  // v4[l] = v8[l] + v8[l + 4]: four rows per zmm (row r in 128-bit lane r).
+  const __m512 v4 = _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88), _mm512_shuffle_f32x4(d01, d23, 0xdd));
+  // (v4[0] + v4[1]) + (v4[2] + v4[3]) per 128-bit lane, in its lane 0.
+  const __m512 w = _mm512_add_ps(v4, _mm512_permute_ps(v4, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512 z = _mm512_add_ps(w, _mm512_permute_ps(w, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm512_castps512_ps128(
+      _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), z));
 }
 
 // 2-bit stream -> one code per byte: each dword (one source byte) spreads
@@ -170,7 +218,8 @@ inline constexpr bool kFoldM = H == HeaderKind::kIntSym || H == HeaderKind::kTer
 constexpr float FoldMul(HeaderKind h, int bits) { return h == HeaderKind::kIntSym ? SymMul(bits) : -1.0f; }
 
 // R rows x T tokens: accumulators [slot pair][row][token] (canonical lane
-// order of qmatmul_internal.h: a zmm holds block slots 2P, 2P + 1).
+// order of qmatmul_internal.h: a zmm holds block slots 2P, 2P + 1; an M zmm
+// holds the chains M_2P in lanes 0-7 and M_2P+1 in 8-15, 8 copies each).
 template <int R, int T>
 struct Acc512 {
   __m512 d[2][R][T], m[2][R][T];
@@ -180,15 +229,16 @@ struct Acc512 {
 template <CodeKind C, HeaderKind H, int SPG, int R, int T, int P>
 NIBBLE_AVX512_INLINE void TileStep(const FormatInfo& fi, const uint8_t* row0, int64_t row_bytes, int64_t b,
                                    bool two, const int8_t* const* xq, const float* const* d16,
-                                   const float* const* x4, Acc512<R, T>& acc) {
+                                   const float* const* xsum, Acc512<R, T>& acc) {
   __m512i x[T];
   __m512 dx[T], xs[T];
   for (int t = 0; t < T; ++t) {
     x[t] = _mm512_load_si512(xq[t] + b * kBlock);
     dx[t] = _mm512_load_ps(d16[t] + b * 8);
-    xs[t] = _mm512_load_ps(x4[t] + b * 8);
+    // [S_b x 8 | S_b+1 x 8]: each M chain runs replicated in 8 lanes.
+    xs[t] = _mm512_permutexvar_ps(_mm512_load_si512(kSpread[0].v), PairBroadcast(xsum[t] + b));
     // m = c d (int sym: c = SymMul, canonical order of qmatmul_internal.h; ternary: c = -1, where
-    // fl(-d dx) = -fl(d dx) exactly): the M lanes take c X with D's scale.
+    // fl(-d dx) = -fl(d dx) exactly): the M chains take c S_b with D's scale.
     if constexpr (kFoldM<H>) xs[t] = _mm512_mul_ps(xs[t], _mm512_set1_ps(FoldMul(H, fi.bits)));
   }
   for (int r = 0; r < R; ++r) {
@@ -204,32 +254,6 @@ NIBBLE_AVX512_INLINE void TileStep(const FormatInfo& fi, const uint8_t* row0, in
   }
 }
 
-// Four rows' results at once: D_r = Reduce32(d lanes of row r), M_r likewise,
-// out[r] = D_r + M_r, with exactly the pairwise adds of Reduce32/Reduce16
-// (qmatmul_internal.h; fp32 addition is commutative, so operand order within
-// an add does not matter) done on several rows per instruction.
-NIBBLE_AVX512_INLINE __m128 Reduce4Rows(const __m512* d /*[4]: slots 0-1 + 2-3 added*/, const __m512* m) {
-  // v8[l] = a[l] + a[l + 8]: two rows per zmm (row A in lanes 0-7, B in 8-15).
-  auto half = [](__m512 a, __m512 b) NIBBLE_AVX512 {
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
-  };
-  const __m512 d01 = half(d[0], d[1]), d23 = half(d[2], d[3]);
-  const __m512 m01 = half(m[0], m[1]), m23 = half(m[2], m[3]);
-  // v4[l] = v8[l] + v8[l + 4]: four rows per zmm (row r in 128-bit lane r).
-  auto quarter = [](__m512 a, __m512 b) NIBBLE_AVX512 {
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
-  };
-  const __m512 dv4 = quarter(d01, d23), mv4 = quarter(m01, m23);
-  // (v4[0] + v4[1]) + (v4[2] + v4[3]) per row, D and M side by side.
-  const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(dv4, mv4, _MM_SHUFFLE(2, 0, 2, 0)),
-                                 _mm512_shuffle_ps(dv4, mv4, _MM_SHUFFLE(3, 1, 3, 1)));
-  // w per lane: [D01, D23, M01, M23] -> z: [D, M, D, M]
-  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(w, w, _MM_SHUFFLE(2, 0, 2, 0)),
-                                 _mm512_shuffle_ps(w, w, _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 o = _mm512_add_ps(z, _mm512_shuffle_ps(z, z, _MM_SHUFFLE(1, 1, 1, 1)));
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), o));
-}
-
 // R rows from row0 x tokens t0 .. t0 + T - 1; out[t * ldy + r].
 template <CodeKind C, HeaderKind H, int SPG, int R, int T>
 NIBBLE_AVX512 void Tile(const FormatInfo& fi, const uint8_t* row0, int64_t row_bytes, int64_t nb_used,
@@ -237,39 +261,38 @@ NIBBLE_AVX512 void Tile(const FormatInfo& fi, const uint8_t* row0, int64_t row_b
   Acc512<R, T> acc;
   const int8_t* xq[T];
   const float* d16[T];
-  const float* x4[T];
+  const float* xsum[T];
   for (int t = 0; t < T; ++t) {
     for (int p = 0; p < 2; ++p)
       for (int r = 0; r < R; ++r) acc.d[p][r][t] = acc.m[p][r][t] = _mm512_setzero_ps();
     xq[t] = a.xq + (t0 + t) * a.nb * kBlock;
     d16[t] = a.dx16 + (t0 + t) * a.nb * 8;
-    x4[t] = a.xs4f + (t0 + t) * a.nb * 8;
+    xsum[t] = a.xsum + (t0 + t) * a.nb;
   }
   // Full groups of 4 blocks, then the tail (1 to 3 blocks).
   const int64_t full = nb_used & ~int64_t{3};
   for (int64_t b = 0; b < full; b += 4) {
-    TileStep<C, H, SPG, R, T, 0>(fi, row0, row_bytes, b, true, xq, d16, x4, acc);
-    TileStep<C, H, SPG, R, T, 1>(fi, row0, row_bytes, b + 2, true, xq, d16, x4, acc);
+    TileStep<C, H, SPG, R, T, 0>(fi, row0, row_bytes, b, true, xq, d16, xsum, acc);
+    TileStep<C, H, SPG, R, T, 1>(fi, row0, row_bytes, b + 2, true, xq, d16, xsum, acc);
   }
   if (full < nb_used) {
-    TileStep<C, H, SPG, R, T, 0>(fi, row0, row_bytes, full, full + 1 < nb_used, xq, d16, x4, acc);
+    TileStep<C, H, SPG, R, T, 0>(fi, row0, row_bytes, full, full + 1 < nb_used, xq, d16, xsum, acc);
     if (full + 2 < nb_used)
-      TileStep<C, H, SPG, R, T, 1>(fi, row0, row_bytes, full + 2, full + 3 < nb_used, xq, d16, x4, acc);
+      TileStep<C, H, SPG, R, T, 1>(fi, row0, row_bytes, full + 2, full + 3 < nb_used, xq, d16, xsum, acc);
   }
   if constexpr (R == 4) {
     for (int t = 0; t < T; ++t) {
-      __m512 d[4], m[4];
-      for (int r = 0; r < 4; ++r) {
-        d[r] = _mm512_add_ps(acc.d[0][r][t], acc.d[1][r][t]);
-        m[r] = _mm512_add_ps(acc.m[0][r][t], acc.m[1][r][t]);
-      }
-      _mm_storeu_ps(out + t * ldy, Reduce4Rows(d, m));
+      __m512 d[4];
+      for (int r = 0; r < 4; ++r) d[r] = _mm512_add_ps(acc.d[0][r][t], acc.d[1][r][t]);
+      const __m128 m = _mm_setr_ps(MChains(acc.m[0][0][t], acc.m[1][0][t]), MChains(acc.m[0][1][t], acc.m[1][1][t]),
+                                   MChains(acc.m[0][2][t], acc.m[1][2][t]), MChains(acc.m[0][3][t], acc.m[1][3][t]));
+      _mm_storeu_ps(out + t * ldy, _mm_add_ps(Reduce4RowsD(d), m));
     }
   } else {
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t)
         out[t * ldy + r] = Reduce(_mm512_add_ps(acc.d[0][r][t], acc.d[1][r][t])) +
-                           Reduce(_mm512_add_ps(acc.m[0][r][t], acc.m[1][r][t]));
+                           MChains(acc.m[0][r][t], acc.m[1][r][t]);
   }
 }
 
@@ -304,10 +327,6 @@ constexpr int kHeaderBytes = H == HeaderKind::kIntAsym ? 4 : 2;  // int, ternary
 template <CodeKind C, HeaderKind H, int SPG>
 constexpr int kDecodeBlockBytes = kHeaderBytes<H> + SPG * kBlock * kCodeBits<C> / 8;
 
-template <typename T, int N>
-struct alignas(64) Table {
-  T v[N];
-};
 // vpermt2w: header words of rows A (first table) and B (second) -> words
 // [d_b, d_b+1, m_b, m_b+1] of A (0-3) and of B (4-7). Kinds without a stored
 // m take d there (binary: scaled by kBinaryScaleMul; int sym and ternary do
@@ -337,13 +356,6 @@ constexpr Table<float, 16> MakeBinaryScaleMul() {
   return t;
 }
 inline constexpr Table<float, 16> kBinaryScaleMul = MakeBinaryScaleMul();
-// vpermps: row r's d (m) products of blocks b, b + 1 -> lanes 0-7, 8-15.
-constexpr Table<int32_t, 16> MakeSpread(int lane) {
-  Table<int32_t, 16> t{};
-  for (int i = 0; i < 16; ++i) t.v[i] = lane + i / 8;
-  return t;
-}
-inline constexpr Table<int32_t, 16> kSpread[4] = {MakeSpread(0), MakeSpread(2), MakeSpread(4), MakeSpread(6)};
 // int4 at group 32 (bb = header + 16): word i < 16 takes code byte i, word
 // 16 + i byte bb + i of the next block (offsets from the codes' start).
 template <HeaderKind H>
@@ -418,34 +430,28 @@ NIBBLE_VBMI_INLINE void LoadRowPair(const uint8_t* row, int64_t b, bool two, __m
   }
 }
 
-// Blocks b, b + 1 of two rows (rowa, rowa + row_bytes) into their D / M
-// accumulators of one slot pair (canonical lanes). dxv = [dx_b, dx_b+1] per
-// lane pair; x, xs: the pair's activations and their 4-column sums.
+// Blocks b, b + 1 of two rows (rowa, rowa + row_bytes) into their D
+// accumulators of one slot pair (canonical lanes) and their M chains
+// (mc: row A's M_s, M_s+1 in lanes 2, 3, row B's in 6, 7; other lanes
+// unused). dxv = [dx_b, dx_b+1] per lane pair; x: the pair's activations;
+// sv = [S_b, S_b+1] per lane pair (times FoldMul for kFoldM kinds).
 template <CodeKind C, HeaderKind H, int SPG>
 NIBBLE_VBMI_INLINE void DecodeHalf(const uint8_t* rowa, int64_t row_bytes, int64_t b, bool two, __m512 dxv, __m512i x,
-                                   __m512 xs, __m512& da, __m512& ma, __m512& db, __m512& mb) {
+                                   __m512 sv, __m512& da, __m512& db, __m512& mc) {
   __m512i hdr0, hdr1, q0, q1;
   LoadRowPair<C, H, SPG>(rowa, b, two, hdr0, q0);
   LoadRowPair<C, H, SPG>(rowa + row_bytes, b, two, hdr1, q1);
-  // 8 fp16 [d_b, d_b+1, m_b, m_b+1] of the two rows -> 8 products (upper lanes unused).
+  // 8 fp16 [d_b, d_b+1, m_b, m_b+1] of the two rows -> 8 products (upper lanes 0).
   const __m512i hw = _mm512_permutex2var_epi16(hdr0, _mm512_load_si512(kHeaderIdx<C, H, SPG>.v), hdr1);
-  __m512 f = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm512_castsi512_si128(hw)));
+  __m512 f = _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm512_castsi512_si128(hw)));
   if constexpr (H == HeaderKind::kBinary) f = _mm512_mul_ps(f, _mm512_load_ps(kBinaryScaleMul.v));
   const __m512 sc = _mm512_mul_ps(f, dxv);
   const __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, x);
   const __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q1, x);
-  const __m512 sa = _mm512_permutexvar_ps(_mm512_load_si512(kSpread[0].v), sc);
-  const __m512 sb = _mm512_permutexvar_ps(_mm512_load_si512(kSpread[2].v), sc);
-  da = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), sa, da);
-  db = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), sb, db);
-  if constexpr (kFoldM<H>) {
-    // xs already holds FoldMul * X (DecodePass): D's scale serves the M lanes.
-    ma = _mm512_fmadd_ps(xs, sa, ma);
-    mb = _mm512_fmadd_ps(xs, sb, mb);
-  } else {
-    ma = _mm512_fmadd_ps(xs, _mm512_permutexvar_ps(_mm512_load_si512(kSpread[1].v), sc), ma);
-    mb = _mm512_fmadd_ps(xs, _mm512_permutexvar_ps(_mm512_load_si512(kSpread[3].v), sc), mb);
-  }
+  da = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_permutexvar_ps(_mm512_load_si512(kSpread[0].v), sc), da);
+  db = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_permutexvar_ps(_mm512_load_si512(kSpread[2].v), sc), db);
+  // The m lanes of sc hold fl(m_g dx_b) (kFoldM kinds: fl(d_g dx_b), sv scaled): one fma for 2 rows x 2 blocks.
+  mc = _mm512_fmadd_ps(sv, sc, mc);
 }
 
 // One slot pair's pass over a 4-row tile: steps b = b0, b0 + 4, ... (b0 = 0
@@ -453,22 +459,22 @@ NIBBLE_VBMI_INLINE void DecodeHalf(const uint8_t* rowa, int64_t row_bytes, int64
 // shared 16-accumulator struct made GCC keep them in memory, stored every step).
 template <CodeKind C, HeaderKind H, int SPG>
 NIBBLE_VBMI_INLINE void DecodePass(const uint8_t* row0, int64_t row_bytes, int64_t nb_used, int64_t b0,
-                                   const int8_t* xq, const float* dx, const float* x4, __m512* d, __m512* m) {
-  __m512 d0 = _mm512_setzero_ps(), d1 = d0, d2 = d0, d3 = d0, m0 = d0, m1 = d0, m2 = d0, m3 = d0;
+                                   const int8_t* xq, const float* dx, const float* xsum, __m512* d, __m512* mc) {
+  __m512 d0 = _mm512_setzero_ps(), d1 = d0, d2 = d0, d3 = d0, m01 = d0, m23 = d0;
   auto step = [&](int64_t b, bool two) NIBBLE_VBMI_INLINE_LAMBDA {
-    // [dx_b, dx_b+1] in every lane pair (dx has nb >= b + 2 entries).
-    const __m512 dxv = _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(dx + b)));
+    // [dx_b, dx_b+1] and [S_b, S_b+1] in every lane pair (nb >= b + 2 entries).
+    const __m512 dxv = PairBroadcast(dx + b);
     const __m512i x = _mm512_load_si512(xq + b * kBlock);
-    __m512 xs = _mm512_load_ps(x4 + b * 8);
-    if constexpr (kFoldM<H>) xs = _mm512_mul_ps(xs, _mm512_set1_ps(FoldMul(H, kCodeBits<C>)));
-    DecodeHalf<C, H, SPG>(row0, row_bytes, b, two, dxv, x, xs, d0, m0, d1, m1);
-    DecodeHalf<C, H, SPG>(row0 + 2 * row_bytes, row_bytes, b, two, dxv, x, xs, d2, m2, d3, m3);
+    __m512 sv = PairBroadcast(xsum + b);
+    if constexpr (kFoldM<H>) sv = _mm512_mul_ps(sv, _mm512_set1_ps(FoldMul(H, kCodeBits<C>)));
+    DecodeHalf<C, H, SPG>(row0, row_bytes, b, two, dxv, x, sv, d0, d1, m01);
+    DecodeHalf<C, H, SPG>(row0 + 2 * row_bytes, row_bytes, b, two, dxv, x, sv, d2, d3, m23);
   };
   int64_t b = b0;
   for (; b + 2 <= nb_used; b += 4) step(b, true);
   if (b < nb_used) step(b, false);  // a last odd block
   d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3;
-  m[0] = m0, m[1] = m1, m[2] = m2, m[3] = m3;
+  mc[0] = m01, mc[1] = m23;
 }
 
 // Rows row0 .. row0 + 3, token t: out[0 .. 3].
@@ -477,19 +483,22 @@ NIBBLE_AVX512VBMI void DecodeTile(const uint8_t* row0, int64_t row_bytes, int64_
                                   float* out) {
   const int8_t* xq = a.xq + t * a.nb * kBlock;
   const float* dx = a.dx + t * a.nb;
-  const float* x4 = a.xs4f + t * a.nb * 8;
+  const float* xsum = a.xsum + t * a.nb;
   // Slot pair 0 (blocks b % 4 < 2) over the whole row, then slot pair 1:
-  // each pass keeps 8 accumulators live (16 plus the step's temporaries do
-  // not fit the 32 registers). Each lane's fma chain still runs over its
-  // blocks in order (canonical).
-  __m512 d[4], m[4], d1[4], m1[4];
-  DecodePass<C, H, SPG>(row0, row_bytes, nb_used, 0, xq, dx, x4, d, m);
-  DecodePass<C, H, SPG>(row0, row_bytes, nb_used, 2, xq, dx, x4, d1, m1);
-  for (int r = 0; r < 4; ++r) {
-    d[r] = _mm512_add_ps(d[r], d1[r]);
-    m[r] = _mm512_add_ps(m[r], m1[r]);
-  }
-  _mm_storeu_ps(out, Reduce4Rows(d, m));
+  // each pass keeps 6 accumulators live. Each lane's fma chain still runs
+  // over its blocks in order (canonical).
+  __m512 d[4], mc[2], d1[4], mc1[2];
+  DecodePass<C, H, SPG>(row0, row_bytes, nb_used, 0, xq, dx, xsum, d, mc);
+  DecodePass<C, H, SPG>(row0, row_bytes, nb_used, 2, xq, dx, xsum, d1, mc1);
+  for (int r = 0; r < 4; ++r) d[r] = _mm512_add_ps(d[r], d1[r]);
+  // (M_0 + M_1) + (M_2 + M_3): pair sums within each pass (lanes 2 and 6), then the passes.
+  __m512 m[2];
+  for (int i = 0; i < 2; ++i)
+    m[i] = _mm512_add_ps(_mm512_add_ps(mc[i], _mm512_permute_ps(mc[i], _MM_SHUFFLE(2, 3, 0, 1))),
+                         _mm512_add_ps(mc1[i], _mm512_permute_ps(mc1[i], _MM_SHUFFLE(2, 3, 0, 1))));
+  const __m128 mv = _mm512_castps512_ps128(
+      _mm512_permutex2var_ps(m[0], _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 22, 18, 6, 2), m[1]));
+  _mm_storeu_ps(out, _mm_add_ps(Reduce4RowsD(d), mv));
 }
 
 template <CodeKind C, HeaderKind H, int SPG, bool FAST>

@@ -23,7 +23,7 @@ struct QActs {
   const float* dxs = nullptr;  // [n_tokens][nb]: dx_b * sum(xq_b)
   const float* dx16 = nullptr; // [n_tokens][nb / 2][16]: dx of block 2p in lanes 0-7, 2p+1 in 8-15
   const int32_t* xs4 = nullptr; // [n_tokens][nb][8]: sums of xq over columns 4l..4l+3 of each block
-  const float* xs4f = nullptr;  // the same as float (exact)
+  const float* xsum = nullptr;  // [n_tokens][nb]: S_b = sum of xq over block b, as float (exact)
   const float* x = nullptr;    // the fp32 activations [n_tokens][cols] (side-car)
 };
 
@@ -155,28 +155,33 @@ void DequantRowAvx2(const fmt::Format& f, const uint8_t* row, int64_t cols, floa
 // construction; kernels/cpu/qmatmul_acts.cc), so all ISAs see identical
 // quantized activations.
 void QuantizeActs(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx, float* dxs,
-                  float* dx16, int32_t* xs4, float* xs4f);
+                  float* dx16, int32_t* xs4, float* xsum);
 // The scalar reference QuantizeActs (which uses AVX-512 when the CPU has it;
 // both write identical bytes, asserted in qmatmul_test).
 void QuantizeActsScalar(const float* x, int64_t n_tokens, int64_t cols, int64_t nb, int8_t* xq, float* dx,
-                        float* dxs, float* dx16, int32_t* xs4, float* xs4f);
+                        float* dxs, float* dx16, int32_t* xs4, float* xsum);
 
 
 // The canonical fp32 order every ISA follows, so that all ISAs give
-// bit-identical results (the int32 lane sums are exact in any order):
+// bit-identical results (the int32 sums are exact in any order):
 //  * lane sums L_b[l] = sum_{i<4} q[4l+i] * xq[4l+i] (l < 8) of block b, and
-//    X_b[l] = sum_{i<4} xq[4l+i] (xs4);
-//  * two sets of 32 fp32 lanes, for blocks b < ceil(cols/32) in order, lane
-//    j = 8 (b % 4) + l:  D[j] = fma(float(L_b[l]), fl(d_g * dx_b), D[j]),
-//                        M[j] = fma(float(X_b[l]), fl(m_g * dx_b), M[j])
+//    the block sum S_b = sum_{i<32} xq[i] (xsum, an exact float);
+//  * 32 fp32 lanes D, for blocks b < ceil(cols/32) in order, lane
+//    j = 8 (b % 4) + l:  D[j] = fma(float(L_b[l]), fl(d_g * dx_b), D[j]);
+//  * 4 fp32 chains M_s, one per block slot s = b % 4, blocks in order:
+//                        M_s = fma(S_b, fl(m_g * dx_b), M_s)
 //    except for int sym (m_g = c d_g, c = SymMul(bits) = -2^(bits-1)), whose
-//    M lanes reuse D's scale:  M[j] = fma(c * float(X_b[l]), fl(d_g * dx_b), M[j])
-//    (c X is exact; the same value as the general form unless fl(d_g dx_b)
-//    is subnormal or within a factor |c| of overflow; it saves the SIMD
-//    kernels a scale product and its broadcast per block)
+//    chains reuse D's scale:  M_s = fma(c * S_b, fl(d_g * dx_b), M_s)
+//    (c S_b is exact; the same value as the general form unless fl(d_g dx_b)
+//    is subnormal or within a factor |c| of overflow). Ternary (m_g = -d_g)
+//    may likewise use fma(-S_b, fl(d_g * dx_b), M_s): negation is exact, so
+//    that is the general form's value bit for bit;
 //    (SIMD padding blocks add fma(0, ., .) = no change);
-//  * packed row . x = Reduce32(D) + Reduce32(M).
-// Four block slots keep independent fma chains (latency) in every ISA.
+//  * packed row . x = Reduce32(D) + ((M_0 + M_1) + (M_2 + M_3)).
+// Four block slots keep independent fma chains (latency) in every ISA. The
+// additive term needs one fma per block (not per lane): S_b is the sum of
+// the lane sums X_b[l] (xs4), and the SIMD kernels keep one M lane per row
+// and slot instead of spreading m_g dx_b over 8 lanes.
 inline float Reduce16(const float* acc) {
   float v8[8], v4[4];
   for (int l = 0; l < 8; ++l) v8[l] = acc[l] + acc[l + 8];

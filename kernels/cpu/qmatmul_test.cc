@@ -651,15 +651,15 @@ TEST(QMatMulActsTest, QuantizeActsMatchesScalar) {
     if (cols > 9) x[3 * cols + 3] = 127.0f, x[3 * cols + 4] = 0.5f, x[3 * cols + 5] = -1.5f, x[3 * cols + 6] = 2.5f;
     struct Out {
       std::vector<int8_t> xq;
-      std::vector<float> dx, dxs, dx16, xs4f;
+      std::vector<float> dx, dxs, dx16, xsum;
       std::vector<int32_t> xs4;
     };
     auto run = [&](bool avx) {
       Out o{std::vector<int8_t>(total * 32, 99), std::vector<float>(total, -1), std::vector<float>(total, -1),
-            std::vector<float>(total * 8, -1), std::vector<float>(total * 8, -1), std::vector<int32_t>(total * 8, -1)};
+            std::vector<float>(total * 8, -1), std::vector<float>(total, -1), std::vector<int32_t>(total * 8, -1)};
       const auto quantize = avx ? qmm::QuantizeActs : qmm::QuantizeActsScalar;
       quantize(x.data(), n_tokens, cols, nb, o.xq.data(), o.dx.data(), o.dxs.data(), o.dx16.data(), o.xs4.data(),
-               o.xs4f.data());
+               o.xsum.data());
       return o;
     };
     const Out a = run(false), b = run(true);
@@ -668,7 +668,7 @@ TEST(QMatMulActsTest, QuantizeActsMatchesScalar) {
     EXPECT_EQ(0, std::memcmp(a.dx.data(), b.dx.data(), a.dx.size() * 4)) << cols;
     EXPECT_EQ(0, std::memcmp(a.dxs.data(), b.dxs.data(), a.dxs.size() * 4)) << cols;
     EXPECT_EQ(0, std::memcmp(a.dx16.data(), b.dx16.data(), a.dx16.size() * 4)) << cols;
-    EXPECT_EQ(0, std::memcmp(a.xs4f.data(), b.xs4f.data(), a.xs4f.size() * 4)) << cols;
+    EXPECT_EQ(0, std::memcmp(a.xsum.data(), b.xsum.data(), a.xsum.size() * 4)) << cols;
   }
 }
 #endif
