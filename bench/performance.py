@@ -90,14 +90,23 @@ NOTES = [
     "fp32 vs F16 decode cannot be won with fp32 weights: F16 streams half the bytes and nibble has no "
     "16-bit weight type. fp32 vs F32 decode: both stream 538 MB per token; the ratio follows which engine "
     "gets closer to the bandwidth bound (see the % bw columns).",
-    "On the AMD EPYC, int4_g32 and int8 decode reach the 70% bandwidth target while int4_g64_sym and "
-    "int2_g64 stay below it (47-70% over this session's runs; the measured bound itself moves by +-25% "
-    "between runs): their bytes per token are lower while the unpack and scale work per weight is not. perf: "
-    "the 4-row int4 g64 symmetric decode tile takes 57% of samples, spread over scale permutes, converts "
-    "and dot products (~16 instructions per 64 weights per row pair), so ~22 GB/s is its compute limit. On "
-    "the Sapphire Rapids machine of earlier runs 1-thread decode was bound by one core's memory-level "
-    "parallelism (line-fill buffers full) and 2-thread decode lost ~10% to serial per-step work (norms, "
-    "RoPE, residual adds, sampling) and 4 fork/joins per layer.",
+    "Decode compute (2026-12-07): the int8-activation kernels now spend one fma per 32-column block on the "
+    "additive term (fl(m dx) times the block's activation sum, 4 chains per row) instead of 8 spread lanes, "
+    "and int sym formats reuse the scale product of the d term; AVX2 lost an integer division per block. "
+    "qmatmul_bench GEMV in cache, 1 thread, before -> after: AVX-512 int4_g32 31.1 -> 36.9 GB/s, "
+    "int4_g64_sym 27.5 -> 31.9, int2_g64 16.6 -> 18.0; AVX2 int4_g32 7.4 -> 13.8.",
+    "On the AMD EPYC, int4_g32 and int8 1-thread decode reach the 70% bandwidth target; int4_g64_sym "
+    "reaches 65-70% and int2_g64 47-50% at 1 thread (71% at 2). Both stream fewer bytes per weight while "
+    "the per-weight work is the same: perf puts the 4-row decode tile at ~55% of samples, compute-bound "
+    "(int2_g64: ~18 GB/s in cache; 2 rows x 64 weights take ~18 vector instructions: unpack, header "
+    "convert and scale, two permutes, two dot products, two converts, three fmas, and zmm instructions run "
+    "at half rate on this core). Closing it needs fewer instructions per 64 weights than the canonical "
+    "fp32 order (one fp32 lane per 4 weights) allows, e.g. activations quantized per 64 columns so that a "
+    "group's two 32-blocks accumulate in int32 before one convert. At 2 threads all formats land at "
+    "27-38 GB/s against a measured bound that moves between 37 and 62 GB/s. On the Sapphire Rapids machine "
+    "of earlier runs 1-thread decode was bound by one core's memory-level parallelism (line-fill buffers "
+    "full) and 2-thread decode lost ~10% to serial per-step work (norms, RoPE, residual adds, sampling) "
+    "and 4 fork/joins per layer.",
 ]
 TARGETS = {"tg_ratio": 1.3, "pp_ratio": 1.2, "tg_pct_bw": 70.0}
 
