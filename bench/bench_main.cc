@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "bench/membw.h"
 #include "engine/core/quant_tensor.h"
 #include "engine/runtime/engine.h"
 #include "nlohmann/json.hpp"
@@ -57,34 +58,6 @@ double DecodeBytesPerToken(const nibble::LoadedModel& m) {
       bytes += TensorBytes(*t);
   }
   return bytes;
-}
-
-// Read bandwidth (GB/s) over a buffer of `bytes` with `threads` threads: the
-// best of several passes of a vectorizable sum over disjoint slices.
-double MeasureReadBandwidth(size_t bytes, int threads) {
-  const size_t n = std::max<size_t>(bytes / sizeof(float), 1 << 20);
-  std::vector<float> buf(n);
-  for (size_t i = 0; i < n; ++i) buf[i] = static_cast<float>(i & 1023);
-  std::vector<double> sink(static_cast<size_t>(threads));
-  double best = 0;
-  for (int pass = 0; pass < 6; ++pass) {
-    const auto t0 = Clock::now();
-    std::vector<std::thread> ts;
-    for (int t = 0; t < threads; ++t) {
-      ts.emplace_back([&, t] {
-        const size_t b = n * t / threads, e = n * (t + 1) / threads;
-        float acc[16] = {};
-        for (size_t i = b; i + 16 <= e; i += 16)
-          for (int j = 0; j < 16; ++j) acc[j] += buf[i + j];
-        sink[t] = std::accumulate(acc, acc + 16, 0.0);
-      });
-    }
-    for (auto& th : ts) th.join();
-    const double s = Seconds(t0, Clock::now());
-    if (pass > 0) best = std::max(best, static_cast<double>(n * sizeof(float)) / s / 1e9);
-  }
-  if (std::accumulate(sink.begin(), sink.end(), 0.0) == -1.0) std::printf(" ");  // keep the sums alive
-  return best;
 }
 
 struct Stat {
@@ -181,7 +154,9 @@ int main(int argc, char** argv) {
     tg = Summarize(v);
   }
   const double bytes = DecodeBytesPerToken(model.loaded());
-  const double bw = no_bw ? 0.0 : MeasureReadBandwidth(static_cast<size_t>(bytes), threads);
+  // At least 4 MiB (the weights of a real model are larger than that anyway).
+  const double bw =
+      no_bw ? 0.0 : nibble::bench::MeasureReadBandwidth(std::max<size_t>(static_cast<size_t>(bytes), size_t{4} << 20), threads);
   const double achieved = tg.mean * bytes / 1e9;
   const std::string fmt_name =
       model.loaded().metadata.count("quant.format") ? model.loaded().metadata.at("quant.format") : "source";

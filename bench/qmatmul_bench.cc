@@ -2,8 +2,10 @@
 // SmolLM2-135M shapes: GEMV (1 token: decode), 4-, 8- and 16-token GEMMs
 // (short prefill chunks, around the AMX threshold of 8) and 512-token GEMMs (prefill: q/k/v/o
 // 576x576 and 192x576, gate/up 1536x576, down 576x1536), AVX-512 VNNI vs AMX.
-// Reports bytes_per_second = packed weight bytes streamed per second, plus
-// the fp32 dequantize-then-dot reference for scale. f32/... times the
+// Reports bytes_per_second = packed weight bytes streamed per second (GEMVs
+// also pct_of_read_bw: that over the read bandwidth measured on a buffer of
+// the same size at 1 thread, bench/membw.h; mem_read/<bytes> prints that
+// bound), plus the fp32 dequantize-then-dot reference for scale. f32/... times the
 // unquantized fp32 MatMulF32 (ops.h) on the same shapes, in GFLOP/s;
 // <format>/dequant-f32 times QuantMatMulDequantF32 (the prefill path of CPUs
 // without AMX) at 16 and 512 tokens.
@@ -17,12 +19,15 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "bench/membw.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/qmatmul.h"
 #include "kernels/formats/format.h"
@@ -67,6 +72,19 @@ std::vector<float> RandomActs(int64_t n) {
   return x;
 }
 
+// MeasureReadBandwidth at 1 thread, once per buffer size.
+double ReadBandwidth(size_t bytes) {
+  static std::map<size_t, double>* cache = new std::map<size_t, double>();
+  auto it = cache->find(bytes);
+  if (it == cache->end()) it = cache->emplace(bytes, bench::MeasureReadBandwidth(bytes, 1)).first;
+  return it->second;
+}
+
+void BM_MemRead(benchmark::State& state) {
+  const size_t bytes = static_cast<size_t>(state.range(0));
+  for (auto _ : state) state.counters["GB/s"] = bench::MeasureReadBandwidth(bytes, 1);
+}
+
 void BM_QMatMul(benchmark::State& state, fmt::Format f) {
   const int64_t rows = state.range(0), cols = state.range(1), n_tokens = state.range(2);
   const QIsa isa = static_cast<QIsa>(state.range(3));
@@ -95,12 +113,19 @@ void BM_QMatMul(benchmark::State& state, fmt::Format f) {
       return;
     }
   }
+  const double bw = n_tokens == 1 ? ReadBandwidth(p.bytes.size()) : 0.0;  // before the timed loop
+  const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) {
     QuantMatMulIsa(isa, p.view, x.data(), n_tokens, y.data(), nullptr, &scratch);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(p.bytes.size()));
+  // GEMV: percent of the read bandwidth measured on a buffer of the same size.
+  if (bw > 0 && secs > 0)
+    state.counters["pct_of_read_bw"] =
+        100.0 * static_cast<double>(state.iterations()) * static_cast<double>(p.bytes.size()) / secs / (bw * 1e9);
   state.SetLabel(QIsaName(isa));
 }
 
@@ -172,6 +197,9 @@ const char* const kBenchFormats[] = {"int8_g32", "int4_g32", "int4_g64_sym", "in
 
 int Register() {
   const int64_t shapes[][2] = {{576, 576}, {1536, 576}, {576, 1536}, {49152, 576}};
+  // The bounds of the GEMV shapes' int4_g32 sizes (in cache .. DRAM).
+  benchmark::RegisterBenchmark("mem_read", BM_MemRead)
+      ->Arg(576 * 360)->Arg(1536 * 360)->Arg(49152 * 360)->Iterations(1);
   auto* f32 = benchmark::RegisterBenchmark("f32/matmul", BM_MatMulF32);
   for (const auto& s : {std::array<int64_t, 2>{576, 576}, {192, 576}, {1536, 576}, {576, 1536}})
     for (int n : {1, 4, 8, 16, 512}) f32->Args({s[0], s[1], n, 2});
