@@ -1,10 +1,12 @@
 // nibble-bench: prefill and decode throughput of a model, like llama-bench.
 //
-//   nibble-bench -m MODEL [-p 512] [-n 128] [-t THREADS] [-r REPS] [--json]
+//   nibble-bench -m MODEL [-p 512] [-n 128] [-d DEPTH] [-t THREADS] [-r REPS] [--json]
 //
 // pp<P>: one Forward over P tokens from position 0 (a fresh context), the
 // prefill path (batched matmuls). tg<N>: N single-token Forward calls from
-// position 0, the decode path (GEMV). Token ids are fixed pseudo-random ids
+// position 0, the decode path (GEMV). With -d D (llama-bench's depth), both
+// start at position D of a context whose first D positions were filled once
+// by an untimed prefill: attention then reads D + i cached positions. Token ids are fixed pseudo-random ids
 // (seeded), as llama-bench does. Each test runs once untimed (warm-up: page
 // faults, caches), then REPS timed repetitions; the table shows mean ±
 // sample standard deviation of tokens/s.
@@ -83,18 +85,20 @@ Stat Summarize(std::vector<double> v) {
 int main(int argc, char** argv) {
   CLI::App app{"nibble-bench: prefill / decode throughput (llama-bench style)"};
   std::string model_path, tokenizer_path;
-  int n_prompt = 512, n_gen = 128, threads = 0, reps = 3;
+  int n_prompt = 512, n_gen = 128, depth = 0, threads = 0, reps = 3;
   bool json = false, no_bw = false;
   app.add_option("-m,--model", model_path, "model file (nibble .nbl, GGUF, llama2.c .bin, HF directory)")->required();
   app.add_option("--tokenizer", tokenizer_path, "tokenizer file (llama2.c models)");
   app.add_option("-p,--n-prompt", n_prompt, "prefill tokens (0: skip)")->capture_default_str();
   app.add_option("-n,--n-gen", n_gen, "decode tokens (0: skip)")->capture_default_str();
+  app.add_option("-d,--depth", depth, "context depth: pp and tg start at this position (filled once, untimed)")
+      ->capture_default_str();
   app.add_option("-t,--threads", threads, "CPU threads (default: all cores)");
   app.add_option("-r,--repetitions", reps, "timed repetitions per test")->capture_default_str();
   app.add_flag("--json", json, "print one JSON object on stdout instead of the table");
   app.add_flag("--no-bandwidth", no_bw, "skip the memory bandwidth measurement");
   CLI11_PARSE(app, argc, argv);
-  if (n_prompt < 0 || n_gen < 0 || reps < 1) {
+  if (n_prompt < 0 || n_gen < 0 || depth < 0 || reps < 1) {
     std::fprintf(stderr, "error: -p and -n must be >= 0 and -r >= 1\n");
     return 2;
   }
@@ -108,9 +112,9 @@ int main(int argc, char** argv) {
   }
   nibble::LlamaModel& model = *engine->model;
   const nibble::ModelConfig& c = model.config();
-  const int ctx = std::max(n_prompt, n_gen);
+  const int ctx = depth + std::max(n_prompt, n_gen);
   if (c.max_seq_len > 0 && ctx > c.max_seq_len) {
-    std::fprintf(stderr, "error: -p/-n %d exceed the model's context length %d\n", ctx, c.max_seq_len);
+    std::fprintf(stderr, "error: -d + max(-p, -n) = %d exceeds the model's context length %d\n", ctx, c.max_seq_len);
     return 2;
   }
   auto cache = model.NewKVCache(std::max(ctx, 1));
@@ -122,7 +126,7 @@ int main(int argc, char** argv) {
 
   auto run_pp = [&]() -> double {
     const auto t0 = Clock::now();
-    auto s = model.Forward(std::span<const int32_t>(tokens.data(), n_prompt), 0, cache.get(), logits);
+    auto s = model.Forward(std::span<const int32_t>(tokens.data() + depth, n_prompt), depth, cache.get(), logits);
     if (!s.ok()) {
       std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
       std::exit(1);
@@ -132,7 +136,7 @@ int main(int argc, char** argv) {
   auto run_tg = [&]() -> double {
     const auto t0 = Clock::now();
     for (int i = 0; i < n_gen; ++i) {
-      auto s = model.Forward(std::span<const int32_t>(&tokens[i], 1), i, cache.get(), logits);
+      auto s = model.Forward(std::span<const int32_t>(&tokens[depth + i], 1), depth + i, cache.get(), logits);
       if (!s.ok()) {
         std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
         std::exit(1);
@@ -140,6 +144,13 @@ int main(int argc, char** argv) {
     }
     return n_gen / Seconds(t0, Clock::now());
   };
+  if (depth > 0) {
+    auto s = model.Forward(std::span<const int32_t>(tokens.data(), depth), 0, cache.get(), logits);
+    if (!s.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+      return 1;
+    }
+  }
   Stat pp, tg;
   if (n_prompt > 0) {
     run_pp();
@@ -168,6 +179,7 @@ int main(int argc, char** argv) {
     j["backend"] = model.backend().name();
     j["n_prompt"] = n_prompt;
     j["n_gen"] = n_gen;
+    j["depth"] = depth;
     j["reps"] = reps;
     j["pp_tps"] = pp.mean;
     j["pp_tps_sd"] = pp.sd;
@@ -184,12 +196,13 @@ int main(int argc, char** argv) {
   }
   std::printf("| model | format | backend | threads | test | t/s | weights MB/token | GB/s | %% of read bw |\n");
   std::printf("|---|---|---|---:|---|---:|---:|---:|---:|\n");
+  const std::string at = depth > 0 ? " @ d" + std::to_string(depth) : "";
   if (n_prompt > 0)
-    std::printf("| %s | %s | %s | %d | pp%d | %.2f ± %.2f | | | |\n", model_path.c_str(), fmt_name.c_str(),
-                model.backend().name().c_str(), threads, n_prompt, pp.mean, pp.sd);
+    std::printf("| %s | %s | %s | %d | pp%d%s | %.2f ± %.2f | | | |\n", model_path.c_str(), fmt_name.c_str(),
+                model.backend().name().c_str(), threads, n_prompt, at.c_str(), pp.mean, pp.sd);
   if (n_gen > 0)
-    std::printf("| %s | %s | %s | %d | tg%d | %.2f ± %.2f | %.1f | %.2f | %.0f%% of %.1f |\n", model_path.c_str(),
-                fmt_name.c_str(), model.backend().name().c_str(), threads, n_gen, tg.mean, tg.sd, bytes / 1e6,
-                achieved, bw > 0 ? 100.0 * achieved / bw : 0.0, bw);
+    std::printf("| %s | %s | %s | %d | tg%d%s | %.2f ± %.2f | %.1f | %.2f | %.0f%% of %.1f |\n", model_path.c_str(),
+                fmt_name.c_str(), model.backend().name().c_str(), threads, n_gen, at.c_str(), tg.mean, tg.sd,
+                bytes / 1e6, achieved, bw > 0 ? 100.0 * achieved / bw : 0.0, bw);
   return 0;
 }

@@ -559,6 +559,10 @@ TEST(TiledAttention, BitIdenticalAcrossIsas) {
   shapes.push_back({15, 5, 49, 13, 97, 33});  // odd everything, chunk at pos0 64
   shapes.push_back({9, 3, 64, 16, 257, 1});   // decode past four tiles (SmolLM2-like head_dim)
   shapes.push_back({2, 1, 96, 32, 129, 129}); // prefill, head_dim 96 (16-lane tail of 0, 32 of 0)
+  // AVX-512 runs the 2..4 heads of a GQA group together (ScoresTRows/PvRows): groups of 2 and 4,
+  // decode and a 3-token chunk, head_dim with a 64-column part and a tail.
+  shapes.push_back({8, 2, 80, 16, 200, 1});
+  shapes.push_back({4, 2, 64, 8, 70, 3});
   int compared = 0;
   for (bool i8 : {false, true}) {
     for (float gain : {1.0f, 4.0f}) {

@@ -478,6 +478,81 @@ struct Avx512Ops {
       _mm512_storeu_ps(acc + i, a0), _mm512_storeu_ps(acc + i + 16, a1);
       _mm512_storeu_ps(acc + i + 32, a2), _mm512_storeu_ps(acc + i + 48, a3);
     }
+    PvTail<V>(acc, i, d, alpha, c, v, n);
+  }
+  // NR query rows (heads of one kv group, same token) at once: each row gets
+  // exactly ScoresT's / Pv's operations (same chains, same order), but every
+  // K^T / V load serves NR rows (decode: the whole GQA group per tile).
+  static constexpr int kMaxRows = 4;
+  template <int NR>
+  NIBBLE_TA_AVX512 static void ScoresTRows(const float* const* q, const float* kt, const float* cs, int hd, int n,
+                                           float* const* s, float* tmax) {
+    __m512 mx[NR];
+    for (int r = 0; r < NR; ++r) mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int j = 0; j < n; j += 64) {
+      __m512 a[NR][4];
+      for (int r = 0; r < NR; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();
+      for (int i = 0; i < hd; ++i) {
+        const float* row = kt + int64_t{i} * kKvTile + j;
+        const __m512 k0 = _mm512_loadu_ps(row), k1 = _mm512_loadu_ps(row + 16);
+        const __m512 k2 = _mm512_loadu_ps(row + 32), k3 = _mm512_loadu_ps(row + 48);
+        for (int r = 0; r < NR; ++r) {
+          const __m512 qi = _mm512_set1_ps(q[r][i]);
+          a[r][0] = _mm512_fmadd_ps(qi, k0, a[r][0]);
+          a[r][1] = _mm512_fmadd_ps(qi, k1, a[r][1]);
+          a[r][2] = _mm512_fmadd_ps(qi, k2, a[r][2]);
+          a[r][3] = _mm512_fmadd_ps(qi, k3, a[r][3]);
+        }
+      }
+      for (int b = 0; b < 4 && j + 16 * b < n; ++b) {
+        const int jb = j + 16 * b;
+        const __mmask16 k = n - jb >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - jb)) - 1);
+        const __m512 c = _mm512_maskz_loadu_ps(k, cs + jb);
+        for (int r = 0; r < NR; ++r) {
+          const __m512 v = _mm512_mul_ps(a[r][b], c);
+          mx[r] = _mm512_mask_max_ps(mx[r], k, v, mx[r]);  // NaN lane: keeps mx
+          _mm512_mask_storeu_ps(s[r] + jb, k, v);
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) tmax[r] = _mm512_reduce_max_ps(mx[r]);
+  }
+  template <class V, int NR>
+  NIBBLE_TA_AVX512 static void PvRows(float* const* acc, int d, const float* alpha, const float* const* c,
+                                      const void* const* v, int n) {
+    int i = 0;
+    for (; i + 64 <= d; i += 64) {
+      __m512 a[NR][4];
+      for (int r = 0; r < NR; ++r) {
+        for (int u = 0; u < 4; ++u) a[r][u] = _mm512_loadu_ps(acc[r] + i + 16 * u);
+        if (alpha[r] != 1.0f) {
+          const __m512 al = _mm512_set1_ps(alpha[r]);
+          for (int u = 0; u < 4; ++u) a[r][u] = _mm512_mul_ps(a[r][u], al);
+        }
+      }
+      for (int j = 0; j < n; ++j) {
+        const V* vj = static_cast<const V*>(v[j]) + i;
+        const __m512 v0 = Load16(vj), v1 = Load16(vj + 16), v2 = Load16(vj + 32), v3 = Load16(vj + 48);
+        for (int r = 0; r < NR; ++r) {
+          const __m512 cj = _mm512_set1_ps(c[r][j]);
+          a[r][0] = _mm512_fmadd_ps(cj, v0, a[r][0]);
+          a[r][1] = _mm512_fmadd_ps(cj, v1, a[r][1]);
+          a[r][2] = _mm512_fmadd_ps(cj, v2, a[r][2]);
+          a[r][3] = _mm512_fmadd_ps(cj, v3, a[r][3]);
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int u = 0; u < 4; ++u) _mm512_storeu_ps(acc[r] + i + 16 * u, a[r][u]);
+    }
+    if (i < d) {  // the columns past the last full 64: Pv's tail code per row
+      for (int r = 0; r < NR; ++r) PvTail<V>(acc[r], i, d, alpha[r], c[r], v, n);
+    }
+  }
+  template <class V>
+  NIBBLE_TA_AVX512 static void PvTail(float* acc, int i, int d, float alpha, const float* c, const void* const* v,
+                                      int n) {
+    const __m512 al = _mm512_set1_ps(alpha);
+    const bool scale = alpha != 1.0f;
     for (; i < d; i += 16) {
       const __mmask16 k = d - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (d - i)) - 1);
       __m512 a0 = _mm512_maskz_loadu_ps(k, acc + i);
@@ -491,10 +566,15 @@ struct Avx512Ops {
 #endif
 
 // Floats of per-item scratch: acc [rows, head_dim], m [rows], l [rows],
-// s [kKvTile], cs [kKvTile], kt [head_dim, kKvTile].
-int64_t ItemScratchFloats(int rows, int head_dim) {
-  return int64_t{rows} * (head_dim + 2) + 2 * kKvTile + int64_t{head_dim} * kKvTile;
+// s [heads, kKvTile] (one score row per head of the item), cs [kKvTile],
+// kt [head_dim, kKvTile].
+int64_t ItemScratchFloats(int rows, int heads, int head_dim) {
+  return int64_t{rows} * (head_dim + 2) + int64_t{heads + 1} * kKvTile + int64_t{head_dim} * kKvTile;
 }
+
+// Ops with multi-row primitives (ScoresTRows / PvRows for 2..kMaxRows rows).
+template <class Ops>
+constexpr bool kHasRows = requires { Ops::kMaxRows; };
 
 // Work item: kv head `kvh`, query heads [h0, h1), tokens [t0, t1).
 template <class Ops, bool kI8>
@@ -506,8 +586,8 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
   float* acc = scratch;
   float* m = acc + int64_t{rows} * hd;
   float* l = m + rows;
-  float* s = l + rows;
-  float* cs = s + kKvTile;  // per-key score factor: 1/sqrt(d) (int8: times the K scale)
+  float* s = l + rows;        // [nh][kKvTile]
+  float* cs = s + int64_t{nh} * kKvTile;  // per-key score factor: 1/sqrt(d) (int8: times the K scale)
   float* kt = cs + kKvTile;
   std::fill(acc, acc + int64_t{rows} * hd, 0.0f);
   std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
@@ -521,6 +601,41 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
     if constexpr (Ops::kTransposed) Ops::template Transpose<V>(tr.k, j1 - j0, hd, kt);
     for (int t = std::max(t0, j0 - p.pos0); t < t1; ++t) {
       const int n = std::min(j1, p.pos0 + t + 1) - j0;  // >= 1: pos0 + t >= j0
+      if constexpr (kHasRows<Ops>) {
+        if (nh >= 2 && nh <= Ops::kMaxRows) {
+          // All heads of the item at once (the same operations per row as the loop below).
+          const float* qs[Ops::kMaxRows];
+          float* ss[Ops::kMaxRows];
+          float* accs[Ops::kMaxRows];
+          float tmax[Ops::kMaxRows], alpha[Ops::kMaxRows];
+          for (int k = 0; k < nh; ++k) {
+            qs[k] = p.q + t * q_width + int64_t{h0 + k} * hd;
+            ss[k] = s + int64_t{k} * kKvTile;
+            accs[k] = acc + int64_t{(t - t0) * nh + k} * hd;
+          }
+          switch (nh) {
+            case 2: Ops::template ScoresTRows<2>(qs, kt, cs, hd, n, ss, tmax); break;
+            case 3: Ops::template ScoresTRows<3>(qs, kt, cs, hd, n, ss, tmax); break;
+            default: Ops::template ScoresTRows<4>(qs, kt, cs, hd, n, ss, tmax); break;
+          }
+          for (int k = 0; k < nh; ++k) {
+            const int r = (t - t0) * nh + k;
+            const float m_new = std::max(m[r], tmax[k] + 0.0f);
+            alpha[k] = m_new == m[r] ? 1.0f : Ops::Exp1(m[r] - m_new);
+            m[r] = m_new;
+            l[r] = l[r] * alpha[k] + Ops::ExpSub(ss[k], n, m_new);
+            if constexpr (kI8) {
+              for (int j = 0; j < n; ++j) ss[k][j] *= tr.vs[j];
+            }
+          }
+          switch (nh) {
+            case 2: Ops::template PvRows<V, 2>(accs, hd, alpha, ss, tr.v, n); break;
+            case 3: Ops::template PvRows<V, 3>(accs, hd, alpha, ss, tr.v, n); break;
+            default: Ops::template PvRows<V, 4>(accs, hd, alpha, ss, tr.v, n); break;
+          }
+          continue;
+        }
+      }
       for (int h = h0; h < h1; ++h) {
         const int r = (t - t0) * nh + (h - h0);
         const float* q = p.q + t * q_width + int64_t{h} * hd;
@@ -585,10 +700,10 @@ void TiledAttention(const TiledProblem& p, AttnIsa isa, ThreadPool* pool, std::v
   // group into single heads (same bits: rows are independent).
   const int tok_tile = std::min(kTokTile, p.n_tokens);
   const int n_tt = (p.n_tokens + tok_tile - 1) / tok_tile;
-  const int heads_per_item = int64_t{p.n_kv_heads} * n_tt >= 2 * threads ? group : 1;
+  const int heads_per_item = int64_t{p.n_kv_heads} * n_tt >= threads ? group : 1;
   const int splits = group / heads_per_item;
   const int64_t n_items = int64_t{p.n_kv_heads} * splits * n_tt;
-  const int64_t per_thread = ItemScratchFloats(heads_per_item * tok_tile, p.head_dim);
+  const int64_t per_thread = ItemScratchFloats(heads_per_item * tok_tile, heads_per_item, p.head_dim);
   if (scratch->size() < size_t(threads * per_thread)) scratch->resize(size_t(threads * per_thread));
   const ItemFn fn = ItemFnFor(isa, p.kv.int8);
   // Item i: token tiles last-first (the causal tail is the costliest work).
