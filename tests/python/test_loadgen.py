@@ -134,12 +134,15 @@ class LoadgenTest(unittest.TestCase):
         self.assertEqual(r.output_tokens, 20)  # from usage
         self.assertEqual(r.text, "".join(f" Hello{i}" for i in range(20)))
         self.assertEqual(len(r.itl), 19)  # empty-text chunks and comments are not tokens
+        # Lower bounds are exact (the mock sleeps at least that long); upper bounds leave room for a
+        # client descheduled on a loaded 2-core CI machine (ctest -j2), and a late read can coalesce two
+        # chunks (one ~0 gap), so the gaps are checked by their median.
         self.assertGreaterEqual(r.ttft, TTFT_S)
-        self.assertLess(r.ttft, TTFT_S + 0.2)
+        self.assertLess(r.ttft, TTFT_S + 1.0)
         tpot = (r.e2e - r.ttft) / (r.output_tokens - 1)
         self.assertGreaterEqual(tpot, ITL_S * 0.9)
-        self.assertLess(tpot, ITL_S * 3)
-        self.assertGreaterEqual(min(r.itl), ITL_S * 0.5)
+        self.assertLess(tpot, ITL_S * 10)
+        self.assertGreaterEqual(sorted(r.itl)[len(r.itl) // 2], ITL_S * 0.5)
 
     def test_chat_endpoint(self):
         t = loadgen.HttpTarget("127.0.0.1", self.port, endpoint="chat")
@@ -162,7 +165,7 @@ class LoadgenTest(unittest.TestCase):
             self.assertLessEqual(s["ttft_s"]["p50"], s["ttft_s"]["p99"])
         self.assertEqual(len(ref), 4)
         # One request takes ~TTFT + 9 ITL = 0.14 s; 8 of them: ~1.1 s serial, ~0.3 s at 4.
-        self.assertGreater(levels[1]["requests_per_s"], 2.0 * levels[0]["requests_per_s"])
+        self.assertGreater(levels[1]["requests_per_s"], 1.5 * levels[0]["requests_per_s"])
 
     def test_errors_are_counted_not_fatal(self):
         MockHandler.mode = "fail_odd"
