@@ -72,6 +72,8 @@ PAIRS = [
     ("fp32", "F32"), ("fp32", "F16"),
 ]
 QUICK_PAIRS = [("int4_g32", "Q4_0"), ("int8_g32_sym", "Q8_0")]
+# Long-context decode (--depths): one pair, the default format.
+DEPTH_PAIRS = [("int4_g32", "Q4_0")]
 NOTES = [
     "Measured with nothing else running on the session's machine (2 vCPUs), both engines in the same run. "
     "The host is shared with other tenants: the same nibble-bench command has varied by up to +-30% between "
@@ -235,6 +237,41 @@ def run_llama(model, threads, p, n, reps):
     return res
 
 
+def run_nibble_depth(model, bin_dir, threads, d, n, reps):
+    cmd = [os.path.join(bin_dir, "nibble-bench"), "-m", model, "-p", "0", "-n", str(n), "-d", str(d), "-t",
+           str(threads), "-r", str(reps), "--json", "--no-bandwidth"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    j = json.loads(out.strip().splitlines()[-1])
+    return {"tg_tps": j["tg_tps"], "tg_sd": j["tg_tps_sd"], "tg_samples": j["tg_samples"]}
+
+
+def run_llama_depth(model, threads, d, n, reps):
+    """n single-token evals at positions d .. d + n - 1 after an untimed prefill of d tokens (each repetition
+    rolls the context back to d: llm.eval drops the cache from n_tokens on)."""
+    from llamacpp_util import open_llama
+    llm = open_llama(model, n_ctx=d + n + 16, n_batch=512, n_ubatch=512, n_threads=threads,
+                     n_threads_batch=threads, logits_all=False)
+    vocab = llm.n_vocab()
+    rng = random.Random(1234)
+    toks = [rng.randrange(vocab) for _ in range(d + n)]
+    llm.reset()
+    llm.eval(toks[:d])
+
+    def tg():
+        llm.n_tokens = d
+        t0 = time.perf_counter()
+        for i in range(n):
+            llm.eval([toks[d + i]])
+        return n / (time.perf_counter() - t0)
+
+    tg()  # warm-up
+    v = [tg() for _ in range(reps)]
+    m, sd = stat(v)
+    llm.close() if hasattr(llm, "close") else None
+    del llm
+    return {"tg_tps": m, "tg_sd": sd, "tg_samples": v}
+
+
 # ------------------------------------------------------------------ cache
 def load_doc(path):
     if os.path.exists(path):
@@ -334,6 +371,19 @@ def write_report(doc, pairs, threads_list, md_path, png_path, args):
                 s += (f" {nmb:.1f} | {ngb:.1f} | {npct:.0f}% of {bw:.0f} | {lmb:.1f} | {lgb:.1f} | {lpct:.0f}% | "
                       f"{bmet} |")
             L.append(s)
+    depth_rows = doc.get("cur_depth", [])
+    if depth_rows:
+        L.append(f"\n## Decode at depth (long context, tokens/s)\n")
+        L.append(f"tg{args.depth_n} @ dD = {args.depth_n} single-token decode steps at positions D .. "
+                 f"D + {args.depth_n - 1} after an untimed prefill of D tokens (nibble-bench -d, llama-bench's "
+                 "depth; llama.cpp: llm.eval of the D tokens, then the context rolled back to D before each "
+                 "repetition). Attention then reads D cached positions per step: nibble keeps K/V in fp32 "
+                 "(the contiguous cache nibble-bench uses), llama.cpp in F16. No target is set for these rows.\n")
+        L.append("| threads | depth | nibble | llama.cpp | nibble t/s | llama.cpp t/s | ratio |")
+        L.append("|---:|---:|---|---|---:|---:|---:|")
+        for t, d, cfg, qt, nb, lc in depth_rows:
+            L.append(f"| {t} | {d} | {cfg} | {qt} | {fmt_tps(nb['tg_tps'], nb['tg_sd'])} | "
+                     f"{fmt_tps(lc['tg_tps'], lc['tg_sd'])} | {nb['tg_tps'] / lc['tg_tps']:.2f}x |")
     L.append("\n## Summary\n")
     for phase in ("tg", "pp"):
         rs = [nb[f"{phase}_tps"] / lc[f"{phase}_tps"] for _, _, _, nb, lc in rows]
@@ -402,6 +452,9 @@ def main():
     ap.add_argument("--md", default=os.path.join(ROOT, "docs", "PERFORMANCE.md"))
     ap.add_argument("--png", default=os.path.join(ROOT, "docs", "performance.png"))
     ap.add_argument("--no-report", action="store_true", help="measure only (e.g. with --quick)")
+    ap.add_argument("--depths", default="1024,4096",
+                    help="decode at these context depths for the int4_g32/Q4_0 pair ('' skips)")
+    ap.add_argument("--depth-n", type=int, default=64, help="decode steps per depth measurement")
     args = ap.parse_args()
     if args.quick and args.reps == 3:
         args.reps = 2
@@ -461,6 +514,24 @@ def main():
                 doc["stats"]["llama"][qt] = {"bpw": wb * 8 / we, "step_bytes": step, "file": os.path.relpath(lm, ROOT)}
                 loads += [r["load_before"], r["load_after"]]
                 log(f"  pp {fmt_tps(r['pp_tps'], r['pp_sd'])}  tg {fmt_tps(r['tg_tps'], r['tg_sd'])}")
+    doc["cur_depth"] = []
+    depths = [int(x) for x in args.depths.split(",") if x.strip()]
+    for cfg, qt in DEPTH_PAIRS if depths else []:
+        nm = nibble_model(cfg, bin_dir, max(threads_list))
+        lm = llama_model(qt, max(threads_list))
+        for t in threads_list:
+            for d in depths:
+                key = f"nibble-depth|{cfg}|t{t}|d{d}|n{args.depth_n}|r{args.reps}|{bench_id}"
+                log(f"nibble {cfg} t={t} d={d} ...")
+                nb = measure(doc, args.o, key,
+                             lambda: run_nibble_depth(nm, bin_dir, t, d, args.depth_n, args.reps), args.force)
+                key = f"llama-depth|{qt}|t{t}|d{d}|n{args.depth_n}|r{args.reps}"
+                log(f"llama.cpp {qt} t={t} d={d} ...")
+                lc = measure(doc, args.o, key, lambda: run_llama_depth(lm, t, d, args.depth_n, args.reps),
+                             args.force or args.force_llama)
+                loads += [nb["load_before"], nb["load_after"], lc["load_before"], lc["load_after"]]
+                log(f"  tg {fmt_tps(nb['tg_tps'], nb['tg_sd'])} vs {fmt_tps(lc['tg_tps'], lc['tg_sd'])}")
+                doc["cur_depth"].append((t, d, cfg, qt, nb, lc))
     l1 = [x[0] for x in loads if x]
     doc["load_range"] = f"{min(l1):.1f} .. {max(l1):.1f} (1-min)" if l1 else "?"
     doc["nibble_bench_id"] = bench_id
