@@ -1,10 +1,12 @@
 #include "engine/model/model_loader.h"
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/core/huge_pages.h"
 #include "engine/io/gguf_model.h"
 #include "engine/io/hf_model.h"
 #include "engine/io/llama2c.h"
@@ -104,6 +106,11 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& path, const LoadOptions
     return absl::InvalidArgumentError(absl::StrCat(path, ": tokenizer has ", m->vocab.tokens.size(),
                                                    " tokens but the model's vocabulary is ",
                                                    m->config.vocab_size));
+  }
+  const char* env = std::getenv("NIBBLE_HUGE_PAGES");
+  if (opts.huge_pages && !(env != nullptr && std::string(env) == "0")) {
+    const size_t moved = MoveQuantizedToHugePages(&m->weights);
+    if (moved > 0) m->metadata["load.huge_page_bytes"] = std::to_string(moved);
   }
   return m;
 }

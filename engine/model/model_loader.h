@@ -19,6 +19,11 @@ struct LoadOptions {
   // Tokenizer file: llama2.c tok*.bin or a SentencePiece .model. Required for
   // llama2.c checkpoints; overrides the embedded vocabulary for other formats.
   std::string tokenizer_path;
+  // Copy the packed bytes of quantized matrices out of the mapped file into
+  // transparent-huge-page memory (engine/core/huge_pages.h): faster decode
+  // streams, at the cost of holding the packed weights in anonymous memory
+  // (NIBBLE_HUGE_PAGES=0 in the environment turns it off for every load).
+  bool huge_pages = true;
 };
 
 absl::StatusOr<LoadedModel> LoadModel(const std::string& path, const LoadOptions& opts = {});

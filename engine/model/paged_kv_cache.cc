@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/huge_pages.h"
 
 namespace nibble {
 
@@ -56,7 +57,8 @@ absl::StatusOr<std::unique_ptr<PagedKVCache>> PagedKVCache::Create(const ModelCo
   cache->block_bytes_ = block_bytes;
   cache->block_stride_ = block_bytes / 4;  // block_bytes is a multiple of 4 for both dtypes
   cache->i8_section_ = cpu::KvInt8Section::Bytes(opts.block_size, c.n_kv_heads, c.head_dim);
-  cache->data_.reset(new (std::nothrow) float[size_t(cache->block_stride_) * opts.num_blocks]);
+  // Huge-page memory: attention reads one kv head's rows at a stride of all heads' width.
+  cache->data_ = HugePageAlloc(size_t(cache->block_stride_) * opts.num_blocks * sizeof(float), /*zero=*/false);
   if (cache->data_ == nullptr)
     return absl::ResourceExhaustedError(absl::StrCat("PagedKVCache: cannot allocate ", opts.num_blocks,
                                                      " blocks of ", block_bytes, " bytes"));
@@ -84,7 +86,7 @@ void PagedKVCache::WriteKV(int32_t block, int layer, int slot, const float* k, c
 }
 
 void PagedKVCache::FillAttentionArgs(int layer, cpu::PagedAttentionArgs* a) const {
-  a->base = data_.get();
+  a->base = static_cast<float*>(data_.get());
   a->block_size = block_size_;
   a->kv_dtype = dtype_;
   if (dtype_ == KvDtype::kF32) {

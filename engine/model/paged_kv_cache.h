@@ -117,16 +117,16 @@ class PagedKVCache {
   // Raw fp32 layout (REQUIRES dtype() == kF32): block b's data starts at
   // base() + b * block_stride(); layer l's K rows at + k_offset(l), V rows at
   // + v_offset(l), slot s at + s * kv_dim().
-  float* base() { return data_.get(); }
+  float* base() { return static_cast<float*>(data_.get()); }
   int64_t block_stride() const { return block_stride_; }
   int64_t k_offset(int layer) const { return int64_t{2 * layer} * block_size_ * kv_dim_; }
   int64_t v_offset(int layer) const { return int64_t{2 * layer + 1} * block_size_ * kv_dim_; }
   // K / V row of `slot` in `block` for `layer`. REQUIRES: all in range.
   float* k_row(int32_t block, int layer, int slot) {
-    return data_.get() + block * block_stride_ + k_offset(layer) + int64_t{slot} * kv_dim_;
+    return base() + block * block_stride_ + k_offset(layer) + int64_t{slot} * kv_dim_;
   }
   float* v_row(int32_t block, int layer, int slot) {
-    return data_.get() + block * block_stride_ + v_offset(layer) + int64_t{slot} * kv_dim_;
+    return base() + block * block_stride_ + v_offset(layer) + int64_t{slot} * kv_dim_;
   }
 
   // Blocks that Allocate() can still hand out (free list + evictable cached).
@@ -174,7 +174,7 @@ class PagedKVCache {
   int64_t block_stride_ = 0;   // floats (kF32 layout)
   int64_t block_bytes_ = 0;
   int64_t i8_section_ = 0;     // kInt8: bytes of one K or V section
-  std::unique_ptr<float[]> data_;
+  std::shared_ptr<void> data_;  // engine/core/huge_pages.h (uncommitted until written)
   std::vector<BlockMeta> meta_;
   std::vector<int32_t> free_;             // uncached blocks with refs == 0
   std::list<int32_t> lru_;                // cached blocks with refs == 0, oldest first
