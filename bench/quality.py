@@ -268,7 +268,7 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     # 32,768 calibration tokens) or dfmpc[-nocomp|-calib].
     parts = method.split("-")
     if parts[0] in ("gptq", "boa") or method == "dfmpc-calib" or fmt.startswith("bpw"):
-        if name == "stories260K":
+        if cfg.get("base", name) == "stories260K":
             calib, info = stories_calib_file()
         else:
             calib, info = TINY, {"calib": "tinystories-val.txt from its start"}
@@ -295,7 +295,9 @@ def run_config(name, method, fmt, embed, args, doc, logits):
         cache = (parts[0] + ("-rot" if "rot" in parts else "") + ("-hg" if "hg" in parts else "")
                  + ("-ao" if "ao" in parts else "") + ("-c32k" if "c32k" in parts else "")
                  + ("-low" if embed == "auto-low" else ""))
-        fargs = ["--bpw", fmt[3:], "--alloc-cache", os.path.join(WORK, f"{name}.{cache}.alloc-cache.json")]
+        # (a held-out variant of a model, cfg["base"], shares the base model's cache: the same quantized model)
+        fargs = ["--bpw", fmt[3:], "--alloc-cache",
+                 os.path.join(WORK, f"{cfg.get('base', name)}.{cache}.alloc-cache.json")]
         alloc_args = list(cfg.get("alloc_args", []))
         if embed == "auto-low":
             # Budgets near 2 bpw_all: binary and 2.125-bit candidates for the linears, and embedding
@@ -420,6 +422,37 @@ def add_reproduce_notes(md_path):
             f.write(text)
 
 
+def add_heldout_section(md_path):
+    """The held-out checks of bench/heldout.py (bench/results/heldout.json + llamacpp_heldout.json)."""
+    nib = load_json(os.path.join(ROOT, "bench", "results", "heldout.json")).get("entries", [])
+    lla = load_json(os.path.join(ROOT, "bench", "results", "llamacpp_heldout.json")).get("entries", [])
+    if not nib and not lla:
+        return
+    L = ["", "## Held-out checks", "",
+         "`python3 bench/heldout.py` re-evaluates the budget winners whose configuration was chosen after looking "
+         "at the evaluation text, and the llama.cpp rows they beat, on disjoint text (both engines, same "
+         "settings as the tables otherwise): stories260K on tinystories-val documents 200-399, SmolLM2 on "
+         "the second half of wikitext-2 test (from the first article heading after the middle), `-c 512`, "
+         "40 chunks. nibble's rows are quantized with the tables' exact commands.", "",
+         "| model | engine | configuration | bpw_all | held-out PPL | held-out KLD |", "|---|---|---|---:|---:|---:|"]
+    rows = []
+    for e in nib:
+        if not e.get("available", True) and e.get("method") != "ref":
+            continue
+        model = e["model"].split("@")[0]
+        what = "fp32 reference" if e.get("method") == "ref" else f"{e['method']} {e['format']}, embed {e['embed_format']}"
+        rows.append((model, "nibble", what, e.get("bpw_all", 32.0), e.get("ppl"), e.get("kld")))
+    for e in lla:
+        if not e.get("available", True):
+            continue
+        what = "F32 reference" if e["type"] == "F32" else e["type"]
+        rows.append((e["model"], "llama.cpp", what, e.get("bpw_all", 32.0), e.get("ppl"), e.get("kld")))
+    for model, eng, what, bpw, ppl, kld in sorted(rows, key=lambda r: (r[0], -r[3] if r[3] >= 32 else r[3], r[1])):
+        L.append(f"| {model} | {eng} | {what} | {bpw:.3f} | {ppl:.4f} | {kld:.5f} |")
+    with open(md_path, "a", encoding="utf-8") as f:
+        f.write("\n".join(L) + "\n")
+
+
 def add_budget_losses(pq, nib, lla, md_path):
     """Under each model's per-budget summary line: every budget in words, losses with the llama.cpp row that
     wins and how far over the budget it is, wins with how far over the budget the beaten row is."""
@@ -529,6 +562,7 @@ def main():
     plot_quality.write(load_json(args.output), load_json(args.llama_results), args.doc, args.png)
     add_dfmpc_calib_section(plot_quality, load_json(args.output), load_json(args.llama_results), args.doc)
     add_budget_losses(plot_quality, load_json(args.output), load_json(args.llama_results), args.doc)
+    add_heldout_section(args.doc)
     add_reproduce_notes(args.doc)
     print(f"wrote {os.path.relpath(args.doc, ROOT)} and {os.path.relpath(args.png, ROOT)}", file=sys.stderr)
     return 0
