@@ -94,16 +94,17 @@ struct Acc256 {
   float m[4][T];   // M chains
 };
 
-// Block b (< nb_used) into slot P = b % 4.
-// kFold: m = c d (int sym: c = SymMul(bits), canonical order of
-// qmatmul_internal.h; ternary: c = -1, where fl(-d dx) = -fl(d dx) exactly),
-// so the M lanes take c X with D's scale product.
-template <CodeKind C, bool kFold, int SPG, int T, int P>
+// Block b (< nb_used) into slot P = b % 4. The header kind H and SPG =
+// group / 32 are compile-time: no switch and no division per block.
+// Int sym and ternary fold m = c d (int sym: c = SymMul(bits), canonical
+// order of qmatmul_internal.h; ternary: c = -1, where fl(-d dx) = -fl(d dx)
+// exactly): the M chain takes c S_b with D's scale product.
+template <CodeKind C, HeaderKind H, int SPG, int T, int P>
 NIBBLE_AVX2 inline void BlockStep(const FormatInfo& fi, const uint8_t* row, int64_t b, const QActs& a,
                                   const int8_t* const* xq, const float* const* dx, const int32_t* const* xs4,
                                   const float* const* xsum, Acc256<T>& acc) {
-  // SPG = group / 32 at compile time: no division per block.
-  const GroupAffine ga = ParseGroup(fi.header, fi.bits, row + (b / SPG) * fi.block_bytes, F16{});
+  constexpr bool kFold = H == HeaderKind::kIntSym || H == HeaderKind::kTernary;
+  const GroupAffine ga = ParseGroup(H, fi.bits, row + (b / SPG) * fi.block_bytes, F16{});
   const __m256i q = Unpack32<C>(ga.codes, SPG * kBlock, static_cast<int>(b % SPG), ga.ternary);
   for (int t = 0; t < T; ++t) {
     const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq[t] + b * kBlock));
@@ -115,7 +116,7 @@ NIBBLE_AVX2 inline void BlockStep(const FormatInfo& fi, const uint8_t* row, int6
     const float ds = ga.d * dx[t][b];
     acc.d[P][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(ds), acc.d[P][t]);
     if constexpr (kFold) {
-      const float c = fi.header == HeaderKind::kIntSym ? SymMul(fi.bits) : -1.0f;
+      const float c = H == HeaderKind::kIntSym ? SymMul(fi.bits) : -1.0f;
       acc.m[P][t] = std::fma(c * xsum[t][b], ds, acc.m[P][t]);
     } else {
       acc.m[P][t] = std::fma(xsum[t][b], ga.m * dx[t][b], acc.m[P][t]);
@@ -123,7 +124,7 @@ NIBBLE_AVX2 inline void BlockStep(const FormatInfo& fi, const uint8_t* row, int6
   }
 }
 
-template <CodeKind C, bool kFold, int SPG, int T>
+template <CodeKind C, HeaderKind H, int SPG, int T>
 NIBBLE_AVX2 void RowT(const FormatInfo& fi, const uint8_t* row, int64_t nb_used, const QActs& a, int64_t t0,
                       float* out) {
   Acc256<T> acc;
@@ -143,71 +144,80 @@ NIBBLE_AVX2 void RowT(const FormatInfo& fi, const uint8_t* row, int64_t nb_used,
   }
   int64_t b = 0;
   for (; b + 4 <= nb_used; b += 4) {
-    BlockStep<C, kFold, SPG, T, 0>(fi, row, b, a, xq, dx, xs4, xsum, acc);
-    BlockStep<C, kFold, SPG, T, 1>(fi, row, b + 1, a, xq, dx, xs4, xsum, acc);
-    BlockStep<C, kFold, SPG, T, 2>(fi, row, b + 2, a, xq, dx, xs4, xsum, acc);
-    BlockStep<C, kFold, SPG, T, 3>(fi, row, b + 3, a, xq, dx, xs4, xsum, acc);
+    BlockStep<C, H, SPG, T, 0>(fi, row, b, a, xq, dx, xs4, xsum, acc);
+    BlockStep<C, H, SPG, T, 1>(fi, row, b + 1, a, xq, dx, xs4, xsum, acc);
+    BlockStep<C, H, SPG, T, 2>(fi, row, b + 2, a, xq, dx, xs4, xsum, acc);
+    BlockStep<C, H, SPG, T, 3>(fi, row, b + 3, a, xq, dx, xs4, xsum, acc);
   }
-  if (b < nb_used) BlockStep<C, kFold, SPG, T, 0>(fi, row, b, a, xq, dx, xs4, xsum, acc);
-  if (b + 1 < nb_used) BlockStep<C, kFold, SPG, T, 1>(fi, row, b + 1, a, xq, dx, xs4, xsum, acc);
-  if (b + 2 < nb_used) BlockStep<C, kFold, SPG, T, 2>(fi, row, b + 2, a, xq, dx, xs4, xsum, acc);
+  if (b < nb_used) BlockStep<C, H, SPG, T, 0>(fi, row, b, a, xq, dx, xs4, xsum, acc);
+  if (b + 1 < nb_used) BlockStep<C, H, SPG, T, 1>(fi, row, b + 1, a, xq, dx, xs4, xsum, acc);
+  if (b + 2 < nb_used) BlockStep<C, H, SPG, T, 2>(fi, row, b + 2, a, xq, dx, xs4, xsum, acc);
   for (int t = 0; t < T; ++t) {
     const float d = Reduce(_mm256_add_ps(acc.d[0][t], acc.d[2][t]), _mm256_add_ps(acc.d[1][t], acc.d[3][t]));
     out[t] = d + ((acc.m[0][t] + acc.m[1][t]) + (acc.m[2][t] + acc.m[3][t]));
   }
 }
 
-template <CodeKind C, bool kFold, int SPG, int T>
+template <CodeKind C, HeaderKind H, int SPG, int T>
 NIBBLE_AVX2 void RowsT(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin, int64_t r_end,
                        const QActs& a, int64_t t0, float* y, int64_t ldy) {
   const int64_t nb_used = (a.cols + kBlock - 1) / kBlock;
   float out[T];
   for (int64_t r = r_begin; r < r_end; ++r) {
-    RowT<C, kFold, SPG, T>(fi, data + r * row_bytes, nb_used, a, t0, out);
+    RowT<C, H, SPG, T>(fi, data + r * row_bytes, nb_used, a, t0, out);
     for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r] = out[t];
   }
 }
 
-template <CodeKind C, bool kFold, int SPG>
+template <CodeKind C, HeaderKind H, int SPG>
 void RowsCodeFold(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin, int64_t r_end,
                   const QActs& a, int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
   for (int64_t t0 = t_begin; t0 < t_end;) {
     const int64_t n = t_end - t0;
     if (n >= 4) {
-      RowsT<C, kFold, SPG, 4>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      RowsT<C, H, SPG, 4>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
       t0 += 4;
     } else if (n == 3) {
-      RowsT<C, kFold, SPG, 3>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      RowsT<C, H, SPG, 3>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
       t0 += 3;
     } else if (n == 2) {
-      RowsT<C, kFold, SPG, 2>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      RowsT<C, H, SPG, 2>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
       t0 += 2;
     } else {
-      RowsT<C, kFold, SPG, 1>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
+      RowsT<C, H, SPG, 1>(fi, data, row_bytes, r_begin, r_end, a, t0, y, ldy);
       t0 += 1;
     }
   }
 }
 
 // Groups of 32, 64, 128 columns (fmt::AllFormats()).
-template <CodeKind C, bool kFold>
+template <CodeKind C, HeaderKind H>
 void RowsCodeSpg(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin, int64_t r_end,
                  const QActs& a, int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
   switch (fi.group / kBlock) {
-    case 1: return RowsCodeFold<C, kFold, 1>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
-    case 2: return RowsCodeFold<C, kFold, 2>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
-    default: return RowsCodeFold<C, kFold, 4>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case 1: return RowsCodeFold<C, H, 1>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case 2: return RowsCodeFold<C, H, 2>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    default: return RowsCodeFold<C, H, 4>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
   }
 }
 
 template <CodeKind C>
 void RowsCode(const FormatInfo& fi, const uint8_t* data, int64_t row_bytes, int64_t r_begin, int64_t r_end,
               const QActs& a, int64_t t_begin, int64_t t_end, float* y, int64_t ldy) {
-  if constexpr (C == CodeKind::kU8 || C == CodeKind::kU4 || C == CodeKind::kU3 || C == CodeKind::kU2) {
-    if (fi.header == HeaderKind::kIntSym || fi.header == HeaderKind::kTernary)
-      return RowsCodeSpg<C, true>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
+  // The header kinds each code layout occurs with (fmt::AllFormats()).
+  if constexpr (C == CodeKind::kU1) {
+    RowsCodeSpg<C, HeaderKind::kBinary>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
+  } else if constexpr (C == CodeKind::kBinTern) {
+    RowsCodeSpg<C, HeaderKind::kBinTern>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
+  } else {
+    if constexpr (C == CodeKind::kU2) {
+      if (fi.header == HeaderKind::kTernary)
+        return RowsCodeSpg<C, HeaderKind::kTernary>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    }
+    if (fi.header == HeaderKind::kIntSym)
+      return RowsCodeSpg<C, HeaderKind::kIntSym>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    RowsCodeSpg<C, HeaderKind::kIntAsym>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
   }
-  RowsCodeSpg<C, false>(fi, data, row_bytes, r_begin, r_end, a, t_begin, t_end, y, ldy);
 }
 
 // 8 u8 codes (the low 8 bytes of q8) -> values by the group's DequantGroup
