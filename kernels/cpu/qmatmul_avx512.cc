@@ -7,8 +7,8 @@
 // lane per row in the decode tile, 8 replicated lanes in Tile). Kernels are
 // templates on (code layout, header kind, group / 32), so the per-step header
 // parse has no switch and the group index no division. Decode: 4-row x
-// 1-token tiles (activation loads shared, one joint reduction, prefetch 2
-// tiles ahead); on AVX512_VBMI CPUs DecodeTile (scales of 4 rows per step
+// 1-token tiles (activation loads shared, one joint reduction, prefetch ~6 KiB
+// of rows ahead); on AVX512_VBMI CPUs DecodeTile (scales of 4 rows per step
 // converted jointly, vpermb / vpmultishiftqb unpacking; see its section),
 // elsewhere (and with NIBBLE_QMM_NO_VBMI set) Tile<4, 1>. Prefill: 1-row x up-to-6-token tiles (each unpacked step
 // serves 6 tokens). fp32 order: the canonical one of qmatmul_internal.h
@@ -17,9 +17,17 @@
 #include <cstdlib>
 #include <cstring>
 
-// Decode prefetch distance in 4-row tiles (override with -DNIBBLE_QMM_PF=N).
-#ifndef NIBBLE_QMM_PF
-#define NIBBLE_QMM_PF 2
+// Decode prefetch distance: about this many bytes of rows ahead, at least 2
+// 4-row tiles (override with -DNIBBLE_QMM_PF_BYTES=N). Measured with huge
+// pages on the AMD EPYC, SmolLM2 tg128 at 1 thread, 2 / 4 / 8 tiles ahead:
+// int2_g64 (720-byte tiles) 284 / 312 / 329 tok/s, int4_g64_sym (1,224 B)
+// 264 / 290 / 307, int4_g32 (1,440 B) 301 / 301 / 287, and at 2 threads
+// int4_g32 lost 5-8% at 4 tiles: the best distance is about constant in
+// bytes. 4 KiB (int4_g32 2 tiles, int4_g64_sym 3, int2_g64 5) against the
+// fixed 2 tiles: int2_g64 278 -> 321 (1 thread), 415 -> 426 (2);
+// int4_g64_sym 268 -> 279, 358 -> 384.
+#ifndef NIBBLE_QMM_PF_BYTES
+#define NIBBLE_QMM_PF_BYTES 4096
 #endif
 
 #include "kernels/cpu/qmatmul_internal.h"
@@ -296,7 +304,7 @@ NIBBLE_AVX512 void Tile(const FormatInfo& fi, const uint8_t* row0, int64_t row_b
   }
 }
 
-inline constexpr int64_t kPrefetchTiles = NIBBLE_QMM_PF;
+inline constexpr int64_t kPrefetchBytes = NIBBLE_QMM_PF_BYTES;
 
 // ------------------------------------------------------- decode (VBMI) ---
 // The 4-row GEMV tile with fewer instructions per pair step (2 blocks x 4
@@ -528,11 +536,12 @@ NIBBLE_AVX512 void RowsFmt(const FormatInfo& fi, const uint8_t* data, int64_t ro
       // Decode: 4-row micro-tiles (shared activation loads, one joint
       // reduction), then single rows.
       int64_t r = r_begin;
+      const int64_t pf_tiles = std::max<int64_t>(2, kPrefetchBytes / (4 * row_bytes));
       for (; r + 4 <= r_end; r += 4) {
-        // Software prefetch of the tile kPrefetchTiles ahead (its rows are
+        // Software prefetch of the tile pf_tiles ahead (its rows are
         // contiguous): the GEMV is bound by the weight stream, and the
         // hardware prefetcher alone leaves load stalls (perf annotate).
-        const int64_t pb = std::min(r + 4 * kPrefetchTiles, r_end), pe = std::min(pb + 4, r_end);
+        const int64_t pb = std::min(r + 4 * pf_tiles, r_end), pe = std::min(pb + 4, r_end);
         for (const uint8_t *p = data + pb * row_bytes, *e = data + pe * row_bytes; p < e; p += 64)
           _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
         if constexpr (FAST)
