@@ -96,7 +96,12 @@ NOTES = [
     "additive term (fl(m dx) times the block's activation sum, 4 chains per row) instead of 8 spread lanes, "
     "and int sym formats reuse the scale product of the d term; AVX2 lost an integer division per block. "
     "qmatmul_bench GEMV in cache, 1 thread, before -> after: AVX-512 int4_g32 31.1 -> 36.9 GB/s, "
-    "int4_g64_sym 27.5 -> 31.9, int2_g64 16.6 -> 18.0; AVX2 int4_g32 7.4 -> 13.8.",
+    "int4_g64_sym 27.5 -> 31.9, int2_g64 16.6 -> 18.0; AVX2 int4_g32 7.4 -> 14.6.",
+    "Memory (2026-12-07): quantized weights are copied at load into one transparent-huge-page arena and "
+    "both KV caches live in huge-page memory (engine/core/huge_pages.h; NIBBLE_HUGE_PAGES=0 keeps the "
+    "mapped file): the hardware prefetchers stop at 4 KiB page boundaries (+5-6% tg128 at 1 thread, "
+    "+20% tg64 at depth 4096). The decode GEMV prefetches ~4 KiB of rows ahead (at least 2 tiles): "
+    "int2_g64 +15% and int4_g64_sym +4-7% over a fixed 2 tiles, int4_g32 unchanged.",
     "On the AMD EPYC, int4_g32 and int8 1-thread decode reach the 70% bandwidth target; int4_g64_sym "
     "reaches 65-70% and int2_g64 47-50% at 1 thread (71% at 2). Both stream fewer bytes per weight while "
     "the per-weight work is the same: perf puts the 4-row decode tile at ~55% of samples, compute-bound "
