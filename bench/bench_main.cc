@@ -99,7 +99,7 @@ int main(int argc, char** argv) {
   app.add_flag("--no-bandwidth", no_bw, "skip the memory bandwidth measurement");
   CLI11_PARSE(app, argc, argv);
   if (n_prompt < 0 || n_gen < 0 || depth < 0 || reps < 1) {
-    std::fprintf(stderr, "error: -p and -n must be >= 0 and -r >= 1\n");
+    std::fprintf(stderr, "error: -p, -n and -d must be >= 0 and -r >= 1\n");
     return 2;
   }
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
