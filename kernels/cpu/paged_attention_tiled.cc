@@ -431,58 +431,20 @@ struct Avx512Ops {
       for (int i = 0; i < hd; ++i) kt[int64_t{i} * kKvTile + j] = static_cast<float>(static_cast<const V*>(k[j])[i]);
   }
   static constexpr bool kTransposed = true;
-  // As Avx2Ops::ScoresT, 16 lanes.
+  // As Avx2Ops::ScoresT / Pv, 16 lanes: the one-row case of ScoresTRows / PvRows below.
   NIBBLE_TA_AVX512 static float ScoresT(const float* q, const float* kt, const float* cs, int hd, int n, float* s) {
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int j = 0; j < n; j += 64) {  // 4 independent chains of 16 keys
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int i = 0; i < hd; ++i) {
-        const float* row = kt + int64_t{i} * kKvTile + j;
-        const __m512 qi = _mm512_set1_ps(q[i]);
-        a0 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(row), a0);
-        a1 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(row + 16), a1);
-        a2 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(row + 32), a2);
-        a3 = _mm512_fmadd_ps(qi, _mm512_loadu_ps(row + 48), a3);
-      }
-      const __m512 acc[4] = {a0, a1, a2, a3};
-      for (int b = 0; b < 4 && j + 16 * b < n; ++b) {
-        const int jb = j + 16 * b;
-        const __mmask16 k = n - jb >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - jb)) - 1);
-        const __m512 v = _mm512_mul_ps(acc[b], _mm512_maskz_loadu_ps(k, cs + jb));
-        mx = _mm512_mask_max_ps(mx, k, v, mx);  // NaN lane: keeps mx
-        _mm512_mask_storeu_ps(s + jb, k, v);
-      }
-    }
-    return _mm512_reduce_max_ps(mx);
+    float tmax;
+    ScoresTRows<1>(&q, kt, cs, hd, n, &s, &tmax);
+    return tmax;
   }
   template <class V>
   NIBBLE_TA_AVX512 static void Pv(float* acc, int d, float alpha, const float* c, const void* const* v, int n) {
-    const __m512 al = _mm512_set1_ps(alpha);
-    const bool scale = alpha != 1.0f;
-    int i = 0;
-    for (; i + 64 <= d; i += 64) {
-      __m512 a0 = _mm512_loadu_ps(acc + i), a1 = _mm512_loadu_ps(acc + i + 16);
-      __m512 a2 = _mm512_loadu_ps(acc + i + 32), a3 = _mm512_loadu_ps(acc + i + 48);
-      if (scale) {
-        a0 = _mm512_mul_ps(a0, al), a1 = _mm512_mul_ps(a1, al), a2 = _mm512_mul_ps(a2, al);
-        a3 = _mm512_mul_ps(a3, al);
-      }
-      for (int j = 0; j < n; ++j) {
-        const V* vj = static_cast<const V*>(v[j]) + i;
-        const __m512 cj = _mm512_set1_ps(c[j]);
-        a0 = _mm512_fmadd_ps(cj, Load16(vj), a0);
-        a1 = _mm512_fmadd_ps(cj, Load16(vj + 16), a1);
-        a2 = _mm512_fmadd_ps(cj, Load16(vj + 32), a2);
-        a3 = _mm512_fmadd_ps(cj, Load16(vj + 48), a3);
-      }
-      _mm512_storeu_ps(acc + i, a0), _mm512_storeu_ps(acc + i + 16, a1);
-      _mm512_storeu_ps(acc + i + 32, a2), _mm512_storeu_ps(acc + i + 48, a3);
-    }
-    PvTail<V>(acc, i, d, alpha, c, v, n);
+    PvRows<V, 1>(&acc, d, &alpha, &c, v, n);
   }
   // NR query rows (heads of one kv group, same token) at once: each row gets
-  // exactly ScoresT's / Pv's operations (same chains, same order), but every
-  // K^T / V load serves NR rows (decode: the whole GQA group per tile).
+  // the same operations as alone (same chains, same order: the canonical
+  // order of paged_attention_tiled.h), and every K^T / V load serves NR rows
+  // (decode: the whole GQA group per tile).
   static constexpr int kMaxRows = 4;
   template <int NR>
   NIBBLE_TA_AVX512 static void ScoresTRows(const float* const* q, const float* kt, const float* cs, int hd, int n,
