@@ -9,7 +9,8 @@ warm-up each, and reports mean ± sample sd of tokens/s:
 
   * nibble:    build*/bin/nibble-bench --json on .nbl files written by
                nibble-quantize (RTN) into models/ref/perf/ (reused when present);
-               fp32 = the F32 reference GGUF loaded directly.
+               fp32 = the F32 reference GGUF loaded directly; f16 = llama.cpp's own F16
+               GGUF (the very file its F16 row runs), kept at 16 bits by nibble.
   * llama.cpp: llama-cpp-python (bench/llamacpp_util.open_llama, extra buffer
                types off: the AMX path segfaults here); llm.eval(512 tokens) on a
                reset context for pp, llm.eval([tok]) 128 times for tg. Types are
@@ -53,7 +54,8 @@ QUANT_DIR = os.path.join(REF_DIR, "quant")
 REF_GGUF = os.path.join(REF_DIR, "SmolLM2-135M-Instruct.F32.gguf")
 SRC_GGUF = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
-# nibble configs: name -> (linear format, embedding/head format); None = GGUF fp32.
+# nibble configs: name -> (linear format, embedding/head format); None = GGUF fp32;
+# a string = that llama.cpp GGUF type's file, run by nibble as it is (F16 stays fp16).
 # The tied embedding / output head is int8_g32_sym everywhere: 8.5 bits per
 # weight, the size of the q8_0 head llama.cpp gives this model's tied output.
 NIBBLE = {
@@ -62,6 +64,7 @@ NIBBLE = {
     "int4_g64_sym": ("int4_g64_sym", "int8_g32_sym"),
     "int2_g64": ("int2_g64", "int8_g32_sym"),
     "fp32": None,
+    "f16": "F16",
 }
 # (nibble config, llama.cpp type): compared at similar bits per weight.
 PAIRS = [
@@ -69,7 +72,7 @@ PAIRS = [
     ("int4_g64_sym", "Q4_0"), ("int4_g64_sym", "Q4_K_M"),
     ("int2_g64", "Q2_K"),
     ("int8_g32_sym", "Q8_0"),
-    ("fp32", "F32"), ("fp32", "F16"),
+    ("fp32", "F32"), ("f16", "F16"),
 ]
 QUICK_PAIRS = [("int4_g32", "Q4_0"), ("int8_g32_sym", "Q8_0")]
 # Long-context decode (--depths): one pair, the default format.
@@ -89,9 +92,12 @@ NOTES = [
     "728-778 tok/s: per 64 multiply-adds the int8 kernels spend ~6 instructions on the block scales, the "
     "fp32 GEMM 4 FMAs. llama.cpp's own AMX / repacked buffer types are off in this comparison (they "
     "segfault in llama-cpp-python here), so its prefill is its AVX-512 path.",
-    "fp32 vs F16 decode cannot be won with fp32 weights: F16 streams half the bytes and nibble has no "
-    "16-bit weight type. fp32 vs F32 decode: both stream 538 MB per token; the ratio follows which engine "
-    "gets closer to the bandwidth bound (see the % bw columns).",
+    "16-bit weights (2026-12-07): nibble runs fp16 matrices at 16 bits (GGUF F16 tensors and nibble files "
+    "written with `nibble-quantize --format f16`; cpu::MatMulF16, the fp32 kernels on rows widened in "
+    "registers, bit-identical to running the widened model). The f16 row runs llama.cpp's F16 file itself. "
+    "Until then this table paired nibble fp32 with F16 (0.59x / 0.85x decode in the run before: 32 bits "
+    "per weight against 16). fp32 vs F32 decode: both stream 538 MB per token; the ratio follows which "
+    "engine gets closer to the bandwidth bound (see the % bw columns).",
     "Decode compute (2026-12-07): the int8-activation kernels now spend one fma per 32-column block on the "
     "additive term (fl(m dx) times the block's activation sum, 4 chains per row) instead of 8 spread lanes, "
     "and int sym formats reuse the scale product of the d term; AVX2 lost an integer division per block. "
@@ -158,6 +164,8 @@ def gguf_weight_stats(path):
 def nibble_model(cfg, bin_dir, threads):
     if NIBBLE[cfg] is None:
         return REF_GGUF
+    if isinstance(NIBBLE[cfg], str):
+        return llama_model(NIBBLE[cfg], threads)
     fmt, emb = NIBBLE[cfg]
     os.makedirs(PERF_DIR, exist_ok=True)
     out = os.path.join(PERF_DIR, f"smollm2.rtn.{fmt}.{emb}.nbl")

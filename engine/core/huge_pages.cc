@@ -58,6 +58,7 @@ std::shared_ptr<void> HugePageAlloc(size_t bytes, bool zero) {
 size_t MoveQuantizedToHugePages(ModelWeights* w) {
   size_t total = 0;
   ForEachMatrix(w, [&](HostTensor* t) {
+    total += SpanBytes(t->f16);
     if (t->quant == nullptr) return;
     for (const QuantSegment& s : t->quant->segments) total += SpanBytes(s.data);
     const Sidecar& c = t->quant->sidecar;
@@ -69,6 +70,10 @@ size_t MoveQuantizedToHugePages(ModelWeights* w) {
   auto* base = static_cast<uint8_t*>(arena.get());
   size_t off = 0;
   ForEachMatrix(w, [&](HostTensor* t) {
+    if (!t->f16.empty()) {
+      t->f16 = Place(t->f16, base, &off);
+      t->f16_owner = arena;
+    }
     if (t->quant == nullptr) return;
     auto q = std::make_shared<QuantTensor>(*t->quant);
     for (QuantSegment& s : q->segments) s.data = Place(s.data, base, &off);

@@ -23,10 +23,11 @@ namespace nibble {
 std::shared_ptr<void> HugePageAlloc(size_t bytes, bool zero = true);
 
 // Copies the packed bytes of every quantized matrix of `w` (segments and
-// side-car arrays) into one huge-page arena and points the tensors at it (the
-// values are unchanged; 64-byte aligned like the file's). Memory-mapped model
+// side-car arrays) and the values of every fp16 matrix into one huge-page
+// arena and points the tensors at it (the values are unchanged; 64-byte
+// aligned like the file's). Memory-mapped model
 // files stay mapped but their pages are no longer touched. Returns the bytes
-// copied (0 when nothing is quantized or the arena cannot be allocated, in
+// copied (0 when nothing is quantized or fp16 or the arena cannot be allocated, in
 // which case `w` is left as it was).
 size_t MoveQuantizedToHugePages(ModelWeights* w);
 

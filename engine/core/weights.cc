@@ -4,6 +4,7 @@
 #include "absl/strings/str_join.h"
 #include "engine/core/config.h"
 #include "engine/core/quant_tensor.h"
+#include "kernels/common/fp16.h"
 
 namespace nibble {
 namespace {
@@ -12,16 +13,33 @@ absl::Status Expect(const HostTensor& t, std::vector<int64_t> shape, const std::
                     const std::string& what) {
   const bool values_ok = t.quant != nullptr ? (t.shape.size() == 2 && t.quant->rows == t.rows() &&
                                                 t.quant->cols == t.cols())
-                                             : t.data.size() == static_cast<size_t>(t.numel());
+                         : t.is_f16() ? (t.shape.size() == 2 && t.data.empty() &&
+                                         t.f16.size() == static_cast<size_t>(t.numel()))
+                                      : t.data.size() == static_cast<size_t>(t.numel());
   if (t.shape != shape || !values_ok) {
     return absl::InvalidArgumentError(absl::StrCat(
         source, ": tensor ", t.name.empty() ? what : t.name, " has shape [", absl::StrJoin(t.shape, ", "),
-        "] (", t.data.size(), " values), expected [", absl::StrJoin(shape, ", "), "]"));
+        "] (", t.is_f16() ? t.f16.size() : t.data.size(), " values), expected [", absl::StrJoin(shape, ", "), "]"));
   }
   return absl::OkStatus();
 }
 
 }  // namespace
+
+void HostTensor::WidenF16() {
+  if (f16.empty()) return;
+  data.resize(f16.size());
+  for (size_t i = 0; i < f16.size(); ++i) data[i] = Fp16ToFp32(f16[i]);
+  f16 = {};
+  f16_owner.reset();
+}
+
+void ModelWeights::WidenF16() {
+  tok_embeddings.WidenF16();
+  output.WidenF16();
+  for (LayerWeights& l : layers)
+    for (HostTensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) t->WidenF16();
+}
 
 absl::Status ModelWeights::Validate(const ModelConfig& c, const std::string& source) const {
   const int64_t dim = c.dim, hid = c.hidden_dim, q = c.q_dim(), kv = c.kv_dim(), vocab = c.vocab_size;

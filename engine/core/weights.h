@@ -3,11 +3,15 @@
 // Convention: a linear layer's weight is [out_features, in_features] row-major
 // (GGUF ne = {in, out}; HF/PyTorch nn.Linear layout), y = W x.
 // Readers of foreign formats dequantize to fp32; nibble's own model file carries
-// packed matrices in `quant` (engine/core/quant_tensor.h).
+// packed matrices in `quant` (engine/core/quant_tensor.h). Matrices stored as
+// IEEE fp16 (GGUF F16, nibble files written with fp16 storage) may be kept at
+// 16 bits in `f16` when the loader is asked to (LoadOptions::keep_f16): the
+// engine then runs them in the fp16 kernels (cpu::MatMulF16).
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -23,6 +27,10 @@ struct HostTensor {
   std::vector<float> data;     // fp32 values; empty when `quant` holds the matrix
   // Set for quantized matrices (engine/core/quant_tensor.h); `data` is then empty.
   std::shared_ptr<const QuantTensor> quant;
+  // Set for matrices kept in fp16 (row-major rows * cols values, 2-byte
+  // aligned); `data` is then empty. `f16_owner` keeps the memory alive.
+  std::span<const uint16_t> f16;
+  std::shared_ptr<const void> f16_owner;
 
   int64_t numel() const {
     int64_t n = 1;
@@ -31,8 +39,11 @@ struct HostTensor {
   }
   int64_t rows() const { return shape.empty() ? 0 : shape[0]; }
   int64_t cols() const { return shape.size() < 2 ? 0 : shape[1]; }
-  bool empty() const { return data.empty() && quant == nullptr; }
+  bool empty() const { return data.empty() && quant == nullptr && f16.empty(); }
   bool is_quantized() const { return quant != nullptr; }
+  bool is_f16() const { return !f16.empty(); }
+  // Replaces fp16 values by their exact fp32 widening in `data` (no-op otherwise).
+  void WidenF16();
 };
 
 struct LayerWeights {
@@ -52,6 +63,8 @@ struct ModelWeights {
 
   // Checks every tensor's shape against `config`; errors name `source` and the tensor.
   absl::Status Validate(const ModelConfig& config, const std::string& source) const;
+  // HostTensor::WidenF16 on every matrix.
+  void WidenF16();
 };
 
 }  // namespace nibble

@@ -1,6 +1,8 @@
 #include "engine/io/gguf_model.h"
 
 #include <algorithm>
+#include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -97,7 +99,7 @@ absl::StatusOr<const GgufTensorInfo*> CheckTensor(const GgufFile& f, const Job& 
   return t;
 }
 
-absl::Status ReadWeights(const GgufFile& f, const ModelConfig& c, ModelWeights* w) {
+absl::Status ReadWeights(const GgufFile& f, const ModelConfig& c, bool keep_f16, ModelWeights* w) {
   const int64_t dim = c.dim, hid = c.hidden_dim, q = c.q_dim(), kv = c.kv_dim(), vocab = c.vocab_size;
   std::vector<Job> jobs;
   jobs.push_back({"token_embd.weight", &w->tok_embeddings, {vocab, dim}});
@@ -127,7 +129,15 @@ absl::Status ReadWeights(const GgufFile& f, const ModelConfig& c, ModelWeights* 
   auto load = [&](size_t i) {
     jobs[i].dst->name = jobs[i].name;
     jobs[i].dst->shape = jobs[i].shape;
-    return f.DequantizeTensor(*infos[i], &jobs[i].dst->data);
+    const GgufTensorInfo& t = *infos[i];
+    if (keep_f16 && t.type == GgmlType::kF16 && jobs[i].shape.size() == 2) {
+      auto values = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(t.numel));
+      std::memcpy(values->data(), t.data, values->size() * sizeof(uint16_t));  // n_bytes checked by the parser
+      jobs[i].dst->f16 = {values->data(), values->size()};
+      jobs[i].dst->f16_owner = std::move(values);
+      return absl::OkStatus();
+    }
+    return f.DequantizeTensor(t, &jobs[i].dst->data);
   };
   if (auto s = ParallelFor(jobs.size(), load); !s.ok()) return s;
   return absl::OkStatus();  // every tensor was checked against the config above
@@ -241,7 +251,7 @@ absl::Status ReadGgufVocab(const GgufFile& f, VocabSpec* out) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<LoadedModel> LoadGgufModel(const std::string& path) {
+absl::StatusOr<LoadedModel> LoadGgufModel(const std::string& path, bool keep_f16) {
   auto file = GgufFile::Open(path);
   if (!file.ok()) return file.status();
   const GgufFile& f = **file;
@@ -264,7 +274,7 @@ absl::StatusOr<LoadedModel> LoadGgufModel(const std::string& path) {
     if (value.type != GgufType::kArray && key != "tokenizer.chat_template") m.metadata[key] = value.ToString();
   }
   m.metadata["gguf.version"] = absl::StrCat(f.version());
-  if (auto s = ReadWeights(f, m.config, &m.weights); !s.ok()) return s;
+  if (auto s = ReadWeights(f, m.config, keep_f16, &m.weights); !s.ok()) return s;
   return m;
 }
 

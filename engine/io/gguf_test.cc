@@ -183,6 +183,36 @@ TEST(GgufModelTest, SyntheticModelLoads) {
   EXPECT_EQ(m->metadata.at("general.name"), "tiny");
 }
 
+// keep_f16: F16 matrices come back as fp16 (HostTensor::f16) whose exact
+// widening is the dequantized value; every other tensor is loaded as before.
+TEST(GgufModelTest, KeepF16KeepsF16MatricesAt16Bits) {
+  const GgufSpec spec = TinyLlama();
+  const std::string path = WriteTempFile("tiny_f16.gguf", WriteGguf(spec));
+  TempCleanup cleanup{path};
+  auto m = LoadGgufModel(path, /*keep_f16=*/true);
+  ASSERT_TRUE(m.ok()) << m.status();
+  int kept = 0;
+  for (const TensorSpec& t : spec.tensors) {
+    const HostTensor& h = Weight(*m, t.name);
+    if (t.type == static_cast<uint32_t>(GgmlType::kF16) && t.ne.size() == 2) {
+      ++kept;
+      ASSERT_TRUE(h.is_f16()) << t.name;
+      EXPECT_TRUE(h.data.empty()) << t.name;
+      ASSERT_EQ(h.f16.size(), t.expected.size()) << t.name;
+      for (size_t i = 0; i < h.f16.size(); ++i) EXPECT_EQ(Fp16ToFp32(h.f16[i]), t.expected[i]) << t.name << " " << i;
+      HostTensor copy = h;
+      copy.WidenF16();
+      EXPECT_FALSE(copy.is_f16());
+      EXPECT_EQ(copy.data, t.expected) << t.name;
+    } else {
+      EXPECT_FALSE(h.is_f16()) << t.name;
+      EXPECT_EQ(h.data, t.expected) << t.name;
+    }
+  }
+  EXPECT_EQ(kept, 6);  // ffn_gate / ffn_up / ffn_down of 2 layers
+  EXPECT_TRUE(m->weights.Validate(m->config, path).ok());
+}
+
 TEST(GgufTest, MetadataTypesAndCoercion) {
   GgufSpec spec;
   Bytes nested;  // array of 2 arrays of int32: [[1, 2], [-3]]

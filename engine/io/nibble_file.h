@@ -66,10 +66,14 @@ struct NibbleLoadOptions {
   // and JSON checksums are always verified. Structural checks (offsets,
   // lengths, alignment, shapes, format names, side-car invariants) always run.
   bool verify_tensor_checksums = true;
+  // Keep matrices stored as fp16 at 16 bits (HostTensor::f16, a view of the
+  // mapping) instead of widening them into HostTensor::data.
+  bool keep_f16 = false;
 };
 
 // Maps `path` and returns the model it describes: fp32/fp16 tensors are
-// copied into HostTensor::data as fp32, quantized tensors are views into the
+// copied into HostTensor::data as fp32 (fp16 matrices stay fp16 views of the
+// mapping with opts.keep_f16), quantized tensors are views into the
 // mapping (kept alive through QuantTensor::owners). Fills config, weights,
 // vocab, chat_template, metadata; source_path = path, source_format = "nibble".
 // A kSentencePieceModel tokenizer comes back with its recorded sp_model_path

@@ -334,7 +334,7 @@ struct TensorJob {
 };
 
 absl::Status LoadTensor(const Reader& r, const TensorJob& job, const std::shared_ptr<const MappedFile>& file,
-                        bool verify) {
+                        bool verify, bool keep_f16) {
   const json& e = *job.entry;
   const std::string w = absl::StrCat("tensor '", job.name, "'");
   HostTensor t;
@@ -369,6 +369,10 @@ absl::Status LoadTensor(const Reader& r, const TensorJob& job, const std::shared
     if (elem == 4) {
       const auto* p = reinterpret_cast<const float*>(ref->data);
       t.data.assign(p, p + numel);
+    } else if (keep_f16 && t.shape.size() == 2) {
+      // 64-byte aligned in the mapping (checked by GetRef), so a valid uint16_t view.
+      t.f16 = {reinterpret_cast<const uint16_t*>(ref->data), static_cast<size_t>(numel)};
+      t.f16_owner = file;
     } else {
       t.data.resize(static_cast<size_t>(numel));
       for (int64_t i = 0; i < numel; ++i) {
@@ -504,7 +508,7 @@ absl::Status ReadTensors(const Reader& r, const json& doc, const std::shared_ptr
     }
   }
   if (auto s = ParallelFor(
-          jobs.size(), [&](size_t i) { return LoadTensor(r, jobs[i], file, opts.verify_tensor_checksums); }, 4);
+          jobs.size(), [&](size_t i) { return LoadTensor(r, jobs[i], file, opts.verify_tensor_checksums, opts.keep_f16); }, 4);
       !s.ok()) {
     return s;
   }

@@ -169,6 +169,15 @@ absl::StatusOr<json> TensorJson(const std::string& slot, const HostTensor& t, co
     }
     return j;
   }
+  if (t.is_f16()) {
+    if (t.shape.size() != 2 || t.f16.size() != static_cast<size_t>(t.numel())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": tensor '", slot, "' has ", t.f16.size(), " fp16 values for its shape (", t.numel(), ")"));
+    }
+    j["storage"] = "f16";
+    j["data"] = data->Add(t.f16.data(), t.f16.size_bytes());
+    return j;
+  }
   if (t.data.size() != static_cast<size_t>(t.numel())) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": tensor '", slot, "' has ", t.data.size(), " values for its shape (", t.numel(), ")"));

@@ -26,6 +26,10 @@ class CpuBackend final : public Backend {
       QuantMatMul(*w.quant, x, n_tokens, y);
       return;
     }
+    if (w.is_f16()) {
+      cpu::MatMulF16(w.f16.data(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
+      return;
+    }
     cpu::MatMulF32(w.data.data(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
   }
 

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/core/quant_tensor.h"
 #include "engine/core/rotation.h"
+#include "kernels/cpu/ops.h"
 
 namespace nibble {
 
@@ -46,6 +47,8 @@ void LlamaModel::Embed(std::span<const int32_t> tokens, float* out) {
       const int32_t id = tokens[b + t];
       if (e.quant != nullptr) {
         e.quant->DequantizeRow(id, dst + t * dim);
+      } else if (e.is_f16()) {
+        cpu::WidenF16(e.f16.data() + size_t(id) * dim, dst + t * dim, static_cast<int64_t>(dim));
       } else {
         std::memcpy(dst + t * dim, &e.data[size_t(id) * dim], dim * sizeof(float));
       }

@@ -38,7 +38,7 @@ absl::StatusOr<Format> Detect(const std::string& path) {
 // llama2.c keeps its tokenizer beside the checkpoint: try the usual names.
 std::string FindLlama2cTokenizer(const std::string& model_path, int vocab_size) {
   const fs::path dir = fs::path(model_path).parent_path();
-  for (const std::string name : {absl::StrCat("tok", vocab_size, ".bin"), std::string("tokenizer.bin")}) {
+  for (const std::string& name : {absl::StrCat("tok", vocab_size, ".bin"), std::string("tokenizer.bin")}) {
     std::error_code ec;
     if (fs::is_regular_file(dir / name, ec)) return (dir / name).string();
   }
@@ -75,10 +75,10 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& path, const LoadOptions
   if (!format.ok()) return format.status();
   absl::StatusOr<LoadedModel> m;
   switch (*format) {
-    case Format::kGguf: m = io::LoadGgufModel(path); break;
+    case Format::kGguf: m = io::LoadGgufModel(path, opts.keep_f16); break;
     case Format::kHf: m = io::LoadHfModel(path); break;
     case Format::kLlama2c: m = io::LoadLlama2cModel(path); break;
-    case Format::kNibble: m = io::LoadNibbleFile(path); break;
+    case Format::kNibble: m = io::LoadNibbleFile(path, {.verify_tensor_checksums = true, .keep_f16 = opts.keep_f16}); break;
     case Format::kUnknown:
       return absl::InvalidArgumentError(absl::StrCat(
           path, ": unrecognised model format (expected a nibble model file, a GGUF file, a llama2.c .bin "

@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/common/fp16.h"
 #include "kernels/cpu/aligned_scratch.h"
 #include "kernels/cpu/thread_pool.h"
 
@@ -25,8 +26,12 @@ Isa DetectIsa() {
   Isa best = Isa::kScalar;
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = Isa::kAvx512;
+  // F16C comes with every AVX2 CPU; checked because the fp16-weight kernels use it.
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    best = Isa::kAvx512;
 #endif
   if (const char* f = std::getenv("NIBBLE_FORCE_ISA")) {
     std::string_view s(f);
@@ -63,60 +68,112 @@ __attribute__((target("avx2,fma"))) inline float Hsum256(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-__attribute__((target("avx2,fma"))) float DotAvx2(const float* a, const float* b, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-  }
-  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-  float s = Hsum256(_mm256_add_ps(s0, s1));
-  for (; i < n; ++i) s += a[i] * b[i];
+// s + a[0]*b[0] + ... in order, each product rounded (no FMA contraction:
+// compiled for the baseline ISA, out of line so that every caller gets the
+// same code): the AVX2 dot products' tails.
+__attribute__((noinline)) float AddProductsInOrder(float s, const float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
-__attribute__((target("avx512f"))) float DotAvx512(const float* a, const float* b, int64_t n) {
+// Weight loads for the dot products below: fp32 as it is, fp16 widened
+// (exactly) in registers. W = float or uint16_t (IEEE fp16 bits).
+template <class W>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 LoadW8(const W* p) {
+  if constexpr (std::is_same_v<W, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+template <class W>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m512 LoadW16(const W* p) {
+  if constexpr (std::is_same_v<W, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+}
+template <class W>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m512 MaskLoadW16(__mmask16 m,
+                                                                                              const W* p) {
+  if constexpr (std::is_same_v<W, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+}
+
+// AVX2 dot product: two 8-lane chains over 16-column steps, an 8-column step
+// into the first, the horizontal sum, then the < 8 column tail in order.
+template <class W>
+__attribute__((target("avx2,fma,f16c"))) float DotAvx2T(const W* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(LoadW8(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(LoadW8(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(LoadW8(a + i), _mm256_loadu_ps(b + i), s0);
+  const float s = Hsum256(_mm256_add_ps(s0, s1));
+  if constexpr (std::is_same_v<W, float>) {
+    return AddProductsInOrder(s, a + i, b + i, n - i);
+  } else {
+    float tail[8];
+    for (int64_t j = i; j < n; ++j) tail[j - i] = Fp16ToFp32(a[j]);
+    return AddProductsInOrder(s, tail, b + i, n - i);
+  }
+}
+
+// AVX-512 dot product: two 16-lane chains over 32-column steps, a 16-column
+// step into the first, the masked tail into the second, one reduction.
+template <class W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float DotAvx512T(const W* a, const float* b, int64_t n) {
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    s0 = _mm512_fmadd_ps(LoadW16(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(LoadW16(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
   }
-  for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+  for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(LoadW16(a + i), _mm512_loadu_ps(b + i), s0);
   if (i < n) {
     const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
-    s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s1);
+    s1 = _mm512_fmadd_ps(MaskLoadW16(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
-// DotAvx512 of 4 consecutive rows (stride cols) with one x, each row's result
-// bit for bit DotAvx512's (same two accumulator chains, tail and reduction):
-// the x loads are shared and 8 independent FMA chains are in flight, and the
-// rows 4 ahead are prefetched (decode GEMV over fp32 weights).
-__attribute__((target("avx512f"))) void Dot4RowsAvx512(const float* w, int64_t cols, const float* x, float* out) {
+float DotAvx2(const float* a, const float* b, int64_t n) { return DotAvx2T(a, b, n); }
+float DotAvx512(const float* a, const float* b, int64_t n) { return DotAvx512T(a, b, n); }
+
+// DotAvx512T of 4 consecutive rows (stride cols) with one x, each row's
+// result bit for bit DotAvx512T's (same two accumulator chains, tail and
+// reduction): the x loads are shared, 8 independent FMA chains are in flight,
+// and the rows pf_rows further on are prefetched (decode GEMV).
+template <class W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void Dot4RowsAvx512T(const W* w, int64_t cols, const float* x,
+                                                                             int64_t pf_rows, float* out) {
   __m512 s0[4], s1[4];
   for (int r = 0; r < 4; ++r) s0[r] = s1[r] = _mm512_setzero_ps();
-  const float* next = w + 4 * cols;
+  const W* next = w + pf_rows * cols;
   int64_t i = 0;
   for (; i + 32 <= cols; i += 32) {
     const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
     for (int r = 0; r < 4; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(next + r * cols + i), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(next + r * cols + i + 16), _MM_HINT_T0);
-      s0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * cols + i), x0, s0[r]);
-      s1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * cols + i + 16), x1, s1[r]);
+      for (size_t o = 0; o < 32 * sizeof(W); o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(next + r * cols + i) + o, _MM_HINT_T0);
+      s0[r] = _mm512_fmadd_ps(LoadW16(w + r * cols + i), x0, s0[r]);
+      s1[r] = _mm512_fmadd_ps(LoadW16(w + r * cols + i + 16), x1, s1[r]);
     }
   }
   for (; i + 16 <= cols; i += 16) {
     const __m512 x0 = _mm512_loadu_ps(x + i);
-    for (int r = 0; r < 4; ++r) s0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * cols + i), x0, s0[r]);
+    for (int r = 0; r < 4; ++r) s0[r] = _mm512_fmadd_ps(LoadW16(w + r * cols + i), x0, s0[r]);
   }
   if (i < cols) {
     const __mmask16 m = static_cast<__mmask16>((1u << (cols - i)) - 1);
     const __m512 x0 = _mm512_maskz_loadu_ps(m, x + i);
-    for (int r = 0; r < 4; ++r) s1[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + r * cols + i), x0, s1[r]);
+    for (int r = 0; r < 4; ++r) s1[r] = _mm512_fmadd_ps(MaskLoadW16(m, w + r * cols + i), x0, s1[r]);
   }
   for (int r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(s0[r], s1[r]));
 }
@@ -145,6 +202,72 @@ __attribute__((target("avx512f"))) void Tile4x4Avx512(const float* w, int64_t co
     for (int r = 0; r < 4; ++r) out[t * 4 + r] = _mm512_reduce_add_ps(acc[t][r]);
 }
 #endif
+
+// ---------------------------------------------------------------------------
+// fp16 weights (decode). Every kernel below is its fp32 twin run on the
+// widened row (fp16 -> fp32 is exact): same accumulator chains, tails and
+// reductions, so DotF16(w, x) == DotF32(widen(w), x) bit for bit per ISA.
+
+float DotF16Ref(const uint16_t* a, const float* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += Fp16ToFp32(a[i]) * b[i];
+  return s;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void WidenF16Avx512(const uint16_t* src, float* dst,
+                                                                           int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, LoadW16(src + i));
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(dst + i, m, MaskLoadW16(m, src + i));
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void WidenF16Avx2(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, LoadW8(src + i));
+  for (; i < n; ++i) dst[i] = Fp16ToFp32(src[i]);
+}
+#endif
+
+float DotF16(Isa isa, const uint16_t* a, const float* b, int64_t n) {
+#if defined(__x86_64__)
+  if (isa == Isa::kAvx512) return DotAvx512T(a, b, n);
+  if (isa == Isa::kAvx2) return DotAvx2T(a, b, n);
+#endif
+  return DotF16Ref(a, b, n);
+}
+
+void WidenF16(Isa isa, const uint16_t* src, float* dst, int64_t n) {
+#if defined(__x86_64__)
+  if (isa == Isa::kAvx512) return WidenF16Avx512(src, dst, n);
+  if (isa == Isa::kAvx2) return WidenF16Avx2(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = Fp16ToFp32(src[i]);
+}
+
+// Rows [r0, r1) of an fp16 matrix times n_tokens (< kMatMulF32PackedMinTokens,
+// or any count at the scalar ISA): every output is DotF16's.
+void MatMulF16Rows(Isa isa, const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
+                   float* y, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+#if defined(__x86_64__)
+  if (isa == Isa::kAvx512) {
+    // Prefetch about 4 KiB of rows ahead (at least the next 4 rows).
+    const int64_t pf_rows = std::max<int64_t>(4, (4096 / std::max<int64_t>(1, 2 * cols) + 3) / 4 * 4);
+    float out[4];
+    for (; r + 4 <= r1; r += 4)
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        Dot4RowsAvx512T(w + r * cols, cols, x + t * cols, r + 4 + pf_rows <= r1 ? pf_rows : 4, out);
+        for (int rr = 0; rr < 4; ++rr) y[t * rows + r + rr] = out[rr];
+      }
+  }
+#endif
+  for (; r < r1; ++r)
+    for (int64_t t = 0; t < n_tokens; ++t) y[t * rows + r] = DotF16(isa, w + r * cols, x + t * cols, cols);
+}
 
 float Dot(Isa isa, const float* a, const float* b, int64_t n) {
 #if defined(__x86_64__)
@@ -430,7 +553,7 @@ void MatMulRows(Isa isa, const float* w, int64_t rows, int64_t cols, const float
     float out[4];
     for (; r + 4 <= r1; r += 4)
       for (int64_t t = 0; t < n_tokens; ++t) {
-        Dot4RowsAvx512(w + r * cols, cols, x + t * cols, out);
+        Dot4RowsAvx512T(w + r * cols, cols, x + t * cols, 4, out);
         for (int rr = 0; rr < 4; ++rr) y[t * rows + r + rr] = out[rr];
       }
   }
@@ -514,6 +637,31 @@ void MatMulF32(const float* w, int64_t rows, int64_t cols, const float* x, int64
   }
   const int64_t grain = n_tokens >= kMatMulF32PackedMinTokens && isa != Isa::kScalar ? 32 : 16;
   pool->ParallelFor(rows, grain, [&](int, int64_t b, int64_t e) { MatMulRows(isa, w, rows, cols, x, n_tokens, y, b, e); });
+}
+
+float DotF16(const uint16_t* w, const float* x, int64_t n) { return DotF16(GetIsa(), w, x, n); }
+
+void WidenF16(const uint16_t* src, float* dst, int64_t n) { WidenF16(GetIsa(), src, dst, n); }
+
+void MatMulF16(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+               ThreadPool* pool) {
+  const Isa isa = GetIsa();
+  if (n_tokens >= kMatMulF32PackedMinTokens && isa != Isa::kScalar) {
+    // Prefill: rows widened panel by panel into the packed fp32 GEMM.
+    const RowFill fill = [&](int64_t r0, int64_t nr, float* dst) { WidenF16(isa, w + r0 * cols, dst, nr * cols); };
+    MatMulF32Filled(fill, rows, cols, x, n_tokens, y, pool);
+    return;
+  }
+  if (pool == nullptr || pool->size() == 1 || rows * cols * n_tokens < 32768) {
+    MatMulF16Rows(isa, w, rows, cols, x, n_tokens, y, 0, rows);
+    return;
+  }
+  pool->ParallelFor(rows, 16, [&](int, int64_t b, int64_t e) { MatMulF16Rows(isa, w, rows, cols, x, n_tokens, y, b, e); });
+}
+
+void MatMulF16Ref(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y) {
+  for (int64_t t = 0; t < n_tokens; ++t)
+    for (int64_t r = 0; r < rows; ++r) y[t * rows + r] = DotF16Ref(w + r * cols, x + t * cols, cols);
 }
 
 void RmsNorm(const float* x, const float* weight, int64_t n, float eps, float* out) {

@@ -42,6 +42,20 @@ using RowFill = std::function<void(int64_t r0, int64_t nr, float* dst)>;
 void MatMulF32Filled(const RowFill& fill, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
                      ThreadPool* pool);
 
+// fp16 weights (IEEE binary16, e.g. GGUF F16 tensors) times fp32 activations,
+// accumulated in fp32. fp16 -> fp32 is exact, so each output is exactly what
+// the fp32 kernels give on the widened matrix: MatMulF32Filled's with a
+// widening fill (n_tokens >= kMatMulF32PackedMinTokens at AVX2/AVX-512: the
+// packed-panel GEMM; otherwise DotF32 of each widened row). Half the bytes
+// of fp32 weights per decode step.
+void MatMulF16(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+               ThreadPool* pool);
+// Scalar reference: DotF32's scalar order on the widened rows.
+void MatMulF16Ref(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y);
+// DotF32(widen(w), x) (dispatched), and the widening itself.
+float DotF16(const uint16_t* w, const float* x, int64_t n);
+void WidenF16(const uint16_t* src, float* dst, int64_t n);
+
 // Dot product of two fp32 vectors (dispatched).
 float DotF32(const float* a, const float* b, int64_t n);
 

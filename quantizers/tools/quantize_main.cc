@@ -33,6 +33,8 @@ void ListFormats() {
     printf("%-18s %-8s %5d %6d %5s  %.3f\n", f.Name().c_str(), kind, f.bits, f.group, f.symmetric ? "yes" : "no",
            f.BitsPerWeight(f.group * 16));
   }
+  printf("%-18s %-8s %5d %6s %5s  %.3f   (no quantization: every matrix stored as IEEE fp16)\n", "f16", "float", 16,
+         "-", "-", 16.0);
 }
 
 // A progress bar on a terminal, plain lines otherwise.
@@ -206,6 +208,12 @@ int main(int argc, char** argv) {
         return Fail(absl::InvalidArgumentError(absl::StrCat("--alloc-embed-formats: ", list.status().message())));
       cfg.alloc.embed_candidates = *std::move(list);
     }
+  } else if (format_name == "f16") {
+    // A 16-bit copy of the model: no quantizer runs, so its options do not apply.
+    if (!tensor_format_args.empty() || outliers > 0.0 || !calib.empty() || method != "rtn")
+      return Fail(absl::InvalidArgumentError(
+          "--format f16 stores every matrix as fp16 without quantizing: --tensor-format, --outliers, --calib and "
+          "--method do not apply"));
   } else {
     auto f = nibble::fmt::Format::Parse(format_name);
     if (!f) return Fail(absl::InvalidArgumentError(absl::StrCat("--format: unknown format '", format_name,
@@ -291,17 +299,29 @@ int main(int argc, char** argv) {
     cfg.outlier_saliency = *sal;
   }
 
-  auto m = nibble::LoadModel(src, {.tokenizer_path = tokenizer_path});
+  auto m = nibble::LoadModel(src, {.tokenizer_path = tokenizer_path, .huge_pages = true, .keep_f16 = false});
   if (!m.ok()) return Fail(m.status());
   fprintf(stderr, "quantize: %s (%s, %d layers, dim %d) -> %s, method %s\n", src.c_str(), m->source_format.c_str(),
           m->config.n_layers, m->config.dim,
-          allocate ? absl::StrCat("bit allocation at ", target_bpw, " bpw").c_str() : cfg.format.Name().c_str(),
-          method.c_str());
+          allocate                ? absl::StrCat("bit allocation at ", target_bpw, " bpw").c_str()
+          : format_name == "f16" ? "f16"
+                                 : cfg.format.Name().c_str(),
+          format_name == "f16" ? "none" : method.c_str());
   if (outliers > 0.0)
     fprintf(stderr, "quantize: side-car: top %g of each linear layer's weights as %s by %s saliency\n", outliers,
             nibble::SidecarTypeName(cfg.outlier_type), nibble::SaliencyName(cfg.outlier_saliency));
   m->metadata["quant.source"] = src;
   m->metadata["quant.source_format"] = m->source_format;
+  if (format_name == "f16") {
+    m->metadata["quant.format"] = "f16";
+    const auto t0 = std::chrono::steady_clock::now();
+    nibble::io::NibbleWriteOptions wo;
+    wo.fp16_matrices = true;
+    if (auto s = nibble::io::WriteNibbleFile(*m, out, wo); !s.ok()) return Fail(s);
+    fprintf(stderr, "quantize: wrote %s: every matrix as fp16 (16 bits/weight; norms fp32); %.1f s\n", out.c_str(),
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    return 0;
+  }
   Progress progress;
   auto report = nibble::QuantizeModel(&*m, cfg, [&](int d, int t, const std::string& n) { progress(d, t, n); });
   if (!report.ok()) return Fail(report.status());
