@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "engine/core/quant_tensor.h"
@@ -55,6 +56,30 @@ std::shared_ptr<void> HugePageAlloc(size_t bytes, bool zero) {
   return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
 }
 
+bool HugePagesAllowedByEnv() {
+  const char* env = std::getenv("NIBBLE_HUGE_PAGES");
+  return !(env != nullptr && std::string_view(env) == "0");
+}
+
+size_t MoveF32ToHugePages(ModelWeights* w) {
+  size_t total = 0;
+  ForEachMatrix(w, [&](HostTensor* t) {
+    if (t->quant == nullptr && !t->data.empty()) total += RoundUp(t->data.size() * sizeof(float), 64);
+  });
+  if (total == 0) return 0;
+  std::shared_ptr<void> arena = HugePageAlloc(total, /*zero=*/false);
+  if (arena == nullptr) return 0;
+  auto* base = static_cast<uint8_t*>(arena.get());
+  size_t off = 0;
+  ForEachMatrix(w, [&](HostTensor* t) {
+    if (t->quant != nullptr || t->data.empty()) return;
+    t->f32 = Place(std::span<const float>(t->data), base, &off);
+    t->owner = arena;
+    std::vector<float>().swap(t->data);
+  });
+  return total;
+}
+
 size_t MoveQuantizedToHugePages(ModelWeights* w) {
   size_t total = 0;
   ForEachMatrix(w, [&](HostTensor* t) {
@@ -72,7 +97,7 @@ size_t MoveQuantizedToHugePages(ModelWeights* w) {
   ForEachMatrix(w, [&](HostTensor* t) {
     if (!t->f16.empty()) {
       t->f16 = Place(t->f16, base, &off);
-      t->f16_owner = arena;
+      t->owner = arena;
     }
     if (t->quant == nullptr) return;
     auto q = std::make_shared<QuantTensor>(*t->quant);

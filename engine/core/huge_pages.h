@@ -31,4 +31,14 @@ std::shared_ptr<void> HugePageAlloc(size_t bytes, bool zero = true);
 // which case `w` is left as it was).
 size_t MoveQuantizedToHugePages(ModelWeights* w);
 
+// The same for the fp32 matrices of `w`: their values move from
+// HostTensor::data into one huge-page arena (HostTensor::f32; `data` is
+// emptied). For serving: code that edits weights (the quantizer) works on
+// `data` and must not be given such a model. Returns the bytes moved (0 when
+// there are none or the arena cannot be allocated; `w` is then unchanged).
+size_t MoveF32ToHugePages(ModelWeights* w);
+
+// False when NIBBLE_HUGE_PAGES=0 is set in the environment.
+bool HugePagesAllowedByEnv();
+
 }  // namespace nibble

@@ -1,6 +1,7 @@
 #include "engine/core/huge_pages.h"
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -100,6 +101,42 @@ TEST(HugePages, NothingQuantizedMovesNothing) {
   w.tok_embeddings.data = {1, 2, 3, 4};
   EXPECT_EQ(MoveQuantizedToHugePages(&w), 0u);
   EXPECT_EQ(w.tok_embeddings.data, (std::vector<float>{1, 2, 3, 4}));
+}
+
+// fp32 matrices (not norms, not quantized ones) move into the arena with
+// their values; an fp16 matrix moved by MoveQuantizedToHugePages keeps its bits.
+TEST(HugePages, F32AndF16MatricesMoveAndValuesStay) {
+  ModelWeights w;
+  w.tok_embeddings.shape = {3, 5};
+  for (int i = 0; i < 15; ++i) w.tok_embeddings.data.push_back(0.5f * i - 3.0f);
+  w.final_norm.shape = {5};
+  w.final_norm.data = {1, 1, 1, 1, 1};
+  w.layers.resize(1);
+  w.layers[0].wq.shape = {2, 7};
+  for (int i = 0; i < 14; ++i) w.layers[0].wq.data.push_back(-0.25f * i);
+  auto bits = std::make_shared<std::vector<uint16_t>>(std::vector<uint16_t>{0x3c00, 0xc000, 0x0001, 0x7bff});
+  w.layers[0].wk.shape = {2, 2};
+  w.layers[0].wk.f16 = {bits->data(), bits->size()};
+  w.layers[0].wk.owner = bits;
+  const std::vector<float> emb = w.tok_embeddings.data, wq = w.layers[0].wq.data;
+
+  EXPECT_EQ(MoveF32ToHugePages(&w), 128u);  // 15 and 14 floats, each rounded up to 64 bytes
+  EXPECT_TRUE(w.tok_embeddings.data.empty());
+  ASSERT_EQ(w.tok_embeddings.fp32_size(), emb.size());
+  EXPECT_TRUE(std::equal(emb.begin(), emb.end(), w.tok_embeddings.fp32()));
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(w.tok_embeddings.fp32()) % (size_t{2} << 20), 0u);
+  ASSERT_EQ(w.layers[0].wq.fp32_size(), wq.size());
+  EXPECT_TRUE(std::equal(wq.begin(), wq.end(), w.layers[0].wq.fp32()));
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(w.layers[0].wq.fp32()) % 64, 0u);
+  EXPECT_EQ(w.final_norm.data.size(), 5u);  // 1-D tensors stay
+  EXPECT_EQ(w.layers[0].wk.fp32(), nullptr);
+
+  const uint16_t* before = w.layers[0].wk.f16.data();
+  EXPECT_EQ(MoveQuantizedToHugePages(&w), 64u);
+  EXPECT_NE(w.layers[0].wk.f16.data(), before);
+  bits.reset();  // the arena, not the source, holds the values now
+  EXPECT_EQ(std::vector<uint16_t>(w.layers[0].wk.f16.begin(), w.layers[0].wk.f16.end()),
+            (std::vector<uint16_t>{0x3c00, 0xc000, 0x0001, 0x7bff}));
 }
 
 TEST(HugePages, AllocIsAlignedAndZeroed) {

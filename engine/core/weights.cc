@@ -15,11 +15,11 @@ absl::Status Expect(const HostTensor& t, std::vector<int64_t> shape, const std::
                                                 t.quant->cols == t.cols())
                          : t.is_f16() ? (t.shape.size() == 2 && t.data.empty() &&
                                          t.f16.size() == static_cast<size_t>(t.numel()))
-                                      : t.data.size() == static_cast<size_t>(t.numel());
+                                      : t.fp32_size() == static_cast<size_t>(t.numel());
   if (t.shape != shape || !values_ok) {
     return absl::InvalidArgumentError(absl::StrCat(
         source, ": tensor ", t.name.empty() ? what : t.name, " has shape [", absl::StrJoin(t.shape, ", "),
-        "] (", t.is_f16() ? t.f16.size() : t.data.size(), " values), expected [", absl::StrJoin(shape, ", "), "]"));
+        "] (", t.is_f16() ? t.f16.size() : t.fp32_size(), " values), expected [", absl::StrJoin(shape, ", "), "]"));
   }
   return absl::OkStatus();
 }
@@ -31,7 +31,7 @@ void HostTensor::WidenF16() {
   data.resize(f16.size());
   for (size_t i = 0; i < f16.size(); ++i) data[i] = Fp16ToFp32(f16[i]);
   f16 = {};
-  f16_owner.reset();
+  owner.reset();
 }
 
 void ModelWeights::WidenF16() {

@@ -27,10 +27,12 @@ struct HostTensor {
   std::vector<float> data;     // fp32 values; empty when `quant` holds the matrix
   // Set for quantized matrices (engine/core/quant_tensor.h); `data` is then empty.
   std::shared_ptr<const QuantTensor> quant;
-  // Set for matrices kept in fp16 (row-major rows * cols values, 2-byte
-  // aligned); `data` is then empty. `f16_owner` keeps the memory alive.
+  // Matrices held outside `data` (which is then empty), row-major rows * cols
+  // values kept alive by `owner`: `f16` for matrices kept in fp16; `f32` for
+  // fp32 matrices moved into huge-page memory (MoveF32ToHugePages).
   std::span<const uint16_t> f16;
-  std::shared_ptr<const void> f16_owner;
+  std::span<const float> f32;
+  std::shared_ptr<const void> owner;
 
   int64_t numel() const {
     int64_t n = 1;
@@ -39,9 +41,13 @@ struct HostTensor {
   }
   int64_t rows() const { return shape.empty() ? 0 : shape[0]; }
   int64_t cols() const { return shape.size() < 2 ? 0 : shape[1]; }
-  bool empty() const { return data.empty() && quant == nullptr && f16.empty(); }
+  bool empty() const { return data.empty() && quant == nullptr && f16.empty() && f32.empty(); }
   bool is_quantized() const { return quant != nullptr; }
   bool is_f16() const { return !f16.empty(); }
+  // The fp32 values wherever they are held (`f32` or `data`); nullptr for
+  // quantized and fp16 matrices.
+  const float* fp32() const { return !f32.empty() ? f32.data() : data.empty() ? nullptr : data.data(); }
+  size_t fp32_size() const { return !f32.empty() ? f32.size() : data.size(); }
   // Replaces fp16 values by their exact fp32 widening in `data` (no-op otherwise).
   void WidenF16();
 };

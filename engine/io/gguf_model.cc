@@ -134,7 +134,7 @@ absl::Status ReadWeights(const GgufFile& f, const ModelConfig& c, bool keep_f16,
       auto values = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(t.numel));
       std::memcpy(values->data(), t.data, values->size() * sizeof(uint16_t));  // n_bytes checked by the parser
       jobs[i].dst->f16 = {values->data(), values->size()};
-      jobs[i].dst->f16_owner = std::move(values);
+      jobs[i].dst->owner = std::move(values);
       return absl::OkStatus();
     }
     return f.DequantizeTensor(t, &jobs[i].dst->data);

@@ -372,7 +372,7 @@ absl::Status LoadTensor(const Reader& r, const TensorJob& job, const std::shared
     } else if (keep_f16 && t.shape.size() == 2) {
       // 64-byte aligned in the mapping (checked by GetRef), so a valid uint16_t view.
       t.f16 = {reinterpret_cast<const uint16_t*>(ref->data), static_cast<size_t>(numel)};
-      t.f16_owner = file;
+      t.owner = file;
     } else {
       t.data.resize(static_cast<size_t>(numel));
       for (int64_t i = 0; i < numel; ++i) {

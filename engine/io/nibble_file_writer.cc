@@ -178,21 +178,22 @@ absl::StatusOr<json> TensorJson(const std::string& slot, const HostTensor& t, co
     j["data"] = data->Add(t.f16.data(), t.f16.size_bytes());
     return j;
   }
-  if (t.data.size() != static_cast<size_t>(t.numel())) {
+  const std::span<const float> values(t.fp32(), t.fp32_size());
+  if (values.size() != static_cast<size_t>(t.numel())) {
     return absl::InvalidArgumentError(
-        absl::StrCat(path, ": tensor '", slot, "' has ", t.data.size(), " values for its shape (", t.numel(), ")"));
+        absl::StrCat(path, ": tensor '", slot, "' has ", values.size(), " values for its shape (", t.numel(), ")"));
   }
   if (opts.fp16_matrices && t.shape.size() == 2) {
-    std::string buf(t.data.size() * 2, '\0');
-    for (size_t i = 0; i < t.data.size(); ++i) {
-      const uint16_t h = Fp32ToFp16(t.data[i]);
+    std::string buf(values.size() * 2, '\0');
+    for (size_t i = 0; i < values.size(); ++i) {
+      const uint16_t h = Fp32ToFp16(values[i]);
       std::memcpy(buf.data() + 2 * i, &h, 2);
     }
     j["storage"] = "f16";
     j["data"] = data->AddOwned(std::move(buf));
   } else {
     j["storage"] = "f32";
-    j["data"] = data->Add(t.data.data(), t.data.size() * sizeof(float));
+    j["data"] = data->Add(values.data(), values.size_bytes());
   }
   return j;
 }

@@ -30,7 +30,7 @@ class CpuBackend final : public Backend {
       cpu::MatMulF16(w.f16.data(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
       return;
     }
-    cpu::MatMulF32(w.data.data(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
+    cpu::MatMulF32(w.fp32(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
   }
 
   // Packed weights of one width: cpu::QuantMatMulMany (one activation

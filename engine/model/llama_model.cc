@@ -50,7 +50,7 @@ void LlamaModel::Embed(std::span<const int32_t> tokens, float* out) {
       } else if (e.is_f16()) {
         cpu::WidenF16(e.f16.data() + size_t(id) * dim, dst + t * dim, static_cast<int64_t>(dim));
       } else {
-        std::memcpy(dst + t * dim, &e.data[size_t(id) * dim], dim * sizeof(float));
+        std::memcpy(dst + t * dim, e.fp32() + size_t(id) * dim, dim * sizeof(float));
       }
     }
     if (rotate) backend_->MatMul(rot_, dst, n, out + b * dim);

@@ -107,8 +107,7 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& path, const LoadOptions
                                                    " tokens but the model's vocabulary is ",
                                                    m->config.vocab_size));
   }
-  const char* env = std::getenv("NIBBLE_HUGE_PAGES");
-  if (opts.huge_pages && !(env != nullptr && std::string(env) == "0")) {
+  if (opts.huge_pages && HugePagesAllowedByEnv()) {
     const size_t moved = MoveQuantizedToHugePages(&m->weights);
     if (moved > 0) m->metadata["load.huge_page_bytes"] = std::to_string(moved);
   }
