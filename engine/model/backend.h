@@ -31,6 +31,9 @@ struct AttentionArgs {
   int n_tokens;
   int pos0;              // position of the first query token
   int n_heads, n_kv_heads, head_dim;
+  // Optional: K transposed (cpu::ContiguousKtIndex layout), read instead of
+  // k_cache when set; the same values, so the same output.
+  const float* k_t = nullptr;
 };
 
 // Attention over a paged KV cache (serving): one sequence's query rows and

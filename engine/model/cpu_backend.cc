@@ -148,7 +148,7 @@ class CpuBackend final : public Backend {
   // bit-identical to PagedAttention on equal K/V.
   void Attention(const AttentionArgs& a) override {
     cpu::ContiguousAttention(a.q, a.k_cache, a.v_cache, a.out, a.n_tokens, a.pos0, a.n_heads, a.n_kv_heads,
-                             a.head_dim, &pool_, &scores_);
+                             a.head_dim, &pool_, &scores_, a.k_t);
   }
 
   void SwiGLU(float* gate, const float* up, int64_t n) override {

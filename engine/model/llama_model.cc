@@ -190,7 +190,8 @@ void LlamaModel::RunLayerPart(int l, LayerPart part, const LayerRows& r, int n, 
       float* vc = cache->v(l);
       std::memcpy(kc + size_t(pos) * kvd, k_.data(), size_t(n) * kvd * sizeof(float));
       std::memcpy(vc + size_t(pos) * kvd, v_.data(), size_t(n) * kvd * sizeof(float));
-      be.Attention({q_.data(), kc, vc, r.att, n, pos, c.n_heads, c.n_kv_heads, c.head_dim});
+      cpu::WriteContiguousKt(k_.data(), n, pos, c.n_kv_heads, c.head_dim, cache->k_t(l));
+      be.Attention({q_.data(), kc, vc, r.att, n, pos, c.n_heads, c.n_kv_heads, c.head_dim, cache->k_t(l)});
       if (observer_) observer_->OnAttention(l, {q_.data(), kc, vc, n, pos, c.n_heads, c.n_kv_heads, c.head_dim});
       if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnOut, r.att, n, qd);
       break;

@@ -97,6 +97,13 @@ bool PagedProblem(const PagedAttentionArgs& a, internal::TiledProblem* p) {
   p->kv.block_table = a.block_table;
   p->kv.int8 = i8;
   p->kv.scales_bytes = i8 ? KvInt8Section::ScalesBytes(a.block_size, a.n_kv_heads) : 0;
+  if (a.k_transposed && !i8) {
+    p->kv.kt = p->kv.k;
+    p->kv.k = nullptr;
+    p->kv.kt_unit = a.block_size;
+    p->kv.kt_stride = p->kv.block_stride;
+    p->kv.kt_table = a.block_table;
+  }
   return true;
 }
 
@@ -132,10 +139,20 @@ void PagedAttention(const PagedAttentionArgs& a, ThreadPool* pool, std::vector<f
   internal::TiledAttention(p, ActiveAttnIsa(), pool, scores);
 }
 
+void WriteContiguousKt(const float* k_rows, int n, int pos0, int n_kv_heads, int head_dim, float* k_t) {
+  for (int t = 0; t < n; ++t)
+    for (int h = 0; h < n_kv_heads; ++h) {
+      const float* src = k_rows + (int64_t{t} * n_kv_heads + h) * head_dim;
+      float* dst = k_t + ContiguousKtIndex(n_kv_heads, head_dim, h, 0, pos0 + t);
+      for (int i = 0; i < head_dim; ++i) dst[int64_t{i} * kContiguousKtUnit] = src[i];
+    }
+}
+
 void ContiguousAttention(const float* q, const float* k_cache, const float* v_cache, float* out, int n_tokens,
                          int pos0, int n_heads, int n_kv_heads, int head_dim, ThreadPool* pool,
-                         std::vector<float>* scores) {
-  if (!ShapesOk(n_tokens, pos0, n_heads, n_kv_heads, head_dim) || k_cache == nullptr || v_cache == nullptr)
+                         std::vector<float>* scores, const float* k_t) {
+  if (!ShapesOk(n_tokens, pos0, n_heads, n_kv_heads, head_dim) || (k_cache == nullptr && k_t == nullptr) ||
+      v_cache == nullptr)
     return FillNan(out, n_tokens, n_heads, head_dim);
   static constexpr int32_t kOneBlock[1] = {0};
   internal::TiledProblem p;
@@ -151,6 +168,12 @@ void ContiguousAttention(const float* q, const float* k_cache, const float* v_ca
   p.kv.block_stride = 0;
   p.kv.block_size = INT32_MAX;  // every position in block 0
   p.kv.block_table = kOneBlock;
+  if (k_t != nullptr) {
+    p.kv.k = nullptr;
+    p.kv.kt = reinterpret_cast<const uint8_t*>(k_t);
+    p.kv.kt_unit = kContiguousKtUnit;
+    p.kv.kt_stride = int64_t{kContiguousKtUnit} * n_kv_heads * head_dim * int64_t{sizeof(float)};
+  }
   internal::TiledAttention(p, ActiveAttnIsa(), pool, scores);
 }
 
@@ -175,6 +198,9 @@ void PagedAttentionRef(const PagedAttentionArgs& a) {
   const bool i8 = a.kv_dtype == KvDtype::kInt8;
   // Element i of the K (V) vector of kv head kvh at position p, dequantized for int8.
   auto elem = [&](int64_t offset, int p, int kvh, int i) -> double {
+    if (!i8 && a.k_transposed && offset == a.k_offset)
+      return a.base[int64_t{a.block_table[p / a.block_size]} * a.block_stride + offset +
+                    (int64_t{kvh} * a.head_dim + i) * a.block_size + p % a.block_size];
     if (!i8) return Row(a, offset, p)[int64_t{kvh} * a.head_dim + i];
     const I8Row r = RowI8(a, offset, p, kvh);
     return double{r.scale} * r.codes[i];

@@ -29,6 +29,14 @@
 // followed by int8 codes[block_size][kv_dim]; the section is padded to a
 // multiple of 4 bytes so scales stay 4-byte aligned.
 //
+// Transposed K (fp32 only; PagedAttentionArgs::k_transposed, ContiguousAttention's
+// k_t): K stored as head_dim x positions matrices per kv head, so that decode
+// reads the K^T tiles the kernel multiplies by in place instead of gathering
+// and transposing K rows every step (AVX-512; the other ISAs copy them into
+// the tile). Same values, same bits as row-major K. Paged: the K section of
+// one layer in one block is [n_kv_heads][head_dim][block_size] floats.
+// Contiguous: see ContiguousKtIndex.
+//
 // Thread safety: reentrant (given distinct scratch); parallel over (kv head,
 // query-token tile) items on `pool`.
 #pragma once
@@ -78,6 +86,8 @@ struct PagedAttentionArgs {
   // kInt8: base points at bytes and block_stride / k_offset / v_offset are in
   // bytes (see the int8 layout above).
   KvDtype kv_dtype = KvDtype::kF32;
+  // kF32 only: this layer's K section of a block is transposed (see above).
+  bool k_transposed = false;
 };
 
 // `scores` is per-call scratch (grown as needed; may be reused across calls).
@@ -90,9 +100,26 @@ void PagedAttention(const PagedAttentionArgs& a, ThreadPool* pool, std::vector<f
 // The same kernel over contiguous fp32 K/V: k_cache / v_cache hold
 // [>= pos0 + n_tokens, n_kv_heads * head_dim] (position-major). Bit-identical
 // to PagedAttention on equal K/V values. Other arguments as above.
+// k_t (optional): the same K transposed (ContiguousKtIndex layout); when
+// given, K is read from it and k_cache may be null.
 void ContiguousAttention(const float* q, const float* k_cache, const float* v_cache, float* out, int n_tokens,
                          int pos0, int n_heads, int n_kv_heads, int head_dim, ThreadPool* pool,
-                         std::vector<float>* scores);
+                         std::vector<float>* scores, const float* k_t = nullptr);
+
+// Contiguous transposed K: positions in units of kContiguousKtUnit; unit u
+// holds, for each kv head h, a head_dim x kContiguousKtUnit matrix. A
+// capacity of C positions takes ContiguousKtFloats(C, ...) floats.
+inline constexpr int kContiguousKtUnit = 64;
+inline int64_t ContiguousKtIndex(int n_kv_heads, int head_dim, int h, int i, int64_t p) {
+  const int64_t u = p / kContiguousKtUnit;
+  return ((u * n_kv_heads + h) * head_dim + i) * kContiguousKtUnit + p % kContiguousKtUnit;
+}
+inline int64_t ContiguousKtFloats(int64_t capacity, int n_kv_heads, int head_dim) {
+  return (capacity + kContiguousKtUnit - 1) / kContiguousKtUnit * kContiguousKtUnit * n_kv_heads * head_dim;
+}
+// Writes the K rows of positions [pos0, pos0 + n) (row-major, kv_dim each)
+// into the transposed layout.
+void WriteContiguousKt(const float* k_rows, int n, int pos0, int n_kv_heads, int head_dim, float* k_t);
 
 // Scalar reference in double precision (tests): same contract, no scratch;
 // int8 K/V are dequantized (scale * code) exactly as the fast kernels do.

@@ -597,6 +597,67 @@ TEST(TiledAttention, BitIdenticalAcrossIsas) {
 #endif
 }
 
+// Transposed K (paged k_transposed and contiguous k_t) gives the bits of
+// row-major K at every ISA, block size (multiples of 16: read in place by
+// AVX-512; 1, 5, 7: copied), decode / chunk / prefill, with and without
+// threads; unused K^T slots hold NaN and must never leak into the output.
+TEST(TiledAttention, TransposedKEqualsRowMajorK) {
+  ThreadPool pool(2);
+  std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.push_back({9, 3, 64, 16, 257, 1});
+  shapes.push_back({8, 2, 80, 32, 200, 1});
+  shapes.push_back({4, 2, 64, 48, 70, 3});
+  int compared = 0;
+  for (const char* isa : {"scalar", "avx2", "avx512"}) {
+    if (!ForceIsaForTesting(isa)) continue;
+    for (const Shape& s : shapes) {
+      const ShapeFixture f(s, /*int8=*/false, 77 + s.n_pos + s.head_dim);
+      const int bs = s.block_size, hd = s.head_dim, nkv = s.n_kv_heads, kv_dim = nkv * hd;
+      // The pool with every K section rewritten as [kv head][dim][slot] (unused slots NaN).
+      std::vector<float> tpool = f.pool;
+      for (size_t b = 0; b < f.table.size(); ++b) {
+        float* sec = tpool.data() + f.table[b] * f.BlockStride() + f.KOff();
+        std::fill(sec, sec + int64_t{bs} * kv_dim, std::nanf(""));
+        for (int slot = 0; slot < bs; ++slot) {
+          const int p = int(b) * bs + slot;
+          if (p >= s.n_pos) break;
+          for (int h = 0; h < nkv; ++h)
+            for (int i = 0; i < hd; ++i)
+              sec[(int64_t{h} * hd + i) * bs + slot] = f.k_val[size_t(p) * kv_dim + h * hd + i];
+        }
+      }
+      std::vector<float> kt(size_t(ContiguousKtFloats(s.n_pos, nkv, hd)), std::nanf(""));
+      WriteContiguousKt(f.k_val.data(), s.n_pos, 0, nkv, hd, kt.data());
+      for (ThreadPool* tp : {static_cast<ThreadPool*>(nullptr), &pool}) {
+        std::vector<float> want(f.q.size(), -1.0f), paged_t(f.q.size(), -2.0f), contig_t(f.q.size(), -3.0f), scratch;
+        PagedAttention(f.Args(want.data()), tp, &scratch);
+        PagedAttentionArgs a = f.Args(paged_t.data());
+        a.base = tpool.data();
+        a.k_transposed = true;
+        PagedAttention(a, tp, &scratch);
+        ContiguousAttention(f.q.data(), nullptr, f.v_val.data(), contig_t.data(), s.n_tokens, f.Pos0(), s.n_heads, nkv,
+                            hd, tp, &scratch, kt.data());
+        for (size_t i = 0; i < want.size(); ++i) {
+          ASSERT_EQ(std::bit_cast<uint32_t>(paged_t[i]), std::bit_cast<uint32_t>(want[i]))
+              << isa << " paged bs " << bs << " head_dim " << hd << " n_pos " << s.n_pos << " n_tokens "
+              << s.n_tokens << " i " << i << ": " << paged_t[i] << " vs " << want[i];
+          ASSERT_EQ(std::bit_cast<uint32_t>(contig_t[i]), std::bit_cast<uint32_t>(want[i]))
+              << isa << " contiguous head_dim " << hd << " n_pos " << s.n_pos << " i " << i;
+        }
+        // The double reference reads the transposed layout too.
+        std::vector<float> ref(f.q.size());
+        PagedAttentionArgs r = a;
+        r.out = ref.data();
+        PagedAttentionRef(r);
+        for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(ref[i], want[i], kTiledTol * (1 + std::fabs(ref[i])));
+        ++compared;
+      }
+    }
+  }
+  ForceIsaForTesting("");
+  EXPECT_GT(compared, 0);
+}
+
 // Malformed shapes read nothing and yield NaN instead of crashing.
 TEST(TiledAttention, MalformedArgsGiveNanWithoutReading) {
   const ShapeFixture f({6, 2, 16, 4, 20, 5}, false, 1);

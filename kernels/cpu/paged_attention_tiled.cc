@@ -61,7 +61,7 @@ void Gather(const TiledProblem& p, int kvh, int j0, int n, TileRows* t) {
     const int64_t boff = int64_t{s.block_table[blk]} * s.block_stride;
     if (!s.int8) {
       const int64_t off = boff + (int64_t{slot} * kv_dim + int64_t{kvh} * p.head_dim) * int64_t{sizeof(float)};
-      t->k[j] = s.k + off;
+      t->k[j] = s.kt != nullptr ? nullptr : s.k + off;
       t->v[j] = s.v + off;
     } else {
       const int64_t idx = int64_t{slot} * p.n_kv_heads + kvh;
@@ -74,6 +74,30 @@ void Gather(const TiledProblem& p, int kvh, int j0, int n, TileRows* t) {
       slot = 0;
       ++blk;
     }
+  }
+}
+
+// K^T of positions [j0, j0 + 16 g) .. : the address of (dim 0, position j) of
+// kv head kvh in a transposed-K source (KvSource::kt); row i is + i * kt_unit.
+inline const float* KtAt(const TiledProblem& p, int kvh, int j) {
+  const KvSource& s = p.kv;
+  const int u = j / s.kt_unit;
+  const int64_t unit = s.kt_table != nullptr ? s.kt_table[u] : u;
+  return reinterpret_cast<const float*>(s.kt + unit * s.kt_stride) +
+         int64_t{kvh} * p.head_dim * s.kt_unit + (j - u * s.kt_unit);
+}
+
+// kt[i][j - j0] = K^T (i, j) for j in [j0, j1) from a transposed-K source
+// (the layout Transpose produces from K rows): runs of positions inside one
+// unit are row segments.
+void FillKt(const TiledProblem& p, int kvh, int j0, int j1, float* kt) {
+  const int U = p.kv.kt_unit;
+  for (int ja = j0; ja < j1;) {
+    const int jb = std::min(j1, (ja / U + 1) * U);
+    const float* src = KtAt(p, kvh, ja);
+    for (int i = 0; i < p.head_dim; ++i)
+      std::memcpy(kt + int64_t{i} * kKvTile + (ja - j0), src + int64_t{i} * U, sizeof(float) * (jb - ja));
+    ja = jb;
   }
 }
 
@@ -137,13 +161,17 @@ struct ScalarOps {
   static float Exp1(float x) { return ExpCanonical(x); }
   // s[j] = dot(q, k_j) * cs[j] for j < n; returns max_j s[j] (NaN scores skipped).
   template <class K>
-  static float Scores(const float* q, const void* const* k, const float* /*kt*/, const float* cs, int hd, int n,
+  static float Scores(const float* q, const void* const* k, const float* kt, const float* cs, int hd, int n,
                       float* s) {
     float mx = -std::numeric_limits<float>::infinity();
     for (int j = 0; j < n; ++j) {
       const K* kj = static_cast<const K*>(k[j]);
       float d = 0.0f;
-      for (int i = 0; i < hd; ++i) d = std::fma(q[i], static_cast<float>(kj[i]), d);
+      if (kj == nullptr) {  // transposed-K source: the tile is in kt ([hd][kKvTile])
+        for (int i = 0; i < hd; ++i) d = std::fma(q[i], kt[int64_t{i} * kKvTile + j], d);
+      } else {
+        for (int i = 0; i < hd; ++i) d = std::fma(q[i], static_cast<float>(kj[i]), d);
+      }
       s[j] = d * cs[j];
       mx = s[j] > mx ? s[j] : mx;  // = maxps(s, mx): a NaN score is skipped
     }
@@ -433,8 +461,9 @@ struct Avx512Ops {
   static constexpr bool kTransposed = true;
   // As Avx2Ops::ScoresT / Pv, 16 lanes: the one-row case of ScoresTRows / PvRows below.
   NIBBLE_TA_AVX512 static float ScoresT(const float* q, const float* kt, const float* cs, int hd, int n, float* s) {
+    const float* kg[4] = {kt, kt + 16, kt + 32, kt + 48};
     float tmax;
-    ScoresTRows<1>(&q, kt, cs, hd, n, &s, &tmax);
+    ScoresTRows<1>(&q, kg, kKvTile, cs, hd, n, &s, &tmax);
     return tmax;
   }
   template <class V>
@@ -446,18 +475,21 @@ struct Avx512Ops {
   // order of paged_attention_tiled.h), and every K^T / V load serves NR rows
   // (decode: the whole GQA group per tile).
   static constexpr int kMaxRows = 4;
+  // The K^T tile (n <= kKvTile keys) is 4 groups of 16 keys: group g's
+  // dimension i at kg[g] + i * ld (a group past n only has to be readable).
   template <int NR>
-  NIBBLE_TA_AVX512 static void ScoresTRows(const float* const* q, const float* kt, const float* cs, int hd, int n,
-                                           float* const* s, float* tmax) {
+  NIBBLE_TA_AVX512 static void ScoresTRows(const float* const* q, const float* const* kg, int64_t ld,
+                                           const float* cs, int hd, int n, float* const* s, float* tmax) {
     __m512 mx[NR];
     for (int r = 0; r < NR; ++r) mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int j = 0; j < n; j += 64) {
+    {
+      const int j = 0;
       __m512 a[NR][4];
       for (int r = 0; r < NR; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();
       for (int i = 0; i < hd; ++i) {
-        const float* row = kt + int64_t{i} * kKvTile + j;
-        const __m512 k0 = _mm512_loadu_ps(row), k1 = _mm512_loadu_ps(row + 16);
-        const __m512 k2 = _mm512_loadu_ps(row + 32), k3 = _mm512_loadu_ps(row + 48);
+        const int64_t o = int64_t{i} * ld;
+        const __m512 k0 = _mm512_loadu_ps(kg[0] + o), k1 = _mm512_loadu_ps(kg[1] + o);
+        const __m512 k2 = _mm512_loadu_ps(kg[2] + o), k3 = _mm512_loadu_ps(kg[3] + o);
         for (int r = 0; r < NR; ++r) {
           const __m512 qi = _mm512_set1_ps(q[r][i]);
           a[r][0] = _mm512_fmadd_ps(qi, k0, a[r][0]);
@@ -560,7 +592,20 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
     const int j1 = std::min(j0 + kKvTile, last + 1);
     Gather(p, kvh, j0, j1 - j0, &tr);
     for (int j = 0; j < j1 - j0; ++j) cs[j] = kI8 ? tr.ks[j] * scale : scale;
-    if constexpr (Ops::kTransposed) Ops::template Transpose<V>(tr.k, j1 - j0, hd, kt);
+    // The K^T tile: read in place from a transposed-K source (AVX-512, units
+    // of whole 16-key groups), else built in the kt scratch.
+    const float* kg[4] = {kt, kt + 16, kt + 32, kt + 48};
+    int64_t ld = kKvTile;
+    if (!kI8 && p.kv.kt != nullptr) {
+      if (kHasRows<Ops> && p.kv.kt_unit % 16 == 0) {
+        for (int g = 0; g < 4; ++g) kg[g] = KtAt(p, kvh, j0 + 16 * g < j1 ? j0 + 16 * g : j0);
+        ld = p.kv.kt_unit;
+      } else {
+        FillKt(p, kvh, j0, j1, kt);
+      }
+    } else if constexpr (Ops::kTransposed) {
+      Ops::template Transpose<V>(tr.k, j1 - j0, hd, kt);
+    }
     for (int t = std::max(t0, j0 - p.pos0); t < t1; ++t) {
       const int n = std::min(j1, p.pos0 + t + 1) - j0;  // >= 1: pos0 + t >= j0
       if constexpr (kHasRows<Ops>) {
@@ -576,9 +621,9 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
             accs[k] = acc + int64_t{(t - t0) * nh + k} * hd;
           }
           switch (nh) {
-            case 2: Ops::template ScoresTRows<2>(qs, kt, cs, hd, n, ss, tmax); break;
-            case 3: Ops::template ScoresTRows<3>(qs, kt, cs, hd, n, ss, tmax); break;
-            default: Ops::template ScoresTRows<4>(qs, kt, cs, hd, n, ss, tmax); break;
+            case 2: Ops::template ScoresTRows<2>(qs, kg, ld, cs, hd, n, ss, tmax); break;
+            case 3: Ops::template ScoresTRows<3>(qs, kg, ld, cs, hd, n, ss, tmax); break;
+            default: Ops::template ScoresTRows<4>(qs, kg, ld, cs, hd, n, ss, tmax); break;
           }
           for (int k = 0; k < nh; ++k) {
             const int r = (t - t0) * nh + k;
@@ -602,7 +647,10 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
         const int r = (t - t0) * nh + (h - h0);
         const float* q = p.q + t * q_width + int64_t{h} * hd;
         float tmax;
-        if constexpr (Ops::kTransposed) {
+        if constexpr (kHasRows<Ops>) {
+          float* srow = s;
+          Ops::template ScoresTRows<1>(&q, kg, ld, cs, hd, n, &srow, &tmax);
+        } else if constexpr (Ops::kTransposed) {
           tmax = Ops::ScoresT(q, kt, cs, hd, n, s);
         } else {
           tmax = Ops::template Scores<V>(q, tr.k, kt, cs, hd, n, s);

@@ -63,13 +63,24 @@ inline constexpr int kKvTile = 64;
 // bytes into the section. int8: see KvInt8Section (scales, then codes).
 // Contiguous K/V: block_size = INT32_MAX, block_table = {0}, block_stride 0.
 struct KvSource {
-  const uint8_t* k = nullptr;
+  const uint8_t* k = nullptr;  // unused (may be null) when kt is set
   const uint8_t* v = nullptr;
   int64_t block_stride = 0;  // bytes
   int block_size = 0;
   const int32_t* block_table = nullptr;
   bool int8 = false;
   int64_t scales_bytes = 0;  // int8: KvInt8Section::ScalesBytes
+  // fp32 K stored transposed instead (kt != nullptr; int8 == false): positions
+  // in units of kt_unit; unit u (positions [u * kt_unit, (u + 1) * kt_unit))
+  // of kv head h is a head_dim x kt_unit fp32 matrix (row i = dimension i,
+  // column = position % kt_unit) at kt + kt_table[u] * kt_stride + h *
+  // head_dim * kt_unit * 4 bytes (kt_table null: u itself). The kernel reads
+  // K^T tiles straight from it (AVX-512, kt_unit % 16 == 0) instead of
+  // transposing K rows: same values, so the same bits.
+  const uint8_t* kt = nullptr;
+  int kt_unit = 0;
+  int64_t kt_stride = 0;  // bytes
+  const int32_t* kt_table = nullptr;
 };
 
 struct TiledProblem {
