@@ -71,7 +71,8 @@ absl::StatusOr<std::unique_ptr<PagedKVCache>> PagedKVCache::Create(const ModelCo
 
 void PagedKVCache::WriteKV(int32_t block, int layer, int slot, const float* k, const float* v) {
   if (dtype_ == KvDtype::kF32) {
-    std::memcpy(k_row(block, layer, slot), k, size_t(kv_dim_) * sizeof(float));
+    float* kt = k_at(block, layer, slot, 0);
+    for (int e = 0; e < kv_dim_; ++e) kt[int64_t{e} * block_size_] = k[e];
     std::memcpy(v_row(block, layer, slot), v, size_t(kv_dim_) * sizeof(float));
     return;
   }
@@ -93,6 +94,7 @@ void PagedKVCache::FillAttentionArgs(int layer, cpu::PagedAttentionArgs* a) cons
     a->block_stride = block_stride_;
     a->k_offset = k_offset(layer);
     a->v_offset = v_offset(layer);
+    a->k_transposed = true;
   } else {
     a->block_stride = block_bytes_;
     a->k_offset = int64_t{2} * layer * i8_section_;

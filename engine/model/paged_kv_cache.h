@@ -18,7 +18,9 @@
 // memory accounting.
 //
 // Layout: a block holds, for block_size consecutive positions, every layer's
-// K and V rows. kF32: [layer][K|V][slot][kv_dim] fp32. kInt8: [layer][K|V]
+// K and V. kF32: [layer][K|V] sections of block_size * kv_dim floats; V is
+// [slot][kv_dim], K is transposed, [kv head][head_dim][slot] (the attention
+// kernel reads its K^T tiles in place: cpu::PagedAttentionArgs::k_transposed). kInt8: [layer][K|V]
 // sections of cpu::KvInt8Section layout (fp32 scales[slot][n_kv_heads], then
 // int8 codes[slot][kv_dim], padded to 4 bytes). Block memory is allocated
 // once (uninitialised, so the OS maps pages on first touch).
@@ -115,15 +117,16 @@ class PagedKVCache {
   void FillAttentionArgs(int layer, cpu::PagedAttentionArgs* a) const;
 
   // Raw fp32 layout (REQUIRES dtype() == kF32): block b's data starts at
-  // base() + b * block_stride(); layer l's K rows at + k_offset(l), V rows at
-  // + v_offset(l), slot s at + s * kv_dim().
+  // base() + b * block_stride(); layer l's K section at + k_offset(l), V rows
+  // at + v_offset(l), V slot s at + s * kv_dim(), K element e (= kv head *
+  // head_dim + dimension) of slot s at + e * block_size() + s.
   float* base() { return static_cast<float*>(data_.get()); }
   int64_t block_stride() const { return block_stride_; }
   int64_t k_offset(int layer) const { return int64_t{2 * layer} * block_size_ * kv_dim_; }
   int64_t v_offset(int layer) const { return int64_t{2 * layer + 1} * block_size_ * kv_dim_; }
-  // K / V row of `slot` in `block` for `layer`. REQUIRES: all in range.
-  float* k_row(int32_t block, int layer, int slot) {
-    return base() + block * block_stride_ + k_offset(layer) + int64_t{slot} * kv_dim_;
+  // K element `e` (< kv_dim) / V row of `slot` in `block` for `layer`. REQUIRES: all in range.
+  float* k_at(int32_t block, int layer, int slot, int e) {
+    return base() + block * block_stride_ + k_offset(layer) + int64_t{e} * block_size_ + slot;
   }
   float* v_row(int32_t block, int layer, int slot) {
     return base() + block * block_stride_ + v_offset(layer) + int64_t{slot} * kv_dim_;

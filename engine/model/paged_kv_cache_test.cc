@@ -43,8 +43,10 @@ TEST(PagedKVCache, LayoutDoesNotOverlap) {
   for (int b = 0; b < 3; ++b)
     for (int l = 0; l < c->n_layers(); ++l)
       for (int s = 0; s < c->block_size(); ++s)
-        for (float* r : {c->k_row(b, l, s), c->v_row(b, l, s)})
-          for (int i = 0; i < c->kv_dim(); ++i) ++hits.at(r - c->base() + i);
+        for (int i = 0; i < c->kv_dim(); ++i) {
+          ++hits.at(c->k_at(b, l, s, i) - c->base());
+          ++hits.at(c->v_row(b, l, s) + i - c->base());
+        }
   for (int h : hits) ASSERT_EQ(h, 1);
 }
 
@@ -165,6 +167,32 @@ TEST(PagedKVCache, BlockKeyChains) {
 }
 
 // Block bytes, checked against sizes computed here from the shape.
+// fp32: V rows as written, K transposed per block ([kv head][dim][slot]),
+// as FillAttentionArgs tells the kernel (k_transposed).
+TEST(PagedKVCache, F32WriteKVStoresKTransposed) {
+  auto c = Make(3);
+  const int bs = c->block_size(), kvd = c->kv_dim();
+  auto val = [](int b, int l, int s, int w, int i) { return float(1 + b * 100 + l * 30 + s * 7 + w * 3 + i); };
+  for (int b = 0; b < 3; ++b)
+    for (int l = 0; l < 2; ++l)
+      for (int s = 0; s < bs; ++s) {
+        float k[4], v[4];
+        for (int i = 0; i < 4; ++i) k[i] = val(b, l, s, 0, i), v[i] = val(b, l, s, 1, i);
+        c->WriteKV(b, l, s, k, v);
+      }
+  for (int l = 0; l < 2; ++l) {
+    cpu::PagedAttentionArgs a;
+    c->FillAttentionArgs(l, &a);
+    EXPECT_TRUE(a.k_transposed);
+    for (int b = 0; b < 3; ++b)
+      for (int s = 0; s < bs; ++s)
+        for (int i = 0; i < kvd; ++i) {
+          EXPECT_EQ(a.base[b * a.block_stride + a.k_offset + int64_t{i} * bs + s], val(b, l, s, 0, i));
+          EXPECT_EQ(a.base[b * a.block_stride + a.v_offset + int64_t{s} * kvd + i], val(b, l, s, 1, i));
+        }
+  }
+}
+
 TEST(PagedKVCache, Int8BlockBytesAndRatio) {
   ModelConfig c = TinyConfig();  // 2 layers, kv_dim 4 (1 kv head of 4)
   EXPECT_EQ(*PagedKVCache::BlockBytes(c, 4, KvDtype::kF32), 2 * 2 * 4 * 4 * 4);
