@@ -30,6 +30,22 @@ std::unique_ptr<PagedKVCache> Make(int blocks, int block_size = 4, bool prefix =
   return *std::move(c);
 }
 
+// A distinct value for element i of K (w = 0) or V (w = 1) at (block, layer, slot).
+float TestVal(int b, int l, int s, int w, int i) {
+  return float(1 + b * 100 + l * 30 + s * 7 + w * 3 + i) * (i % 2 ? -1 : 1);
+}
+
+// Writes TestVal into every (block < blocks, layer, slot < slots) of a TinyConfig cache (kv_dim 4).
+void WriteTestVals(PagedKVCache* c, int blocks, int slots) {
+  for (int b = 0; b < blocks; ++b)
+    for (int l = 0; l < 2; ++l)
+      for (int s = 0; s < slots; ++s) {
+        float k[4], v[4];
+        for (int i = 0; i < 4; ++i) k[i] = TestVal(b, l, s, 0, i), v[i] = TestVal(b, l, s, 1, i);
+        c->WriteKV(b, l, s, k, v);
+      }
+}
+
 TEST(PagedKVCache, RejectsBadOptions) {
   EXPECT_FALSE(PagedKVCache::Create(TinyConfig(), {.block_size = 0, .num_blocks = 4}).ok());
   EXPECT_FALSE(PagedKVCache::Create(TinyConfig(), {.block_size = 4, .num_blocks = 0}).ok());
@@ -172,14 +188,7 @@ TEST(PagedKVCache, BlockKeyChains) {
 TEST(PagedKVCache, F32WriteKVStoresKTransposed) {
   auto c = Make(3);
   const int bs = c->block_size(), kvd = c->kv_dim();
-  auto val = [](int b, int l, int s, int w, int i) { return float(1 + b * 100 + l * 30 + s * 7 + w * 3 + i); };
-  for (int b = 0; b < 3; ++b)
-    for (int l = 0; l < 2; ++l)
-      for (int s = 0; s < bs; ++s) {
-        float k[4], v[4];
-        for (int i = 0; i < 4; ++i) k[i] = val(b, l, s, 0, i), v[i] = val(b, l, s, 1, i);
-        c->WriteKV(b, l, s, k, v);
-      }
+  WriteTestVals(c.get(), 3, bs);
   for (int l = 0; l < 2; ++l) {
     cpu::PagedAttentionArgs a;
     c->FillAttentionArgs(l, &a);
@@ -187,8 +196,8 @@ TEST(PagedKVCache, F32WriteKVStoresKTransposed) {
     for (int b = 0; b < 3; ++b)
       for (int s = 0; s < bs; ++s)
         for (int i = 0; i < kvd; ++i) {
-          EXPECT_EQ(a.base[b * a.block_stride + a.k_offset + int64_t{i} * bs + s], val(b, l, s, 0, i));
-          EXPECT_EQ(a.base[b * a.block_stride + a.v_offset + int64_t{s} * kvd + i], val(b, l, s, 1, i));
+          EXPECT_EQ(a.base[b * a.block_stride + a.k_offset + int64_t{i} * bs + s], TestVal(b, l, s, 0, i));
+          EXPECT_EQ(a.base[b * a.block_stride + a.v_offset + int64_t{s} * kvd + i], TestVal(b, l, s, 1, i));
         }
   }
 }
@@ -229,14 +238,7 @@ TEST(PagedKVCache, Int8WriteKVLayoutAndStats) {
   // values, and read them back through the kernel-facing layout.
   uint8_t* raw = reinterpret_cast<uint8_t*>(c->base());
   std::fill(raw, raw + 4 * c->block_bytes(), uint8_t{0xAB});
-  auto val = [](int b, int l, int s, int w, int i) { return float(1 + b * 100 + l * 30 + s * 7 + w * 3 + i) * (i % 2 ? -1 : 1); };
-  for (int b = 0; b < 4; ++b)
-    for (int l = 0; l < 2; ++l)
-      for (int s = 0; s < 3; ++s) {
-        float k[4], v[4];
-        for (int i = 0; i < 4; ++i) k[i] = val(b, l, s, 0, i), v[i] = val(b, l, s, 1, i);
-        c->WriteKV(b, l, s, k, v);
-      }
+  WriteTestVals(c.get(), 4, 3);
   for (int l = 0; l < 2; ++l) {
     cpu::PagedAttentionArgs a;
     c->FillAttentionArgs(l, &a);
@@ -250,7 +252,7 @@ TEST(PagedKVCache, Int8WriteKVLayoutAndStats) {
           std::memcpy(&scale, sec + s * 4, 4);
           const int8_t* codes = reinterpret_cast<const int8_t*>(sec + cpu::KvInt8Section::ScalesBytes(3, 1)) + s * 4;
           for (int i = 0; i < 4; ++i) {
-            const float x = val(b, l, s, w, i);
+            const float x = TestVal(b, l, s, w, i);
             EXPECT_NEAR(scale * codes[i], x, scale / 2 + 1e-6f) << b << l << s << w << i;
           }
         }
