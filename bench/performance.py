@@ -391,7 +391,8 @@ def write_report(doc, pairs, threads_list, md_path, png_path, args):
                  f"D + {args.depth_n - 1} after an untimed prefill of D tokens (nibble-bench -d, llama-bench's "
                  "depth; llama.cpp: llm.eval of the D tokens, then the context rolled back to D before each "
                  "repetition). Attention then reads D cached positions per step: nibble keeps K/V in fp32 "
-                 "(the contiguous cache nibble-bench uses), llama.cpp in F16. No target is set for these rows.\n")
+                 "(the contiguous cache nibble-bench uses, K also transposed so that attention reads K^T tiles "
+                 "in place), llama.cpp in F16 (half the bytes). No target is set for these rows.\n")
         L.append("| threads | depth | nibble | llama.cpp | nibble t/s | llama.cpp t/s | ratio |")
         L.append("|---:|---:|---|---|---:|---:|---:|")
         for t, d, cfg, qt, nb, lc in depth_rows:
