@@ -92,12 +92,15 @@ NOTES = [
     "728-778 tok/s: per 64 multiply-adds the int8 kernels spend ~6 instructions on the block scales, the "
     "fp32 GEMM 4 FMAs. llama.cpp's own AMX / repacked buffer types are off in this comparison (they "
     "segfault in llama-cpp-python here), so its prefill is its AVX-512 path.",
-    "16-bit weights (2026-12-07): nibble runs fp16 matrices at 16 bits (GGUF F16 tensors and nibble files "
-    "written with `nibble-quantize --format f16`; cpu::MatMulF16, the fp32 kernels on rows widened in "
-    "registers, bit-identical to running the widened model). The f16 row runs llama.cpp's F16 file itself. "
-    "Until then this table paired nibble fp32 with F16 (0.59x / 0.85x decode in the run before: 32 bits "
-    "per weight against 16). fp32 vs F32 decode: both stream 538 MB per token; the ratio follows which "
-    "engine gets closer to the bandwidth bound (see the % bw columns).",
+    "16-bit and 32-bit weights (2026-12-07): nibble runs fp16 matrices at 16 bits (GGUF F16 tensors and "
+    "nibble files written with `nibble-quantize --format f16`; cpu::MatMulF16, the fp32 kernels on rows "
+    "widened in registers, bit-identical to running the widened model); the f16 row runs llama.cpp's F16 "
+    "file itself. Until then this table paired nibble fp32 with F16 (0.59x / 0.85x decode in the run "
+    "before: 32 bits per weight against 16). Serving (nibble-bench included) also moves fp32 matrices into "
+    "huge-page memory (+5-8% tg at 1 thread, 74-91 -> 103 tok/s at 2 in A/B runs). fp32 vs F32 decode "
+    "cannot reach 1.3x: both stream 538 MB per token and llama.cpp's F32 decode already runs at 85-95% of "
+    "the measured bound, so 1.3x would need more than the machine's bandwidth; the ratio follows which "
+    "engine gets closer to the bound (see the % bw columns).",
     "Decode compute (2026-12-07): the int8-activation kernels now spend one fma per 32-column block on the "
     "additive term (fl(m dx) times the block's activation sum, 4 chains per row) instead of 8 spread lanes, "
     "and int sym formats reuse the scale product of the d term; AVX2 lost an integer division per block. "
@@ -108,18 +111,25 @@ NOTES = [
     "mapped file): the hardware prefetchers stop at 4 KiB page boundaries (+5-6% tg128 at 1 thread, "
     "+20% tg64 at depth 4096). The decode GEMV prefetches ~4 KiB of rows ahead (at least 2 tiles): "
     "int2_g64 +15% and int4_g64_sym +4-7% over a fixed 2 tiles, int4_g32 unchanged.",
-    "On the AMD EPYC, int4_g32 and int8 1-thread decode reach the 70% bandwidth target; int4_g64_sym "
-    "reaches 65-70% and int2_g64 47-50% at 1 thread (71% at 2). Both stream fewer bytes per weight while "
-    "the per-weight work is the same: perf puts the 4-row decode tile at ~55% of samples, compute-bound "
-    "(int2_g64: ~18 GB/s in cache; 2 rows x 64 weights take ~18 vector instructions: unpack, header "
-    "convert and scale, two permutes, two dot products, two converts, three fmas, and zmm instructions run "
-    "at half rate on this core). Closing it needs fewer instructions per 64 weights than the canonical "
-    "fp32 order (one fp32 lane per 4 weights) allows, e.g. activations quantized per 64 columns so that a "
-    "group's two 32-blocks accumulate in int32 before one convert. At 2 threads all formats land at "
-    "27-38 GB/s against a measured bound that moves between 37 and 62 GB/s. On the Sapphire Rapids machine "
-    "of earlier runs 1-thread decode was bound by one core's memory-level parallelism (line-fill buffers "
-    "full) and 2-thread decode lost ~10% to serial per-step work (norms, RoPE, residual adds, sampling) "
-    "and 4 fork/joins per layer.",
+    "Long context (2026-12-07): both KV caches keep K transposed, and attention reads its K^T tiles in "
+    "place instead of gathering 64 strided K rows and transposing them for every tile of every decode step "
+    "(same values, same bits; kernels/cpu/paged_attention.h). A/B at 1 thread, tg32 at depth 4096: "
+    "69-73 -> 78-79 tok/s; nibble-batch-bench (paged cache) at context 2048, 2 threads: 1 stream "
+    "106-128 -> 122-138 tok/s. At depth 4096 decode now streams fp32 K and V (189 MB per token for "
+    "SmolLM2, twice llama.cpp's F16 cache): an fp16 KV cache is the next step there.",
+    "Bandwidth misses, profiled on the AMD EPYC: at 1 thread int4_g32, int8 and int4_g64_sym reach the "
+    "70% target in this run (int4_g64_sym at 60-79% across runs), int2_g64 59-61%: int2 streams fewer "
+    "bytes per weight while the per-weight work is the same, so its decode tile is compute-bound (~18 GB/s "
+    "in cache; 2 rows x 64 weights take ~18 vector instructions: unpack, header convert and scale, two "
+    "permutes, two dot products, two converts, three fmas, at half rate for zmm on this core). Closing it "
+    "needs fewer instructions per 64 weights than the canonical fp32 order (one fp32 lane per 4 weights) "
+    "allows, e.g. activations quantized per 64 columns so that a group's two 32-blocks accumulate in int32 "
+    "before one convert (a numerics change). At 2 threads perf (int4_g32, tg) puts the decode tiles at "
+    "~65% of each thread's samples and they stream at ~55 GB/s, near the bound, while they run; the "
+    "worker thread then waits ~19% of the time (serial per-step work on the main thread: SwiGLU with "
+    "expf, RMSNorm, activation quantization, RoPE, residual adds, the 3-kv-head attention split over 2 "
+    "threads) and the main thread ~5% at joins: 5 fork/joins per layer on ~2.6 ms steps. Closing it needs "
+    "that serial work inside the parallel regions (fused epilogues) or a persistent per-layer schedule.",
 ]
 TARGETS = {"tg_ratio": 1.3, "pp_ratio": 1.2, "tg_pct_bw": 70.0}
 
