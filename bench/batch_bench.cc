@@ -41,8 +41,8 @@ int main(int argc, char** argv) {
   app.add_option("--streams", streams_arg, "comma-separated stream counts");
   app.add_option("--context", context, "pad the prompt to this many tokens (long-context decode; 0 = as given)")
       ->check(CLI::Range(0, 1 << 20));
-  app.add_option("--kv-dtype", kv_dtype_name, "KV-cache element type: f32 or int8")
-      ->check(CLI::IsMember({"f32", "int8"}))
+  app.add_option("--kv-dtype", kv_dtype_name, "KV-cache element type: f32, f16 or int8")
+      ->check(CLI::IsMember({"f32", "f16", "int8"}))
       ->capture_default_str();
   app.add_flag("--show", show, "print stream 0's text for each stream count (stderr), to compare with nibble-generate");
   CLI11_PARSE(app, argc, argv);

@@ -304,8 +304,8 @@ int main(int argc, char** argv) {
   app.add_option("--max-batch", max_batch, "requests in flight at once (batched together)")
       ->check(CLI::Range(1, 256))->capture_default_str();
   app.add_option("--kv-cache-tokens", kv_tokens, "KV pool size in tokens (0: 4 x context)")->capture_default_str();
-  app.add_option("--kv-dtype", kv_dtype_name, "KV-cache element type: f32, or int8 (per-token/head scales, ~4x smaller)")
-      ->check(CLI::IsMember({"f32", "int8"}))
+  app.add_option("--kv-dtype", kv_dtype_name, "KV-cache element type: f32, f16 (half the memory) or int8 (per-token/head scales, ~4x smaller)")
+      ->check(CLI::IsMember({"f32", "f16", "int8"}))
       ->capture_default_str();
   app.add_option("-n,--max-tokens", d.max_tokens, "default tokens to generate per prompt")
       ->check(CLI::Range(1, 1 << 24))->capture_default_str();

@@ -61,9 +61,10 @@ int main(int argc, char** argv) {
   app.add_option("--kv-blocks", kv_blocks, "KV-cache blocks of 16 tokens (0 = 4 contexts' worth)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 24));
   app.add_option("--kv-dtype", kv_dtype_name,
-                 "KV-cache element type: f32, or int8 (K/V quantized per token and head with one fp32 scale; "
-                 "~3.7x the tokens per byte for head_dim 64, slightly lower accuracy)")
-      ->check(CLI::IsMember({"f32", "int8"}))
+                 "KV-cache element type: f32; f16 (K/V rounded to IEEE fp16: twice the tokens per byte); or "
+                 "int8 (K/V quantized per token and head with one fp32 scale; ~3.7x the tokens per byte for "
+                 "head_dim 64, slightly lower accuracy)")
+      ->check(CLI::IsMember({"f32", "f16", "int8"}))
       ->capture_default_str();
   app.add_option("--kv-cache-mib", kv_cache_mib,
                  "KV-cache memory budget in MiB; the block count follows from --kv-dtype (overrides --kv-blocks)")

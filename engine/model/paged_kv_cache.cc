@@ -7,15 +7,20 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/huge_pages.h"
+#include "kernels/common/fp16.h"
 
 namespace nibble {
 
-const char* KvDtypeName(KvDtype d) { return d == KvDtype::kInt8 ? "int8" : "f32"; }
+const char* KvDtypeName(KvDtype d) {
+  return d == KvDtype::kInt8 ? "int8" : d == KvDtype::kF16 ? "f16" : "f32";
+}
 
 absl::StatusOr<KvDtype> ParseKvDtype(std::string_view name) {
   if (name == "f32" || name == "fp32" || name == "float32") return KvDtype::kF32;
   if (name == "int8" || name == "i8") return KvDtype::kInt8;
-  return absl::InvalidArgumentError(absl::StrCat("KV cache dtype '", std::string(name), "' is not one of f32, int8"));
+  if (name == "f16" || name == "fp16" || name == "float16") return KvDtype::kF16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("KV cache dtype '", std::string(name), "' is not one of f32, f16, int8"));
 }
 
 absl::StatusOr<int64_t> PagedKVCache::BlockBytes(const ModelConfig& c, int block_size, KvDtype dtype) {
@@ -28,15 +33,16 @@ absl::StatusOr<int64_t> PagedKVCache::BlockBytes(const ModelConfig& c, int block
   if (c.n_layers > (int64_t{1} << 20) || kv > (int64_t{1} << 30))
     return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: n_layers ", c.n_layers, " / kv_dim ", kv,
                                                    " are too large for a KV cache"));
-  const int64_t section = dtype == KvDtype::kInt8 ? cpu::KvInt8Section::Bytes(block_size, c.n_kv_heads, c.head_dim)
-                                                  : int64_t{block_size} * kv * 4;
+  const int64_t section = dtype == KvDtype::kInt8  ? cpu::KvInt8Section::Bytes(block_size, c.n_kv_heads, c.head_dim)
+                          : dtype == KvDtype::kF16 ? int64_t{block_size} * kv * 2
+                                                   : int64_t{block_size} * kv * 4;
   return int64_t{2} * c.n_layers * section;  // <= 2 * 2^20 * (2^10 * 2^30 * 5) < 2^63
 }
 
 absl::StatusOr<std::unique_ptr<PagedKVCache>> PagedKVCache::Create(const ModelConfig& c, const Options& opts) {
   if (opts.num_blocks < 1)
     return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: num_blocks ", opts.num_blocks, " must be > 0"));
-  if (opts.dtype != KvDtype::kF32 && opts.dtype != KvDtype::kInt8)
+  if (opts.dtype != KvDtype::kF32 && opts.dtype != KvDtype::kInt8 && opts.dtype != KvDtype::kF16)
     return absl::InvalidArgumentError(absl::StrCat("PagedKVCache: unknown dtype ", static_cast<int>(opts.dtype)));
   auto bytes = BlockBytes(c, opts.block_size, opts.dtype);
   if (!bytes.ok()) return bytes.status();
@@ -55,7 +61,7 @@ absl::StatusOr<std::unique_ptr<PagedKVCache>> PagedKVCache::Create(const ModelCo
   cache->prefix_caching_ = opts.prefix_caching;
   cache->dtype_ = opts.dtype;
   cache->block_bytes_ = block_bytes;
-  cache->block_stride_ = block_bytes / 4;  // block_bytes is a multiple of 4 for both dtypes
+  cache->block_stride_ = block_bytes / 4;  // block_bytes is a multiple of 4 for every dtype
   cache->i8_section_ = cpu::KvInt8Section::Bytes(opts.block_size, c.n_kv_heads, c.head_dim);
   // Huge-page memory: attention reads one kv head's rows at a stride of all heads' width.
   cache->data_ = HugePageAlloc(size_t(cache->block_stride_) * opts.num_blocks * sizeof(float), /*zero=*/false);
@@ -76,6 +82,17 @@ void PagedKVCache::WriteKV(int32_t block, int layer, int slot, const float* k, c
     std::memcpy(v_row(block, layer, slot), v, size_t(kv_dim_) * sizeof(float));
     return;
   }
+  if (dtype_ == KvDtype::kF16) {
+    // [layer][K|V] sections of block_size * kv_dim fp16: K transposed, V rows.
+    const int64_t sec = int64_t{block_size_} * kv_dim_;
+    uint16_t* kt = reinterpret_cast<uint16_t*>(data_.get()) + int64_t{block} * (block_bytes_ / 2) + 2 * layer * sec;
+    uint16_t* vr = kt + sec + int64_t{slot} * kv_dim_;
+    for (int e = 0; e < kv_dim_; ++e) {
+      kt[int64_t{e} * block_size_ + slot] = Fp32ToFp16(k[e]);
+      vr[e] = Fp32ToFp16(v[e]);
+    }
+    return;
+  }
   uint8_t* blk = reinterpret_cast<uint8_t*>(data_.get()) + int64_t{block} * block_bytes_;
   const int64_t scales_bytes = cpu::KvInt8Section::ScalesBytes(block_size_, n_kv_heads_);
   for (int which = 0; which < 2; ++which) {
@@ -94,6 +111,12 @@ void PagedKVCache::FillAttentionArgs(int layer, cpu::PagedAttentionArgs* a) cons
     a->block_stride = block_stride_;
     a->k_offset = k_offset(layer);
     a->v_offset = v_offset(layer);
+    a->k_transposed = true;
+  } else if (dtype_ == KvDtype::kF16) {
+    const int64_t sec = int64_t{block_size_} * kv_dim_ * 2;
+    a->block_stride = block_bytes_;
+    a->k_offset = int64_t{2} * layer * sec;
+    a->v_offset = (int64_t{2} * layer + 1) * sec;
     a->k_transposed = true;
   } else {
     a->block_stride = block_bytes_;

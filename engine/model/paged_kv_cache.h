@@ -9,7 +9,9 @@
 // shared, and a full block is never written again), swapping to host
 // memory, thread safety.
 //
-// Element types (Options::dtype): kF32 (default) or kInt8. int8 stores each
+// Element types (Options::dtype): kF32 (default), kF16 (IEEE fp16 K and V,
+// rounded once by WriteKV, half the bytes; layout as kF32 with 2-byte
+// elements) or kInt8. int8 stores each
 // (position, kv head) K and V vector as symmetric int8 codes with one fp32
 // scale (cpu::QuantizeKvRowInt8), quantized once by WriteKV and dequantized
 // on the fly by the attention kernel: a block takes (kv_dim + 4 * n_kv_heads)

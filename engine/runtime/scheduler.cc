@@ -76,7 +76,7 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(LlamaModel* model, 
     return absl::InvalidArgumentError(absl::StrCat("Scheduler: block_size ", opts.block_size, " is not in [1, 1024]"));
   if (opts.kv_cache_bytes < 0)
     return absl::InvalidArgumentError(absl::StrCat("Scheduler: kv_cache_bytes ", opts.kv_cache_bytes, " is < 0"));
-  if (opts.kv_dtype != KvDtype::kF32 && opts.kv_dtype != KvDtype::kInt8)
+  if (opts.kv_dtype != KvDtype::kF32 && opts.kv_dtype != KvDtype::kInt8 && opts.kv_dtype != KvDtype::kF16)
     return absl::InvalidArgumentError(absl::StrCat("Scheduler: unknown kv_dtype ", static_cast<int>(opts.kv_dtype)));
   PagedKVCache::Options co;
   co.block_size = opts.block_size;

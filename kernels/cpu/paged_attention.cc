@@ -7,6 +7,7 @@
 #include <cstring>
 #include <string_view>
 
+#include "kernels/common/fp16.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/paged_attention_tiled.h"
 #include "kernels/cpu/thread_pool.h"
@@ -80,9 +81,11 @@ bool PagedProblem(const PagedAttentionArgs& a, internal::TiledProblem* p) {
       a.n_blocks < 0 || a.base == nullptr || a.block_table == nullptr ||
       int64_t{a.n_blocks} * a.block_size < int64_t{a.pos0} + a.n_tokens)
     return false;
-  const bool i8 = a.kv_dtype == KvDtype::kInt8;
+  const bool i8 = a.kv_dtype == KvDtype::kInt8, f16 = a.kv_dtype == KvDtype::kF16;
+  if (f16 && !a.k_transposed) return false;
+  if (a.kv_dtype != KvDtype::kF32 && !i8 && !f16) return false;
   const uint8_t* base = reinterpret_cast<const uint8_t*>(a.base);
-  const int64_t unit = i8 ? 1 : int64_t{sizeof(float)};  // offsets are floats (fp32) or bytes (int8)
+  const int64_t unit = i8 || f16 ? 1 : int64_t{sizeof(float)};  // offsets are floats (fp32) or bytes
   p->q = a.q;
   p->out = a.out;
   p->n_tokens = a.n_tokens;
@@ -96,6 +99,7 @@ bool PagedProblem(const PagedAttentionArgs& a, internal::TiledProblem* p) {
   p->kv.block_size = a.block_size;
   p->kv.block_table = a.block_table;
   p->kv.int8 = i8;
+  p->kv.f16 = f16;
   p->kv.scales_bytes = i8 ? KvInt8Section::ScalesBytes(a.block_size, a.n_kv_heads) : 0;
   if (a.k_transposed && !i8) {
     p->kv.kt = p->kv.k;
@@ -198,6 +202,16 @@ void PagedAttentionRef(const PagedAttentionArgs& a) {
   const bool i8 = a.kv_dtype == KvDtype::kInt8;
   // Element i of the K (V) vector of kv head kvh at position p, dequantized for int8.
   auto elem = [&](int64_t offset, int p, int kvh, int i) -> double {
+    if (a.kv_dtype == KvDtype::kF16) {
+      const uint8_t* sec = reinterpret_cast<const uint8_t*>(a.base) +
+                           int64_t{a.block_table[p / a.block_size]} * a.block_stride + offset;
+      const int64_t e = offset == a.k_offset
+                            ? (int64_t{kvh} * a.head_dim + i) * a.block_size + p % a.block_size
+                            : int64_t{p % a.block_size} * a.n_kv_heads * a.head_dim + int64_t{kvh} * a.head_dim + i;
+      uint16_t h;
+      std::memcpy(&h, sec + 2 * e, 2);
+      return Fp16ToFp32(h);
+    }
     if (!i8 && a.k_transposed && offset == a.k_offset)
       return a.base[int64_t{a.block_table[p / a.block_size]} * a.block_stride + offset +
                     (int64_t{kvh} * a.head_dim + i) * a.block_size + p % a.block_size];

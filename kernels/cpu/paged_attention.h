@@ -51,7 +51,10 @@ class ThreadPool;
 namespace cpu {
 
 // Element type of the paged K/V rows.
-enum class KvDtype : int8_t { kF32 = 0, kInt8 = 1 };
+// kF16: IEEE fp16 K and V (K transposed, k_transposed required), widened
+// exactly in the kernel: half the bytes of kF32, the same operations on the
+// rounded values.
+enum class KvDtype : int8_t { kF32 = 0, kInt8 = 1, kF16 = 2 };
 
 // Byte layout of one int8 K or V section (one layer, one block).
 struct KvInt8Section {
@@ -83,10 +86,11 @@ struct PagedAttentionArgs {
   int block_size = 0;                 // positions per block
   const int32_t* block_table = nullptr;
   int n_blocks = 0;                   // REQUIRES: n_blocks * block_size >= pos0 + n_tokens
-  // kInt8: base points at bytes and block_stride / k_offset / v_offset are in
-  // bytes (see the int8 layout above).
+  // kInt8 / kF16: base points at bytes and block_stride / k_offset / v_offset
+  // are in bytes (see the int8 layout above; kF16: V rows of kv_dim fp16, K
+  // transposed [n_kv_heads][head_dim][block_size] fp16).
   KvDtype kv_dtype = KvDtype::kF32;
-  // kF32 only: this layer's K section of a block is transposed (see above).
+  // kF32 / kF16 (required there): this layer's K section of a block is transposed (see above).
   bool k_transposed = false;
 };
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/common/fp16.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
 
@@ -656,6 +657,78 @@ TEST(TiledAttention, TransposedKEqualsRowMajorK) {
   }
   ForceIsaForTesting("");
   EXPECT_GT(compared, 0);
+}
+
+// fp16 K/V (kF16): the exact widening of fp16 means the kernel computes the
+// fp32 kernel's bits on the fp16-rounded values, at every ISA and block size
+// (in place at multiples of 16, copied otherwise), with and without threads.
+TEST(TiledAttention, F16KvIsTheF32KernelOnRoundedValues) {
+  ThreadPool pool(2);
+  std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.push_back({9, 3, 64, 16, 257, 1});
+  shapes.push_back({8, 2, 80, 32, 200, 1});
+  int compared = 0;
+  for (const Shape& s : shapes) {
+    const ShapeFixture f(s, /*int8=*/false, 501 + s.n_pos + s.head_dim);
+    const int bs = s.block_size, hd = s.head_dim, nkv = s.n_kv_heads, kv_dim = nkv * hd;
+    const int n_blocks = static_cast<int>(f.table.size());
+    // Pools: fp16 (K^T, V rows; unused slots NaN) and fp32 (the rounded values, K^T, V rows).
+    const int64_t sec16 = int64_t{bs} * kv_dim * 2, stride16 = 4 * sec16;  // 2 layers x K,V (bytes)
+    const int64_t sec32 = int64_t{bs} * kv_dim, stride32 = 4 * sec32;      // floats
+    std::vector<uint16_t> pool16(size_t(stride16 / 2) * (2 * n_blocks + 2), 0x7e00);
+    std::vector<float> pool32(size_t(stride32) * (2 * n_blocks + 2), std::nanf(""));
+    for (int p = 0; p < s.n_pos; ++p) {
+      const int blk = f.table[p / bs], slot = p % bs;
+      for (int e = 0; e < kv_dim; ++e) {
+        const uint16_t kh = Fp32ToFp16(f.k_val[size_t(p) * kv_dim + e]);
+        const uint16_t vh = Fp32ToFp16(f.v_val[size_t(p) * kv_dim + e]);
+        pool16[size_t(blk * stride16 / 2 + 2 * sec16 / 2 + int64_t{e} * bs + slot)] = kh;
+        pool16[size_t(blk * stride16 / 2 + 3 * sec16 / 2 + int64_t{slot} * kv_dim + e)] = vh;
+        pool32[size_t(blk * stride32 + 2 * sec32 + int64_t{e} * bs + slot)] = Fp16ToFp32(kh);
+        pool32[size_t(blk * stride32 + 3 * sec32 + int64_t{slot} * kv_dim + e)] = Fp16ToFp32(vh);
+      }
+    }
+    PagedAttentionArgs a16 = f.Args(nullptr), a32 = f.Args(nullptr);
+    a16.base = reinterpret_cast<const float*>(pool16.data());
+    a16.block_stride = stride16;
+    a16.k_offset = 2 * sec16;
+    a16.v_offset = 3 * sec16;
+    a16.kv_dtype = KvDtype::kF16;
+    a16.k_transposed = true;
+    a32.base = pool32.data();
+    a32.block_stride = stride32;
+    a32.k_offset = 2 * sec32;
+    a32.v_offset = 3 * sec32;
+    a32.k_transposed = true;
+    std::vector<float> want(f.q.size(), -1.0f), ref(f.q.size());
+    std::vector<float> scratch;
+    a32.out = want.data();
+    ASSERT_TRUE(PagedAttentionForIsaForTesting(a32, "scalar", nullptr, &scratch));
+    PagedAttentionArgs r = a16;
+    r.out = ref.data();
+    PagedAttentionRef(r);
+    for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(ref[i], want[i], kTiledTol * (1 + std::fabs(ref[i]))) << i;
+    for (const char* isa : {"scalar", "avx2", "avx512"}) {
+      for (ThreadPool* tp : {static_cast<ThreadPool*>(nullptr), &pool}) {
+        std::vector<float> got(f.q.size(), -2.0f);
+        a16.out = got.data();
+        if (!PagedAttentionForIsaForTesting(a16, isa, tp, &scratch)) continue;
+        ++compared;
+        for (size_t i = 0; i < want.size(); ++i)
+          ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want[i]))
+              << isa << " bs " << bs << " head_dim " << hd << " n_pos " << s.n_pos << " n_tokens " << s.n_tokens
+              << " i " << i << ": " << got[i] << " vs " << want[i];
+      }
+    }
+  }
+  EXPECT_GT(compared, 0);
+  // fp16 K without the transposed layout is malformed: NaN, nothing read.
+  const ShapeFixture f(kShapes[2], false, 9);
+  std::vector<float> out(f.q.size(), 0.0f), scratch;
+  PagedAttentionArgs bad = f.Args(out.data());
+  bad.kv_dtype = KvDtype::kF16;
+  PagedAttention(bad, nullptr, &scratch);
+  EXPECT_TRUE(std::isnan(out[0]));
 }
 
 // Malformed shapes read nothing and yield NaN instead of crashing.

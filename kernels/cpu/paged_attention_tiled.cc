@@ -23,6 +23,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "kernels/common/fp16.h"
 #include "kernels/cpu/thread_pool.h"
 
 // Bit identity across ISAs needs a * b + c to stay two roundings unless we
@@ -45,6 +46,12 @@ namespace {
 // Query tokens per work item (x the heads of the item = rows sharing each K/V tile).
 constexpr int kTokTile = 16;
 
+// An fp16 K/V element (IEEE binary16 bits); converts exactly to float.
+struct Half {
+  uint16_t bits;
+  explicit operator float() const { return Fp16ToFp32(bits); }
+};
+
 // One K/V tile of one kv head: row pointers and, for int8, the scales.
 struct TileRows {
   const void* k[kKvTile];
@@ -60,7 +67,8 @@ void Gather(const TiledProblem& p, int kvh, int j0, int n, TileRows* t) {
   for (int j = 0; j < n; ++j) {
     const int64_t boff = int64_t{s.block_table[blk]} * s.block_stride;
     if (!s.int8) {
-      const int64_t off = boff + (int64_t{slot} * kv_dim + int64_t{kvh} * p.head_dim) * int64_t{sizeof(float)};
+      const int64_t elem = s.f16 ? 2 : 4;
+      const int64_t off = boff + (int64_t{slot} * kv_dim + int64_t{kvh} * p.head_dim) * elem;
       t->k[j] = s.kt != nullptr ? nullptr : s.k + off;
       t->v[j] = s.v + off;
     } else {
@@ -79,24 +87,31 @@ void Gather(const TiledProblem& p, int kvh, int j0, int n, TileRows* t) {
 
 // K^T of positions [j0, j0 + 16 g) .. : the address of (dim 0, position j) of
 // kv head kvh in a transposed-K source (KvSource::kt); row i is + i * kt_unit.
-inline const float* KtAt(const TiledProblem& p, int kvh, int j) {
+template <class KT>
+inline const KT* KtAt(const TiledProblem& p, int kvh, int j) {
   const KvSource& s = p.kv;
   const int u = j / s.kt_unit;
   const int64_t unit = s.kt_table != nullptr ? s.kt_table[u] : u;
-  return reinterpret_cast<const float*>(s.kt + unit * s.kt_stride) +
-         int64_t{kvh} * p.head_dim * s.kt_unit + (j - u * s.kt_unit);
+  return reinterpret_cast<const KT*>(s.kt + unit * s.kt_stride) + int64_t{kvh} * p.head_dim * s.kt_unit +
+         (j - u * s.kt_unit);
 }
 
 // kt[i][j - j0] = K^T (i, j) for j in [j0, j1) from a transposed-K source
 // (the layout Transpose produces from K rows): runs of positions inside one
 // unit are row segments.
+template <class KT>
 void FillKt(const TiledProblem& p, int kvh, int j0, int j1, float* kt) {
   const int U = p.kv.kt_unit;
   for (int ja = j0; ja < j1;) {
     const int jb = std::min(j1, (ja / U + 1) * U);
-    const float* src = KtAt(p, kvh, ja);
-    for (int i = 0; i < p.head_dim; ++i)
-      std::memcpy(kt + int64_t{i} * kKvTile + (ja - j0), src + int64_t{i} * U, sizeof(float) * (jb - ja));
+    const KT* src = KtAt<KT>(p, kvh, ja);
+    for (int i = 0; i < p.head_dim; ++i) {
+      if constexpr (std::is_same_v<KT, float>) {
+        std::memcpy(kt + int64_t{i} * kKvTile + (ja - j0), src + int64_t{i} * U, sizeof(float) * (jb - ja));
+      } else {
+        for (int j = ja; j < jb; ++j) kt[int64_t{i} * kKvTile + (j - j0)] = static_cast<float>(src[int64_t{i} * U + j - ja]);
+      }
+    }
     ja = jb;
   }
 }
@@ -199,8 +214,8 @@ struct ScalarOps {
 };
 
 #if defined(__x86_64__)
-#define NIBBLE_TA_AVX2 __attribute__((target("avx2,fma")))
-#define NIBBLE_TA_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
+#define NIBBLE_TA_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define NIBBLE_TA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
 struct Avx2Ops {
   NIBBLE_TA_AVX2 static float Exp1(float x) { return ExpCanonical(x); }
@@ -216,6 +231,9 @@ struct Avx2Ops {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
   }
   NIBBLE_TA_AVX2 static __m256 Load8(const float* v) { return _mm256_loadu_ps(v); }
+  NIBBLE_TA_AVX2 static __m256 Load8(const Half* v) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+  }
   NIBBLE_TA_AVX2 static __m256 Exp(__m256 x) {
     using C = ExpConst;
     x = _mm256_min_ps(_mm256_set1_ps(C::kHi), x);  // second operand wins on NaN: NaN kept
@@ -383,6 +401,12 @@ struct Avx512Ops {
     return Load16(buf);
   }
   NIBBLE_TA_AVX512 static __m512 Load16(const float* v) { return _mm512_loadu_ps(v); }
+  NIBBLE_TA_AVX512 static __m512 Load16(const Half* v) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+  }
+  NIBBLE_TA_AVX512 static __m512 Load16(const Half* v, int /*cnt*/, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, v));
+  }
   NIBBLE_TA_AVX512 static __m512 Load16(const int8_t* c) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
   }
@@ -463,7 +487,7 @@ struct Avx512Ops {
   NIBBLE_TA_AVX512 static float ScoresT(const float* q, const float* kt, const float* cs, int hd, int n, float* s) {
     const float* kg[4] = {kt, kt + 16, kt + 32, kt + 48};
     float tmax;
-    ScoresTRows<1>(&q, kg, kKvTile, cs, hd, n, &s, &tmax);
+    ScoresTRows<1, float>(&q, kg, kKvTile, cs, hd, n, &s, &tmax);
     return tmax;
   }
   template <class V>
@@ -477,8 +501,8 @@ struct Avx512Ops {
   static constexpr int kMaxRows = 4;
   // The K^T tile (n <= kKvTile keys) is 4 groups of 16 keys: group g's
   // dimension i at kg[g] + i * ld (a group past n only has to be readable).
-  template <int NR>
-  NIBBLE_TA_AVX512 static void ScoresTRows(const float* const* q, const float* const* kg, int64_t ld,
+  template <int NR, class KT>
+  NIBBLE_TA_AVX512 static void ScoresTRows(const float* const* q, const KT* const* kg, int64_t ld,
                                            const float* cs, int hd, int n, float* const* s, float* tmax) {
     __m512 mx[NR];
     for (int r = 0; r < NR; ++r) mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -488,8 +512,8 @@ struct Avx512Ops {
       for (int r = 0; r < NR; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();
       for (int i = 0; i < hd; ++i) {
         const int64_t o = int64_t{i} * ld;
-        const __m512 k0 = _mm512_loadu_ps(kg[0] + o), k1 = _mm512_loadu_ps(kg[1] + o);
-        const __m512 k2 = _mm512_loadu_ps(kg[2] + o), k3 = _mm512_loadu_ps(kg[3] + o);
+        const __m512 k0 = Load16(kg[0] + o), k1 = Load16(kg[1] + o);
+        const __m512 k2 = Load16(kg[2] + o), k3 = Load16(kg[3] + o);
         for (int r = 0; r < NR; ++r) {
           const __m512 qi = _mm512_set1_ps(q[r][i]);
           a[r][0] = _mm512_fmadd_ps(qi, k0, a[r][0]);
@@ -571,9 +595,11 @@ template <class Ops>
 constexpr bool kHasRows = requires { Ops::kMaxRows; };
 
 // Work item: kv head `kvh`, query heads [h0, h1), tokens [t0, t1).
-template <class Ops, bool kI8>
+// kKind: 0 fp32, 1 int8, 2 fp16 K/V.
+template <class Ops, int kKind>
 void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, float* scratch) {
-  using V = std::conditional_t<kI8, int8_t, float>;
+  constexpr bool kI8 = kKind == 1;
+  using V = std::conditional_t<kKind == 1, int8_t, std::conditional_t<kKind == 2, Half, float>>;
   const int hd = p.head_dim, nh = h1 - h0, rows = nh * (t1 - t0);
   const int64_t q_width = int64_t{p.n_heads} * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -594,18 +620,23 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
     for (int j = 0; j < j1 - j0; ++j) cs[j] = kI8 ? tr.ks[j] * scale : scale;
     // The K^T tile: read in place from a transposed-K source (AVX-512, units
     // of whole 16-key groups), else built in the kt scratch.
-    const float* kg[4] = {kt, kt + 16, kt + 32, kt + 48};
+    // K^T element type: fp32, or fp16 read in place (AVX-512) / widened into kt.
+    using KT = std::conditional_t<kKind == 2, Half, float>;
+    const KT* kg[4];
     int64_t ld = kKvTile;
+    bool in_place = false;
     if (!kI8 && p.kv.kt != nullptr) {
       if (kHasRows<Ops> && p.kv.kt_unit % 16 == 0) {
-        for (int g = 0; g < 4; ++g) kg[g] = KtAt(p, kvh, j0 + 16 * g < j1 ? j0 + 16 * g : j0);
+        for (int g = 0; g < 4; ++g) kg[g] = KtAt<KT>(p, kvh, j0 + 16 * g < j1 ? j0 + 16 * g : j0);
         ld = p.kv.kt_unit;
+        in_place = true;
       } else {
-        FillKt(p, kvh, j0, j1, kt);
+        FillKt<KT>(p, kvh, j0, j1, kt);
       }
     } else if constexpr (Ops::kTransposed) {
       Ops::template Transpose<V>(tr.k, j1 - j0, hd, kt);
     }
+    const float* kf[4] = {kt, kt + 16, kt + 32, kt + 48};  // the scratch tile (fp32)
     for (int t = std::max(t0, j0 - p.pos0); t < t1; ++t) {
       const int n = std::min(j1, p.pos0 + t + 1) - j0;  // >= 1: pos0 + t >= j0
       if constexpr (kHasRows<Ops>) {
@@ -620,10 +651,18 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
             ss[k] = s + int64_t{k} * kKvTile;
             accs[k] = acc + int64_t{(t - t0) * nh + k} * hd;
           }
-          switch (nh) {
-            case 2: Ops::template ScoresTRows<2>(qs, kg, ld, cs, hd, n, ss, tmax); break;
-            case 3: Ops::template ScoresTRows<3>(qs, kg, ld, cs, hd, n, ss, tmax); break;
-            default: Ops::template ScoresTRows<4>(qs, kg, ld, cs, hd, n, ss, tmax); break;
+          if (in_place) {
+            switch (nh) {
+              case 2: Ops::template ScoresTRows<2, KT>(qs, kg, ld, cs, hd, n, ss, tmax); break;
+              case 3: Ops::template ScoresTRows<3, KT>(qs, kg, ld, cs, hd, n, ss, tmax); break;
+              default: Ops::template ScoresTRows<4, KT>(qs, kg, ld, cs, hd, n, ss, tmax); break;
+            }
+          } else {
+            switch (nh) {
+              case 2: Ops::template ScoresTRows<2, float>(qs, kf, kKvTile, cs, hd, n, ss, tmax); break;
+              case 3: Ops::template ScoresTRows<3, float>(qs, kf, kKvTile, cs, hd, n, ss, tmax); break;
+              default: Ops::template ScoresTRows<4, float>(qs, kf, kKvTile, cs, hd, n, ss, tmax); break;
+            }
           }
           for (int k = 0; k < nh; ++k) {
             const int r = (t - t0) * nh + k;
@@ -649,7 +688,11 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
         float tmax;
         if constexpr (kHasRows<Ops>) {
           float* srow = s;
-          Ops::template ScoresTRows<1>(&q, kg, ld, cs, hd, n, &srow, &tmax);
+          if (in_place) {
+            Ops::template ScoresTRows<1, KT>(&q, kg, ld, cs, hd, n, &srow, &tmax);
+          } else {
+            Ops::template ScoresTRows<1, float>(&q, kf, kKvTile, cs, hd, n, &srow, &tmax);
+          }
         } else if constexpr (Ops::kTransposed) {
           tmax = Ops::ScoresT(q, kt, cs, hd, n, s);
         } else {
@@ -680,17 +723,17 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
 using ItemFn = void (*)(const TiledProblem&, int, int, int, int, int, float*);
 
 template <class Ops>
-ItemFn ItemFor(bool i8) {
-  return i8 ? RunItem<Ops, true> : RunItem<Ops, false>;
+ItemFn ItemFor(int kind) {
+  return kind == 1 ? RunItem<Ops, 1> : kind == 2 ? RunItem<Ops, 2> : RunItem<Ops, 0>;
 }
 
-ItemFn ItemFnFor(AttnIsa isa, bool i8) {
+ItemFn ItemFnFor(AttnIsa isa, int kind) {
 #if defined(__x86_64__)
-  if (isa == AttnIsa::kAvx512) return ItemFor<Avx512Ops>(i8);
-  if (isa == AttnIsa::kAvx2) return ItemFor<Avx2Ops>(i8);
+  if (isa == AttnIsa::kAvx512) return ItemFor<Avx512Ops>(kind);
+  if (isa == AttnIsa::kAvx2) return ItemFor<Avx2Ops>(kind);
 #endif
   (void)isa;
-  return ItemFor<ScalarOps>(i8);
+  return ItemFor<ScalarOps>(kind);
 }
 
 }  // namespace
@@ -715,7 +758,7 @@ void TiledAttention(const TiledProblem& p, AttnIsa isa, ThreadPool* pool, std::v
   const int64_t n_items = int64_t{p.n_kv_heads} * splits * n_tt;
   const int64_t per_thread = ItemScratchFloats(heads_per_item * tok_tile, heads_per_item, p.head_dim);
   if (scratch->size() < size_t(threads * per_thread)) scratch->resize(size_t(threads * per_thread));
-  const ItemFn fn = ItemFnFor(isa, p.kv.int8);
+  const ItemFn fn = ItemFnFor(isa, p.kv.int8 ? 1 : p.kv.f16 ? 2 : 0);
   // Item i: token tiles last-first (the causal tail is the costliest work).
   auto run = [&](int64_t i, float* sc) {
     const int tt = n_tt - 1 - static_cast<int>(i / (int64_t{p.n_kv_heads} * splits));

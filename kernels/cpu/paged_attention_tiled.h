@@ -69,12 +69,15 @@ struct KvSource {
   int block_size = 0;
   const int32_t* block_table = nullptr;
   bool int8 = false;
+  // IEEE fp16 K and V (kt required: K^T and V rows hold fp16 bits, 2 bytes
+  // per element; widened exactly, so the canonical order is unchanged).
+  bool f16 = false;
   int64_t scales_bytes = 0;  // int8: KvInt8Section::ScalesBytes
-  // fp32 K stored transposed instead (kt != nullptr; int8 == false): positions
+  // fp32 (fp16 with f16) K stored transposed instead (kt != nullptr; int8 == false): positions
   // in units of kt_unit; unit u (positions [u * kt_unit, (u + 1) * kt_unit))
-  // of kv head h is a head_dim x kt_unit fp32 matrix (row i = dimension i,
+  // of kv head h is a head_dim x kt_unit matrix (row i = dimension i,
   // column = position % kt_unit) at kt + kt_table[u] * kt_stride + h *
-  // head_dim * kt_unit * 4 bytes (kt_table null: u itself). The kernel reads
+  // head_dim * kt_unit * (4 or 2) bytes (kt_table null: u itself). The kernel reads
   // K^T tiles straight from it (AVX-512, kt_unit % 16 == 0) instead of
   // transposing K rows: same values, so the same bits.
   const uint8_t* kt = nullptr;
