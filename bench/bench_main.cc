@@ -1,6 +1,6 @@
 // nibble-bench: prefill and decode throughput of a model, like llama-bench.
 //
-//   nibble-bench -m MODEL [-p 512] [-n 128] [-d DEPTH] [-t THREADS] [-r REPS] [--json]
+//   nibble-bench -m MODEL [-p 512] [-n 128] [-d DEPTH] [-t THREADS] [-r REPS] [--kv-dtype f32|f16] [--json]
 //
 // pp<P>: one Forward over P tokens from position 0 (a fresh context), the
 // prefill path (batched matmuls). tg<N>: N single-token Forward calls from
@@ -87,6 +87,7 @@ int main(int argc, char** argv) {
   std::string model_path, tokenizer_path;
   int n_prompt = 512, n_gen = 128, depth = 0, threads = 0, reps = 3;
   bool json = false, no_bw = false;
+  std::string kv_dtype_name = "f32";
   app.add_option("-m,--model", model_path, "model file (nibble .nbl, GGUF, llama2.c .bin, HF directory)")->required();
   app.add_option("--tokenizer", tokenizer_path, "tokenizer file (llama2.c models)");
   app.add_option("-p,--n-prompt", n_prompt, "prefill tokens (0: skip)")->capture_default_str();
@@ -95,6 +96,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("-t,--threads", threads, "CPU threads (default: all cores)");
   app.add_option("-r,--repetitions", reps, "timed repetitions per test")->capture_default_str();
+  app.add_option("--kv-dtype", kv_dtype_name, "KV-cache element type: f32 or f16 (llama-bench's -ctk/-ctv f16)")
+      ->check(CLI::IsMember({"f32", "f16"}))
+      ->capture_default_str();
   app.add_flag("--json", json, "print one JSON object on stdout instead of the table");
   app.add_flag("--no-bandwidth", no_bw, "skip the memory bandwidth measurement");
   CLI11_PARSE(app, argc, argv);
@@ -117,7 +121,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: -d + max(-p, -n) = %d exceeds the model's context length %d\n", ctx, c.max_seq_len);
     return 2;
   }
-  auto cache = model.NewKVCache(std::max(ctx, 1));
+  const nibble::KvDtype kv_dtype = kv_dtype_name == "f16" ? nibble::KvDtype::kF16 : nibble::KvDtype::kF32;
+  auto cache = model.NewKVCache(std::max(ctx, 1), kv_dtype);
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int32_t> tok(0, c.vocab_size - 1);
   std::vector<int32_t> tokens(static_cast<size_t>(std::max(ctx, 1)));
@@ -180,6 +185,7 @@ int main(int argc, char** argv) {
     j["n_prompt"] = n_prompt;
     j["n_gen"] = n_gen;
     j["depth"] = depth;
+    j["kv_dtype"] = kv_dtype_name;
     j["reps"] = reps;
     j["pp_tps"] = pp.mean;
     j["pp_tps_sd"] = pp.sd;

@@ -123,11 +123,13 @@ class LogitsFile {
   int vocab_ = 0;
 };
 
-absl::Status Score(nibble::LlamaModel& model, nibble::LlamaModel* ref, LogitsFile* save, LogitsFile* base,
+// kv_dtype: the scored model's KV-cache type (--kv-dtype); the reference model always uses fp32.
+absl::Status Score(nibble::LlamaModel& model, nibble::KvDtype kv_dtype, nibble::LlamaModel* ref, LogitsFile* save,
+                   LogitsFile* base,
                    const std::vector<int32_t>& ids, size_t first, std::vector<float>* logits,
                    std::vector<float>* ref_logits, Totals* t) {
   const int vocab = model.config().vocab_size;
-  auto cache = model.NewKVCache(static_cast<int>(ids.size()));
+  auto cache = model.NewKVCache(static_cast<int>(ids.size()), kv_dtype);
   logits->resize(ids.size() * vocab);
   if (auto s = model.Forward(ids, 0, cache.get(), *logits, /*all_logits=*/true); !s.ok()) return s;
   if (save != nullptr) {
@@ -189,7 +191,12 @@ int main(int argc, char** argv) {
   app.add_option("--kld-base", kld_base, "KL divergence against logits saved with --save-logits");
   app.add_option("-t,--threads", threads, "CPU threads (default: all cores)");
   app.add_flag("--json", json, "print one JSON object with ppl, mean_nll, tokens (and kld, top1)");
+  std::string kv_dtype_name = "f32";
+  app.add_option("--kv-dtype", kv_dtype_name, "KV-cache element type of the scored model: f32 or f16")
+      ->check(CLI::IsMember({"f32", "f16"}))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  const nibble::KvDtype kv_dtype = kv_dtype_name == "f16" ? nibble::KvDtype::kF16 : nibble::KvDtype::kF32;
 
   auto text = nibble::io::ReadFileToString(text_path);
   if (!text.ok()) return Fail(text.status());
@@ -253,7 +260,7 @@ int main(int argc, char** argv) {
       if (add_bos) batch[0] = tok.bos_id();
       // llama-perplexity scores targets batch[ctx/2 + 1 ..] against the original tokens; replacing
       // batch[0] by BOS never touches a target since ctx/2 >= 1.
-      if (auto s = Score(model, ref, save_ptr, base_ptr, batch, ctx / 2, &logits, &ref_logits, &tot); !s.ok()) return Fail(s);
+      if (auto s = Score(model, kv_dtype, ref, save_ptr, base_ptr, batch, ctx / 2, &logits, &ref_logits, &tot); !s.ok()) return Fail(s);
       fprintf(stderr, "[%lld]%.4f ", (long long)(c + 1), std::exp(tot.nll / tot.scored));
       fflush(stderr);
     }
@@ -271,7 +278,7 @@ int main(int argc, char** argv) {
       if (ids.empty() || ids[0] != tok.bos_id()) ids.insert(ids.begin(), tok.bos_id());
       if (static_cast<int>(ids.size()) > max_len) ids.resize(max_len);
       if (ids.size() < 2) continue;
-      if (auto s = Score(model, ref, save_ptr, base_ptr, ids, 0, &logits, &ref_logits, &tot); !s.ok()) return Fail(s);
+      if (auto s = Score(model, kv_dtype, ref, save_ptr, base_ptr, ids, 0, &logits, &ref_logits, &tot); !s.ok()) return Fail(s);
       ++docs;
       if (docs % 50 == 0) fprintf(stderr, "[%d docs] ppl %.4f\n", docs, std::exp(tot.nll / tot.scored));
     }

@@ -49,6 +49,10 @@ int main(int argc, char** argv) {
   app.add_flag("--chat", chat, "wrap the prompt in the model's chat template");
   app.add_option("--system", system_prompt, "with --chat: system message");
   app.add_flag("--verbose-prompt", verbose_prompt, "log the prompt's token ids to stderr");
+  std::string kv_dtype_name = "f32";
+  app.add_option("--kv-dtype", kv_dtype_name, "KV-cache element type: f32 or f16 (half the memory)")
+      ->check(CLI::IsMember({"f32", "f16"}))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (seed >= 0) sp.seed = static_cast<uint64_t>(seed);
   if (auto s = sp.Validate(); !s.ok()) return Fail(s);
@@ -100,7 +104,8 @@ int main(int argc, char** argv) {
   if (chat) fputc('\n', stdout);
   fflush(stdout);
 
-  auto cache = model.NewKVCache(static_cast<int>(limit));
+  auto cache = model.NewKVCache(static_cast<int>(limit),
+                                kv_dtype_name == "f16" ? nibble::KvDtype::kF16 : nibble::KvDtype::kF32);
   std::vector<float> logits(cfg.vocab_size);
   nibble::Sampler sampler(sp, cfg.vocab_size);
   nibble::StreamingDetokenizer detok(tok);

@@ -34,6 +34,10 @@ struct AttentionArgs {
   // Optional: K transposed (cpu::ContiguousKtIndex layout), read instead of
   // k_cache when set; the same values, so the same output.
   const float* k_t = nullptr;
+  // fp16 cache instead (k_cache / v_cache / k_t unused): K^T and V rows in
+  // IEEE fp16 (cpu::ContiguousAttentionF16).
+  const uint16_t* k_t16 = nullptr;
+  const uint16_t* v16 = nullptr;
 };
 
 // Attention over a paged KV cache (serving): one sequence's query rows and

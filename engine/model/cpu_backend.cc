@@ -147,6 +147,11 @@ class CpuBackend final : public Backend {
   // The tiled kernel shared with the paged path (kernels/cpu/paged_attention.h):
   // bit-identical to PagedAttention on equal K/V.
   void Attention(const AttentionArgs& a) override {
+    if (a.k_t16 != nullptr) {
+      cpu::ContiguousAttentionF16(a.q, a.k_t16, a.v16, a.out, a.n_tokens, a.pos0, a.n_heads, a.n_kv_heads,
+                                  a.head_dim, &pool_, &scores_);
+      return;
+    }
     cpu::ContiguousAttention(a.q, a.k_cache, a.v_cache, a.out, a.n_tokens, a.pos0, a.n_heads, a.n_kv_heads,
                              a.head_dim, &pool_, &scores_, a.k_t);
   }

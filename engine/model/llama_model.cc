@@ -63,9 +63,9 @@ const float* LlamaModel::Unrotate(const float* x, int n) {
   return rot_buf_.data();
 }
 
-std::unique_ptr<KVCache> LlamaModel::NewKVCache(int capacity) const {
+std::unique_ptr<KVCache> LlamaModel::NewKVCache(int capacity, KvDtype dtype) const {
   if (capacity <= 0) capacity = m_.config.max_seq_len;
-  return std::make_unique<KVCache>(m_.config, capacity);
+  return std::make_unique<KVCache>(m_.config, capacity, dtype);
 }
 
 void LlamaModel::EnsureScratch(int n) {
@@ -186,6 +186,17 @@ void LlamaModel::RunLayerPart(int l, LayerPart part, const LayerRows& r, int n, 
       }
       be.Rope(q_.data(), n, pos, c.n_heads, c);
       be.Rope(k_.data(), n, pos, c.n_kv_heads, c);
+      if (cache->f16()) {
+        cpu::WriteContiguousF16(k_.data(), v_.data(), n, pos, c.n_kv_heads, c.head_dim, cache->k_t16(l),
+                                cache->v16(l));
+        AttentionArgs a{q_.data(), nullptr, nullptr, r.att, n, pos, c.n_heads, c.n_kv_heads, c.head_dim};
+        a.k_t16 = cache->k_t16(l);
+        a.v16 = cache->v16(l);
+        be.Attention(a);
+        // (An observer needs fp32 K/V rows: observed runs use fp32 caches; see NewKVCache.)
+        if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnOut, r.att, n, qd);
+        break;
+      }
       float* kc = cache->k(l);
       float* vc = cache->v(l);
       std::memcpy(kc + size_t(pos) * kvd, k_.data(), size_t(n) * kvd * sizeof(float));

@@ -76,7 +76,9 @@ class LlamaModel {
   Backend& backend() { return *backend_; }
 
   // A cache for one sequence of up to `capacity` tokens (<= max_seq_len by default).
-  std::unique_ptr<KVCache> NewKVCache(int capacity = 0) const;
+  // dtype kF16: K/V rounded to fp16 (half the memory and bytes per step;
+  // not for runs with an observer, which reads fp32 K/V rows).
+  std::unique_ptr<KVCache> NewKVCache(int capacity = 0, KvDtype dtype = KvDtype::kF32) const;
 
   // Runs tokens at positions [pos, pos + tokens.size()); the cache must hold
   // positions [0, pos). Writes vocab_size logits for the last token into

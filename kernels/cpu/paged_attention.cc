@@ -111,6 +111,24 @@ bool PagedProblem(const PagedAttentionArgs& a, internal::TiledProblem* p) {
   return true;
 }
 
+// A contiguous cache as the kernel sees it: one block holding every position.
+internal::TiledProblem ContiguousProblem(const float* q, float* out, int n_tokens, int pos0, int n_heads,
+                                         int n_kv_heads, int head_dim) {
+  static constexpr int32_t kOneBlock[1] = {0};
+  internal::TiledProblem p;
+  p.q = q;
+  p.out = out;
+  p.n_tokens = n_tokens;
+  p.pos0 = pos0;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv_heads;
+  p.head_dim = head_dim;
+  p.kv.block_stride = 0;
+  p.kv.block_size = INT32_MAX;  // every position in block 0
+  p.kv.block_table = kOneBlock;
+  return p;
+}
+
 }  // namespace
 
 void QuantizeKvRowInt8(const float* x, int n_kv_heads, int head_dim, int8_t* codes, float* scales) {
@@ -152,26 +170,42 @@ void WriteContiguousKt(const float* k_rows, int n, int pos0, int n_kv_heads, int
     }
 }
 
+void WriteContiguousF16(const float* k_rows, const float* v_rows, int n, int pos0, int n_kv_heads, int head_dim,
+                        uint16_t* k_t, uint16_t* v) {
+  const int64_t kv_dim = int64_t{n_kv_heads} * head_dim;
+  for (int t = 0; t < n; ++t) {
+    for (int h = 0; h < n_kv_heads; ++h) {
+      const float* src = k_rows + t * kv_dim + int64_t{h} * head_dim;
+      uint16_t* dst = k_t + ContiguousKtIndex(n_kv_heads, head_dim, h, 0, pos0 + t);
+      for (int i = 0; i < head_dim; ++i) dst[int64_t{i} * kContiguousKtUnit] = Fp32ToFp16(src[i]);
+    }
+    for (int64_t e = 0; e < kv_dim; ++e) v[(int64_t{pos0} + t) * kv_dim + e] = Fp32ToFp16(v_rows[t * kv_dim + e]);
+  }
+}
+
+void ContiguousAttentionF16(const float* q, const uint16_t* k_t, const uint16_t* v, float* out, int n_tokens,
+                            int pos0, int n_heads, int n_kv_heads, int head_dim, ThreadPool* pool,
+                            std::vector<float>* scores) {
+  if (!ShapesOk(n_tokens, pos0, n_heads, n_kv_heads, head_dim) || k_t == nullptr || v == nullptr)
+    return FillNan(out, n_tokens, n_heads, head_dim);
+  internal::TiledProblem p = ContiguousProblem(q, out, n_tokens, pos0, n_heads, n_kv_heads, head_dim);
+  p.kv.v = reinterpret_cast<const uint8_t*>(v);
+  p.kv.f16 = true;
+  p.kv.kt = reinterpret_cast<const uint8_t*>(k_t);
+  p.kv.kt_unit = kContiguousKtUnit;
+  p.kv.kt_stride = int64_t{kContiguousKtUnit} * n_kv_heads * head_dim * 2;
+  internal::TiledAttention(p, ActiveAttnIsa(), pool, scores);
+}
+
 void ContiguousAttention(const float* q, const float* k_cache, const float* v_cache, float* out, int n_tokens,
                          int pos0, int n_heads, int n_kv_heads, int head_dim, ThreadPool* pool,
                          std::vector<float>* scores, const float* k_t) {
   if (!ShapesOk(n_tokens, pos0, n_heads, n_kv_heads, head_dim) || (k_cache == nullptr && k_t == nullptr) ||
       v_cache == nullptr)
     return FillNan(out, n_tokens, n_heads, head_dim);
-  static constexpr int32_t kOneBlock[1] = {0};
-  internal::TiledProblem p;
-  p.q = q;
-  p.out = out;
-  p.n_tokens = n_tokens;
-  p.pos0 = pos0;
-  p.n_heads = n_heads;
-  p.n_kv_heads = n_kv_heads;
-  p.head_dim = head_dim;
+  internal::TiledProblem p = ContiguousProblem(q, out, n_tokens, pos0, n_heads, n_kv_heads, head_dim);
   p.kv.k = reinterpret_cast<const uint8_t*>(k_cache);
   p.kv.v = reinterpret_cast<const uint8_t*>(v_cache);
-  p.kv.block_stride = 0;
-  p.kv.block_size = INT32_MAX;  // every position in block 0
-  p.kv.block_table = kOneBlock;
   if (k_t != nullptr) {
     p.kv.k = nullptr;
     p.kv.kt = reinterpret_cast<const uint8_t*>(k_t);

@@ -125,6 +125,16 @@ inline int64_t ContiguousKtFloats(int64_t capacity, int n_kv_heads, int head_dim
 // into the transposed layout.
 void WriteContiguousKt(const float* k_rows, int n, int pos0, int n_kv_heads, int head_dim, float* k_t);
 
+// fp16 contiguous K/V: K^T in the ContiguousKtIndex layout and V rows
+// [>= pos0 + n_tokens, kv_dim], IEEE fp16 bits, widened exactly: the bits of
+// ContiguousAttention on the rounded values. WriteContiguousF16 rounds the K
+// and V rows of positions [pos0, pos0 + n) into them.
+void ContiguousAttentionF16(const float* q, const uint16_t* k_t, const uint16_t* v, float* out, int n_tokens,
+                            int pos0, int n_heads, int n_kv_heads, int head_dim, ThreadPool* pool,
+                            std::vector<float>* scores);
+void WriteContiguousF16(const float* k_rows, const float* v_rows, int n, int pos0, int n_kv_heads, int head_dim,
+                        uint16_t* k_t, uint16_t* v);
+
 // Scalar reference in double precision (tests): same contract, no scratch;
 // int8 K/V are dequantized (scale * code) exactly as the fast kernels do.
 void PagedAttentionRef(const PagedAttentionArgs& a);

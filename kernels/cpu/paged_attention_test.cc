@@ -708,7 +708,18 @@ TEST(TiledAttention, F16KvIsTheF32KernelOnRoundedValues) {
     r.out = ref.data();
     PagedAttentionRef(r);
     for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(ref[i], want[i], kTiledTol * (1 + std::fabs(ref[i]))) << i;
+    // The contiguous fp16 layout (WriteContiguousF16 + ContiguousAttentionF16).
+    std::vector<uint16_t> kt16(size_t(ContiguousKtFloats(s.n_pos, nkv, hd)), 0x7e00), v16(size_t(s.n_pos) * kv_dim);
+    WriteContiguousF16(f.k_val.data(), f.v_val.data(), s.n_pos, 0, nkv, hd, kt16.data(), v16.data());
     for (const char* isa : {"scalar", "avx2", "avx512"}) {
+      if (ForceIsaForTesting(isa)) {
+        std::vector<float> got(f.q.size(), -4.0f);
+        ContiguousAttentionF16(f.q.data(), kt16.data(), v16.data(), got.data(), s.n_tokens, f.Pos0(), s.n_heads, nkv,
+                               hd, &pool, &scratch);
+        for (size_t i = 0; i < want.size(); ++i)
+          ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want[i])) << isa << " contiguous " << i;
+        ForceIsaForTesting("");
+      }
       for (ThreadPool* tp : {static_cast<ThreadPool*>(nullptr), &pool}) {
         std::vector<float> got(f.q.size(), -2.0f);
         a16.out = got.data();
