@@ -76,7 +76,8 @@ PAIRS = [
 ]
 QUICK_PAIRS = [("int4_g32", "Q4_0"), ("int8_g32_sym", "Q8_0")]
 # Long-context decode (--depths): one pair, the default format.
-DEPTH_PAIRS = [("int4_g32", "Q4_0")]
+# (nibble config, llama.cpp type, nibble KV-cache dtype); llama.cpp's cache is F16.
+DEPTH_PAIRS = [("int4_g32", "Q4_0", "f32"), ("int4_g32", "Q4_0", "f16")]
 NOTES = [
     "Measured with nothing else running on the session's machine (2 vCPUs), both engines in the same run. "
     "The host is shared with other tenants: the same nibble-bench command has varied by up to +-30% between "
@@ -260,9 +261,9 @@ def run_llama(model, threads, p, n, reps):
     return res
 
 
-def run_nibble_depth(model, bin_dir, threads, d, n, reps):
+def run_nibble_depth(model, bin_dir, threads, d, n, reps, kv="f32"):
     cmd = [os.path.join(bin_dir, "nibble-bench"), "-m", model, "-p", "0", "-n", str(n), "-d", str(d), "-t",
-           str(threads), "-r", str(reps), "--json", "--no-bandwidth"]
+           str(threads), "-r", str(reps), "--json", "--no-bandwidth", "--kv-dtype", kv]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     j = json.loads(out.strip().splitlines()[-1])
     return {"tg_tps": j["tg_tps"], "tg_sd": j["tg_tps_sd"], "tg_samples": j["tg_samples"]}
@@ -400,13 +401,16 @@ def write_report(doc, pairs, threads_list, md_path, png_path, args):
         L.append(f"tg{args.depth_n} @ dD = {args.depth_n} single-token decode steps at positions D .. "
                  f"D + {args.depth_n - 1} after an untimed prefill of D tokens (nibble-bench -d, llama-bench's "
                  "depth; llama.cpp: llm.eval of the D tokens, then the context rolled back to D before each "
-                 "repetition). Attention then reads D cached positions per step: nibble keeps K/V in fp32 "
-                 "(the contiguous cache nibble-bench uses, K also transposed so that attention reads K^T tiles "
-                 "in place), llama.cpp in F16 (half the bytes). No target is set for these rows.\n")
-        L.append("| threads | depth | nibble | llama.cpp | nibble t/s | llama.cpp t/s | ratio |")
-        L.append("|---:|---:|---|---|---:|---:|---:|")
-        for t, d, cfg, qt, nb, lc in depth_rows:
-            L.append(f"| {t} | {d} | {cfg} | {qt} | {fmt_tps(nb['tg_tps'], nb['tg_sd'])} | "
+                 "repetition). Attention then reads D cached positions per step: llama.cpp keeps K/V in F16 (its "
+                 "default); nibble (the contiguous cache nibble-bench uses, K stored transposed so that attention "
+                 "reads K^T tiles in place) in fp32 or, with --kv-dtype f16, in fp16 like llama.cpp. No target "
+                 "is set for these rows.\n")
+        L.append("| threads | depth | nibble | nibble KV | llama.cpp | nibble t/s | llama.cpp t/s | ratio |")
+        L.append("|---:|---:|---|---|---|---:|---:|---:|")
+        for row in depth_rows:
+            t, d, cfg, qt, nb, lc = row[:6]
+            kv = row[6] if len(row) > 6 else "f32"
+            L.append(f"| {t} | {d} | {cfg} | {kv} | {qt} | {fmt_tps(nb['tg_tps'], nb['tg_sd'])} | "
                      f"{fmt_tps(lc['tg_tps'], lc['tg_sd'])} | {nb['tg_tps'] / lc['tg_tps']:.2f}x |")
     L.append("\n## Summary\n")
     for phase in ("tg", "pp"):
@@ -540,22 +544,23 @@ def main():
                 log(f"  pp {fmt_tps(r['pp_tps'], r['pp_sd'])}  tg {fmt_tps(r['tg_tps'], r['tg_sd'])}")
     doc["cur_depth"] = []
     depths = [int(x) for x in args.depths.split(",") if x.strip()]
-    for cfg, qt in DEPTH_PAIRS if depths else []:
+    for cfg, qt, kv in DEPTH_PAIRS if depths else []:
         nm = nibble_model(cfg, bin_dir, max(threads_list))
         lm = llama_model(qt, max(threads_list))
         for t in threads_list:
             for d in depths:
-                key = f"nibble-depth|{cfg}|t{t}|d{d}|n{args.depth_n}|r{args.reps}|{bench_id}"
-                log(f"nibble {cfg} t={t} d={d} ...")
+                kvk = "" if kv == "f32" else f"|kv{kv}"
+                key = f"nibble-depth|{cfg}{kvk}|t{t}|d{d}|n{args.depth_n}|r{args.reps}|{bench_id}"
+                log(f"nibble {cfg} ({kv} KV) t={t} d={d} ...")
                 nb = measure(doc, args.o, key,
-                             lambda: run_nibble_depth(nm, bin_dir, t, d, args.depth_n, args.reps), args.force)
+                             lambda: run_nibble_depth(nm, bin_dir, t, d, args.depth_n, args.reps, kv), args.force)
                 key = f"llama-depth|{qt}|t{t}|d{d}|n{args.depth_n}|r{args.reps}"
                 log(f"llama.cpp {qt} t={t} d={d} ...")
                 lc = measure(doc, args.o, key, lambda: run_llama_depth(lm, t, d, args.depth_n, args.reps),
                              args.force or args.force_llama)
                 loads += [nb["load_before"], nb["load_after"], lc["load_before"], lc["load_after"]]
                 log(f"  tg {fmt_tps(nb['tg_tps'], nb['tg_sd'])} vs {fmt_tps(lc['tg_tps'], lc['tg_sd'])}")
-                doc["cur_depth"].append((t, d, cfg, qt, nb, lc))
+                doc["cur_depth"].append((t, d, cfg, qt, nb, lc, kv))
     l1 = [x[0] for x in loads if x]
     doc["load_range"] = f"{min(l1):.1f} .. {max(l1):.1f} (1-min)" if l1 else "?"
     doc["nibble_bench_id"] = bench_id

@@ -560,19 +560,24 @@ TEST(ServerSentencePieceE2E, ServesASentencePieceModelTokenizer) {
 namespace nibble {
 namespace {
 
-// --kv-dtype int8 with the pool as a memory budget: the server serves, and
-// the metrics show int8-sized blocks (more of them for the same MiB).
-TEST(ServerKvInt8E2E, Int8KvCacheServesAndSizesThePoolInBytes) {
+// --kv-dtype int8 / f16 with the pool as a memory budget: the server serves,
+// and the metrics show int8- / fp16-sized blocks (more of them for the same
+// MiB); fp16 K/V give the fp32 cache's greedy text.
+TEST(ServerKvInt8E2E, Int8AndF16KvCachesServeAndSizeThePoolInBytes) {
   if (!fs::exists(testing::Stories260KModel())) GTEST_SKIP() << "stories260K not found";
-  double blocks[2] = {0, 0}, block_bytes[2] = {0, 0};
-  for (int i = 0; i < 2; ++i) {
-    ServerProcess srv({"--kv-dtype", i == 0 ? "f32" : "int8", "--kv-cache-mib", "2"});
+  const char* dtypes[3] = {"f32", "int8", "f16"};
+  double blocks[3] = {0, 0, 0}, block_bytes[3] = {0, 0, 0};
+  std::string text[3];
+  for (int i = 0; i < 3; ++i) {
+    ServerProcess srv({"--kv-dtype", dtypes[i], "--kv-cache-mib", "2"});
     ASSERT_TRUE(srv.ok()) << srv.log();
     json body = {{"prompt", kPrompt}, {"max_tokens", 24}, {"temperature", 0}};
     auto res = srv.Http().Post("/v1/completions", body.dump(), "application/json");
     ASSERT_TRUE(res);
     ASSERT_EQ(res->status, 200) << res->body;
-    EXPECT_EQ(json::parse(res->body)["usage"]["completion_tokens"], 24);
+    const json r = json::parse(res->body);
+    EXPECT_EQ(r["usage"]["completion_tokens"], 24);
+    text[i] = r["choices"][0]["text"].get<std::string>();
     auto m = srv.Http().Get("/metrics");
     ASSERT_TRUE(m);
     blocks[i] = Metric(m->body, "nibble_kv_blocks_total");
@@ -583,6 +588,9 @@ TEST(ServerKvInt8E2E, Int8KvCacheServesAndSizesThePoolInBytes) {
   // stories260K: head_dim 8, so int8 (8 codes + a 4-byte scale per head) is 32/12 = 2.67x smaller.
   EXPECT_NEAR(block_bytes[0] / block_bytes[1], 32.0 / 12.0, 1e-9);
   EXPECT_GE(blocks[1], 2.6 * blocks[0]);
+  EXPECT_NEAR(block_bytes[0] / block_bytes[2], 2.0, 1e-9);
+  EXPECT_GE(blocks[2], 1.9 * blocks[0]);
+  EXPECT_EQ(text[2], text[0]) << "f16 KV changed the greedy text";
 }
 
 }  // namespace
