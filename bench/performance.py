@@ -116,8 +116,11 @@ NOTES = [
     "place instead of gathering 64 strided K rows and transposing them for every tile of every decode step "
     "(same values, same bits; kernels/cpu/paged_attention.h). A/B at 1 thread, tg32 at depth 4096: "
     "69-73 -> 78-79 tok/s; nibble-batch-bench (paged cache) at context 2048, 2 threads: 1 stream "
-    "106-128 -> 122-138 tok/s. At depth 4096 decode now streams fp32 K and V (189 MB per token for "
-    "SmolLM2, twice llama.cpp's F16 cache): an fp16 KV cache is the next step there.",
+    "106-128 -> 122-138 tok/s. An fp16 KV cache (--kv-dtype f16 in nibble-bench, nibble-generate, "
+    "nibble-perplexity, nibble-server, nibble-batch) halves the bytes attention streams (fp32 K and V are "
+    "189 MB per token at depth 4096 for SmolLM2); it is llama.cpp's default cache type, so the f16 KV "
+    "depth rows compare like with like. Its cost in accuracy: SmolLM2 int4_g32 wikitext-2 PPL (6 chunks of "
+    "512) 23.1952 -> 23.1954, stories260K 6.95719 -> 6.95616 with the same greedy tokens.",
     "Bandwidth misses, profiled on the AMD EPYC: at 1 thread int4_g32, int8 and int4_g64_sym reach the "
     "70% target in this run (int4_g64_sym at 60-79% across runs), int2_g64 59-61%: int2 streams fewer "
     "bytes per weight while the per-weight work is the same, so its decode tile is compute-bound (~18 GB/s "
