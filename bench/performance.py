@@ -99,8 +99,8 @@ NOTES = [
     "file itself. Until then this table paired nibble fp32 with F16 (0.59x / 0.85x decode in the run "
     "before: 32 bits per weight against 16). Serving (nibble-bench included) also moves fp32 matrices into "
     "huge-page memory (+5-8% tg at 1 thread, 74-91 -> 103 tok/s at 2 in A/B runs; between this session's "
-    "full runs nibble fp32 at 2 threads still varied from 73.5 to 101.5 tok/s with the same binary, with "
-    "its weights in huge pages each time). fp32 vs F32 decode "
+    "full runs nibble fp32 at 2 threads still varied from 73.5 to 101.5 tok/s with the same binary (a "
+    "check during a fast run found all 538 MB in huge pages; host load is the likely cause). fp32 vs F32 decode "
     "cannot reach 1.3x: both stream 538 MB per token and llama.cpp's F32 decode already runs at 85-95% of "
     "the measured bound, so 1.3x would need more than the machine's bandwidth; the ratio follows which "
     "engine gets closer to the bound (see the % bw columns).",
