@@ -5,8 +5,9 @@
 // Reports bytes_per_second = packed weight bytes streamed per second (GEMVs
 // also pct_of_read_bw: that over the read bandwidth measured on a buffer of
 // the same size at 1 thread, bench/membw.h; mem_read/<bytes> prints that
-// bound), plus the fp32 dequantize-then-dot reference for scale. f32/... times the
-// unquantized fp32 MatMulF32 (ops.h) on the same shapes, in GFLOP/s;
+// bound), plus the fp32 dequantize-then-dot reference for scale. f32/... and
+// f16/... time the dense MatMulF32 / MatMulF16 (ops.h) on the same shapes (GFLOP/s,
+// bytes/s, GEMVs also pct_of_read_bw);
 // <format>/dequant-f32 times QuantMatMulDequantF32 (the prefill path of CPUs
 // without AMX) at 16 and 512 tokens.
 //
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "bench/membw.h"
+#include "kernels/common/fp16.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/qmatmul.h"
 #include "kernels/formats/format.h"
@@ -166,8 +168,10 @@ void BM_DequantF32(benchmark::State& state, fmt::Format f) {
   state.SetLabel(isa);
 }
 
-// fp32 MatMulF32 at 1 thread. Args: {rows, cols, n_tokens, isa (1 avx2, 2 avx512)}.
-void BM_MatMulF32(benchmark::State& state) {
+// Dense weights at 1 thread: fp32 MatMulF32 or fp16 MatMulF16 (ops.h).
+// Args: {rows, cols, n_tokens, isa (1 avx2, 2 avx512)}. Reports GFLOP/s, the
+// weight bytes streamed per second and, for GEMVs, pct_of_read_bw.
+void BM_DenseMatMul(benchmark::State& state, bool f16) {
   const int64_t rows = state.range(0), cols = state.range(1), n_tokens = state.range(2);
   const char* isa = state.range(3) == 2 ? "avx512" : "avx2";
   if (!ForceIsaForTesting(isa)) {
@@ -177,15 +181,29 @@ void BM_MatMulF32(benchmark::State& state) {
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> w(static_cast<size_t>(rows * cols)), x(static_cast<size_t>(n_tokens * cols));
+  std::vector<uint16_t> wh(f16 ? w.size() : 0);
   std::vector<float> y(static_cast<size_t>(n_tokens * rows));
   for (float& v : w) v = nd(rng);
   for (float& v : x) v = nd(rng);
+  for (size_t i = 0; i < wh.size(); ++i) wh[i] = Fp32ToFp16(w[i]);
+  const int64_t bytes = rows * cols * (f16 ? 2 : 4);
+  const double bw = n_tokens == 1 ? ReadBandwidth(static_cast<size_t>(bytes)) : 0.0;
+  const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) {
-    MatMulF32(w.data(), rows, cols, x.data(), n_tokens, y.data(), nullptr);
+    if (f16) {
+      MatMulF16(wh.data(), rows, cols, x.data(), n_tokens, y.data(), nullptr);
+    } else {
+      MatMulF32(w.data(), rows, cols, x.data(), n_tokens, y.data(), nullptr);
+    }
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ForceIsaForTesting("");
+  state.SetBytesProcessed(state.iterations() * bytes);
+  if (bw > 0 && secs > 0)
+    state.counters["pct_of_read_bw"] =
+        100.0 * static_cast<double>(state.iterations()) * static_cast<double>(bytes) / secs / (bw * 1e9);
   state.counters["GFLOP/s"] = benchmark::Counter(2.0 * static_cast<double>(rows * cols * n_tokens),
                                                  benchmark::Counter::kIsIterationInvariantRate,
                                                  benchmark::Counter::kIs1000);
@@ -200,10 +218,12 @@ int Register() {
   // The bounds of the GEMV shapes' int4_g32 sizes (in cache .. DRAM).
   benchmark::RegisterBenchmark("mem_read", BM_MemRead)
       ->Arg(576 * 360)->Arg(1536 * 360)->Arg(49152 * 360)->Iterations(1);
-  auto* f32 = benchmark::RegisterBenchmark("f32/matmul", BM_MatMulF32);
-  for (const auto& s : {std::array<int64_t, 2>{576, 576}, {192, 576}, {1536, 576}, {576, 1536}})
-    for (int n : {1, 4, 8, 16, 512}) f32->Args({s[0], s[1], n, 2});
-  f32->Args({1536, 576, 512, 1})->Args({1536, 576, 16, 1});
+  for (bool f16 : {false, true}) {
+    auto* d = benchmark::RegisterBenchmark(f16 ? "f16/matmul" : "f32/matmul", BM_DenseMatMul, f16);
+    for (const auto& s : {std::array<int64_t, 2>{576, 576}, {192, 576}, {1536, 576}, {576, 1536}})
+      for (int n : {1, 4, 8, 16, 512}) d->Args({s[0], s[1], n, 2});
+    d->Args({49152, 576, 1, 2})->Args({1536, 576, 1, 1})->Args({1536, 576, 512, 1})->Args({1536, 576, 16, 1});
+  }
   for (const char* name : kBenchFormats) {
     const fmt::Format f = *fmt::Format::Parse(name);
     auto* b = benchmark::RegisterBenchmark((std::string(name) + "/gemv").c_str(), BM_QMatMul, f);
