@@ -549,6 +549,7 @@ def main():
                 log(f"  pp {fmt_tps(r['pp_tps'], r['pp_sd'])}  tg {fmt_tps(r['tg_tps'], r['tg_sd'])}")
     doc["cur_depth"] = []
     depths = [int(x) for x in args.depths.split(",") if x.strip()]
+    llama_depth_done = set()
     for cfg, qt, kv in DEPTH_PAIRS if depths else []:
         nm = nibble_model(cfg, bin_dir, max(threads_list))
         lm = llama_model(qt, max(threads_list))
@@ -561,8 +562,10 @@ def main():
                              lambda: run_nibble_depth(nm, bin_dir, t, d, args.depth_n, args.reps, kv), args.force)
                 key = f"llama-depth|{qt}|t{t}|d{d}|n{args.depth_n}|r{args.reps}"
                 log(f"llama.cpp {qt} t={t} d={d} ...")
+                # One llama.cpp measurement per (type, threads, depth) per run, shared by nibble's KV types.
                 lc = measure(doc, args.o, key, lambda: run_llama_depth(lm, t, d, args.depth_n, args.reps),
-                             args.force or args.force_llama)
+                             (args.force or args.force_llama) and key not in llama_depth_done)
+                llama_depth_done.add(key)
                 loads += [nb["load_before"], nb["load_after"], lc["load_before"], lc["load_after"]]
                 log(f"  tg {fmt_tps(nb['tg_tps'], nb['tg_sd'])} vs {fmt_tps(lc['tg_tps'], lc['tg_sd'])}")
                 doc["cur_depth"].append((t, d, cfg, qt, nb, lc, kv))
