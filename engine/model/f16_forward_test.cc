@@ -139,6 +139,21 @@ TEST_P(F16ForwardTest, F16KvCacheStaysCloseToF32) {
   printf("%s: f16 vs f32 KV cache, max |logit diff| over 74 positions = %.4g\n", GetParam(), worst);
   EXPECT_GT(worst, 0.0f);
   EXPECT_LT(worst, 0.1f) << GetParam();
+
+  // An observer reads fp32 K/V rows: an observed run on an fp16 cache is refused, not silently partial.
+  struct Counting : ActivationObserver {
+    int calls = 0;
+    void OnLinearInput(int, LinearInput, const float*, int, int) override { ++calls; }
+  } obs;
+  m.SetObserver(&obs);
+  auto kv16 = m.NewKVCache(80, KvDtype::kF16);
+  const absl::Status st = m.Forward(prompt, 0, kv16.get(), {out[1].data(), out[1].size()}, true);
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_EQ(obs.calls, 0);
+  auto kv32 = m.NewKVCache(80, KvDtype::kF32);
+  EXPECT_TRUE(m.Forward(prompt, 0, kv32.get(), {out[0].data(), out[0].size()}, true).ok());
+  EXPECT_GT(obs.calls, 0);
+  m.SetObserver(nullptr);
 }
 
 INSTANTIATE_TEST_SUITE_P(AllIsas, F16ForwardTest, ::testing::Values("scalar", "avx2", "avx512"));

@@ -84,11 +84,19 @@ void LlamaModel::EnsureScratch(int n) {
   scratch_tokens_ = n;
 }
 
+absl::Status LlamaModel::CheckObservable(const KVCache* cache, const char* what) const {
+  if (observer_ != nullptr && cache != nullptr && cache->f16())
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, ": an observer reads fp32 K/V rows, and this KV cache is fp16 (use an fp32 cache for observed runs)"));
+  return absl::OkStatus();
+}
+
 absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, int pos, KVCache* cache,
                                  std::span<float> logits, bool all_logits) {
   const ModelConfig& c = m_.config;
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) return absl::InvalidArgumentError("Forward: no tokens");
+  if (auto s = CheckObservable(cache, "Forward"); !s.ok()) return s;
   if (pos < 0 || pos + n > cache->capacity()) {
     return absl::OutOfRangeError(absl::StrCat("Forward: positions [", pos, ", ", pos + n,
                                               ") exceed the KV cache capacity ", cache->capacity()));
@@ -122,6 +130,7 @@ absl::Status LlamaModel::ForwardFromLayer(int first_layer, std::span<const float
   if (n > cache->capacity())
     return absl::OutOfRangeError(absl::StrCat("ForwardFromLayer: ", n, " tokens exceed the KV cache capacity ",
                                               cache->capacity()));
+  if (auto s = CheckObservable(cache, "ForwardFromLayer"); !s.ok()) return s;
   if (x.size() != static_cast<size_t>(n) * c.dim)
     return absl::InvalidArgumentError(absl::StrCat("ForwardFromLayer: input holds ", x.size(), " floats, need ",
                                                    static_cast<size_t>(n) * c.dim));
@@ -153,6 +162,9 @@ absl::Status LlamaModel::ForwardLayerPart(int layer, LayerPart part, const Layer
   if (!ok)
     return absl::InvalidArgumentError(
         absl::StrCat("ForwardLayerPart: part ", static_cast<int>(part), " of layer ", layer, " lacks a buffer"));
+  if (part == LayerPart::kAttention) {
+    if (auto s = CheckObservable(cache, "ForwardLayerPart"); !s.ok()) return s;
+  }
   if (part == LayerPart::kAttention && (pos < 0 || pos + n > cache->capacity()))
     return absl::OutOfRangeError(absl::StrCat("ForwardLayerPart: positions [", pos, ", ", pos + n,
                                               ") exceed the KV cache capacity ", cache->capacity()));
@@ -193,7 +205,7 @@ void LlamaModel::RunLayerPart(int l, LayerPart part, const LayerRows& r, int n, 
         a.k_t16 = cache->k_t16(l);
         a.v16 = cache->v16(l);
         be.Attention(a);
-        // (An observer needs fp32 K/V rows: observed runs use fp32 caches; see NewKVCache.)
+        // (An observer needs fp32 K/V rows: CheckObservable refuses observed runs on an fp16 cache.)
         if (observer_) observer_->OnLinearInput(l, LinearInput::kAttnOut, r.att, n, qd);
         break;
       }

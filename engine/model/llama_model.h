@@ -146,6 +146,8 @@ class LlamaModel {
   static constexpr int kMaxBatch = 256;
 
  private:
+  // FAILED_PRECONDITION when an observer is attached and `cache` is fp16.
+  absl::Status CheckObservable(const KVCache* cache, const char* what) const;
   LlamaModel(LoadedModel m, std::unique_ptr<Backend> backend);
   void EnsureScratch(int n);
   // tokens == null: x_ already holds the residual stream of layer first_layer.
