@@ -261,26 +261,40 @@ Input lines are `{{"id": ..., "prompt": ...}}` or `{{"id": ..., "messages": [...
 crash or Ctrl-C skips the ids already in the output (a torn last line is cut off and redone). Bad input lines
 become `{{"id", "line", "error"}}` lines and the rest of the batch still runs.
 
-## int8 KV cache (`--kv-dtype`)
+## KV cache element type (`--kv-dtype`)
 
-`nibble-server`, `nibble-batch` and `nibble-batch-bench` take `--kv-dtype f32|int8` (default `f32`;
-`SchedulerOptions::kv_dtype` in the API). With `int8` every (token, KV head) K and V vector is stored in the
-paged blocks as symmetric int8 codes with one fp32 scale (scale = max|x| / 127), quantized when the
-token's K/V are written and dequantized on the fly inside the attention dot products and the weighted V
-sum (AVX-512 / AVX2 / scalar kernels, `kernels/cpu/paged_attention.h`). A block shrinks from
-`4 * kv_dim` to `kv_dim + 4 * n_kv_heads` bytes per layer, K and V, and position: 3.76x smaller for
-head_dim 64 (SmolLM2), 2.67x for stories260K (head_dim 8). To turn the smaller blocks into more
-capacity, give the pool as a memory budget: `--kv-cache-mib N` (`SchedulerOptions::kv_cache_bytes`) sizes
-it as `floor(N MiB / block bytes)` blocks, so the same budget holds ~3.7x the tokens with int8
-(`--kv-blocks N` still counts blocks, whatever their size). `nibble_kv_blocks_used` / `_total` count
-these blocks; the startup line prints the dtype and the pool's MiB.
+`nibble-server`, `nibble-batch` and `nibble-batch-bench` take `--kv-dtype f32|f16|int8` (default `f32`;
+`SchedulerOptions::kv_dtype` in the API); `nibble-bench`, `nibble-generate` and `nibble-perplexity` take
+`f32|f16` for their contiguous cache.
+
+* `f32`: K/V as computed. K is stored transposed (`[kv head][dim][slot]` per block) so that attention
+  reads its K^T tiles in place; V as rows.
+* `f16`: the same layout in IEEE fp16, rounded once when the token's K/V are written and widened
+  exactly inside the attention kernel (the fp32 kernel's bits on the rounded values, at every ISA).
+  Half the bytes per block, so twice the tokens per MiB, and half the bytes attention streams per
+  step. It is llama.cpp's default cache type.
+* `int8`: every (token, KV head) K and V vector is stored in the paged blocks as symmetric int8 codes
+  with one fp32 scale (scale = max|x| / 127), quantized when the token's K/V are written and
+  dequantized on the fly inside the attention dot products and the weighted V sum (AVX-512 / AVX2 /
+  scalar kernels, `kernels/cpu/paged_attention.h`). A block shrinks from `4 * kv_dim` to
+  `kv_dim + 4 * n_kv_heads` bytes per layer, K and V, and position: 3.76x smaller for head_dim 64
+  (SmolLM2), 2.67x for stories260K (head_dim 8).
+
+To turn the smaller blocks into more capacity, give the pool as a memory budget: `--kv-cache-mib N`
+(`SchedulerOptions::kv_cache_bytes`) sizes it as `floor(N MiB / block bytes)` blocks, so the same budget
+holds 2x the tokens with f16 and ~3.7x with int8 (`--kv-blocks N` still counts blocks, whatever their
+size). `nibble_kv_blocks_used` / `_total` count these blocks; the startup line prints the dtype and the
+pool's MiB.
 
 Accuracy (stories260K, measured by `engine/model/paged_int8_forward_test.cc`): perplexity over 384
-TinyStories tokens 6.957 -> 7.038 (+1.16%; nearly all from K, V alone costs +0.06%), greedy output
-identical for 48 tokens on the test prompt and for 7 of 8 scheduler test prompts (the eighth flips a
-near-tie at token 18). Speed (SmolLM2-135M int4_g32, 1 thread, 1024-token context, one stream, process CPU
-time per decoded token on a shared 2-core machine): f32 KV 45.8 ms, int8 KV 35.8 ms
-(`nibble-batch-bench --context 1024 --streams 1 -n 24 --kv-dtype f32|int8 -t 1`).
+TinyStories tokens 6.95719 with f32, 6.95616 with f16 (-0.015%; max logit difference 0.017 over 48
+greedy steps, same tokens), 7.03776 with int8 (+1.16%; nearly all from K, V alone costs +0.06%; greedy
+output identical for 48 tokens on the test prompt and for 7 of 8 scheduler test prompts, the eighth
+flips a near-tie at token 18). SmolLM2-135M int4_g32 on wikitext-2 (6 chunks of 512): 23.1952 f32,
+23.1954 f16. Speed (SmolLM2-135M int4_g32, 1 thread, 1024-token context, one stream, AMD EPYC,
+2026-12-07, two runs each): f32 160-164 tok/s, f16 194-196, int8 165-168
+(`nibble-batch-bench --context 1024 --streams 1 -n 24 --kv-dtype f32|f16|int8 -t 1`): int8 reads a
+quarter of the bytes but spends more instructions per element than fp16's one conversion.
 """
     with open(args.out_md, "w") as f:
         f.write(doc)
