@@ -276,7 +276,7 @@ become `{{"id", "line", "error"}}` lines and the rest of the batch still runs.
 * `int8`: every (token, KV head) K and V vector is stored in the paged blocks as symmetric int8 codes
   with one fp32 scale (scale = max|x| / 127), quantized when the token's K/V are written and
   dequantized on the fly inside the attention dot products and the weighted V sum (AVX-512 / AVX2 /
-  scalar kernels, `kernels/cpu/paged_attention.h`). A block shrinks from `4 * kv_dim` to
+  scalar kernels, `kernels/cpu/paged_attention.h`); K codes are stored transposed like fp32/fp16 K. A block shrinks from `4 * kv_dim` to
   `kv_dim + 4 * n_kv_heads` bytes per layer, K and V, and position: 3.76x smaller for head_dim 64
   (SmolLM2), 2.67x for stories260K (head_dim 8).
 
@@ -292,9 +292,9 @@ greedy steps, same tokens), 7.03776 with int8 (+1.16%; nearly all from K, V alon
 output identical for 48 tokens on the test prompt and for 7 of 8 scheduler test prompts, the eighth
 flips a near-tie at token 18). SmolLM2-135M int4_g32 on wikitext-2 (6 chunks of 512): 23.1952 f32,
 23.1954 f16. Speed (SmolLM2-135M int4_g32, 1 thread, 1024-token context, one stream, AMD EPYC,
-2026-12-07, two runs each): f32 160-164 tok/s, f16 194-196, int8 165-168
-(`nibble-batch-bench --context 1024 --streams 1 -n 24 --kv-dtype f32|f16|int8 -t 1`): int8 reads a
-quarter of the bytes but spends more instructions per element than fp16's one conversion.
+2026-12-07, two runs each, with int8 K codes also stored transposed): f32 169-173 tok/s, f16
+183-201, int8 200-201 (`nibble-batch-bench --context 1024 --streams 1 -n 24 --kv-dtype f32|f16|int8 -t 1`;
+int8 with row-major K codes, transposed each step, ran at 165-168).
 """
     with open(args.out_md, "w") as f:
         f.write(doc)

@@ -63,6 +63,7 @@ absl::StatusOr<std::unique_ptr<PagedKVCache>> PagedKVCache::Create(const ModelCo
   cache->block_bytes_ = block_bytes;
   cache->block_stride_ = block_bytes / 4;  // block_bytes is a multiple of 4 for every dtype
   cache->i8_section_ = cpu::KvInt8Section::Bytes(opts.block_size, c.n_kv_heads, c.head_dim);
+  if (opts.dtype == KvDtype::kInt8) cache->k_row_codes_.resize(size_t(c.kv_dim()));
   // Huge-page memory: attention reads one kv head's rows at a stride of all heads' width.
   cache->data_ = HugePageAlloc(size_t(cache->block_stride_) * opts.num_blocks * sizeof(float), /*zero=*/false);
   if (cache->data_ == nullptr)
@@ -98,8 +99,14 @@ void PagedKVCache::WriteKV(int32_t block, int layer, int slot, const float* k, c
   for (int which = 0; which < 2; ++which) {
     uint8_t* sec = blk + (int64_t{2} * layer + which) * i8_section_;
     float* scales = reinterpret_cast<float*>(sec) + int64_t{slot} * n_kv_heads_;
-    int8_t* codes = reinterpret_cast<int8_t*>(sec + scales_bytes) + int64_t{slot} * kv_dim_;
-    cpu::QuantizeKvRowInt8(which == 0 ? k : v, n_kv_heads_, head_dim_, codes, scales);
+    int8_t* codes = reinterpret_cast<int8_t*>(sec + scales_bytes);
+    if (which == 1) {
+      cpu::QuantizeKvRowInt8(v, n_kv_heads_, head_dim_, codes + int64_t{slot} * kv_dim_, scales);
+      continue;
+    }
+    // K codes transposed: [kv head][dim][slot] (quantized as a row first).
+    cpu::QuantizeKvRowInt8(k, n_kv_heads_, head_dim_, k_row_codes_.data(), scales);
+    for (int e = 0; e < kv_dim_; ++e) codes[int64_t{e} * block_size_ + slot] = k_row_codes_[e];
   }
 }
 
@@ -122,6 +129,7 @@ void PagedKVCache::FillAttentionArgs(int layer, cpu::PagedAttentionArgs* a) cons
     a->block_stride = block_bytes_;
     a->k_offset = int64_t{2} * layer * i8_section_;
     a->v_offset = (int64_t{2} * layer + 1) * i8_section_;
+    a->k_transposed = true;
   }
 }
 

@@ -24,7 +24,8 @@
 // [slot][kv_dim], K is transposed, [kv head][head_dim][slot] (the attention
 // kernel reads its K^T tiles in place: cpu::PagedAttentionArgs::k_transposed). kInt8: [layer][K|V]
 // sections of cpu::KvInt8Section layout (fp32 scales[slot][n_kv_heads], then
-// int8 codes[slot][kv_dim], padded to 4 bytes). Block memory is allocated
+// int8 codes, padded to 4 bytes: V codes[slot][kv_dim], K codes transposed
+// [kv head][head_dim][slot]). Block memory is allocated
 // once (uninitialised, so the OS maps pages on first touch).
 //
 // Prefix caching: a full block whose tokens are final may be published with
@@ -179,6 +180,7 @@ class PagedKVCache {
   int64_t block_stride_ = 0;   // floats (kF32 layout)
   int64_t block_bytes_ = 0;
   int64_t i8_section_ = 0;     // kInt8: bytes of one K or V section
+  std::vector<int8_t> k_row_codes_;  // kInt8: one K row's codes before transposing (WriteKV scratch)
   std::shared_ptr<void> data_;  // engine/core/huge_pages.h (uncommitted until written)
   std::vector<BlockMeta> meta_;
   std::vector<int32_t> free_;             // uncached blocks with refs == 0

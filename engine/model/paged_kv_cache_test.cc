@@ -243,6 +243,7 @@ TEST(PagedKVCache, Int8WriteKVLayoutAndStats) {
     cpu::PagedAttentionArgs a;
     c->FillAttentionArgs(l, &a);
     EXPECT_EQ(a.kv_dtype, KvDtype::kInt8);
+    EXPECT_TRUE(a.k_transposed);
     EXPECT_EQ(a.block_stride, c->block_bytes());
     for (int b = 0; b < 4; ++b)
       for (int s = 0; s < 3; ++s)
@@ -250,10 +251,12 @@ TEST(PagedKVCache, Int8WriteKVLayoutAndStats) {
           const uint8_t* sec = reinterpret_cast<const uint8_t*>(a.base) + b * a.block_stride + (w ? a.v_offset : a.k_offset);
           float scale;
           std::memcpy(&scale, sec + s * 4, 4);
-          const int8_t* codes = reinterpret_cast<const int8_t*>(sec + cpu::KvInt8Section::ScalesBytes(3, 1)) + s * 4;
+          // V codes [slot][kv_dim]; K codes transposed [dim][slot] (one kv head, block size 3).
+          const int8_t* codes = reinterpret_cast<const int8_t*>(sec + cpu::KvInt8Section::ScalesBytes(3, 1));
           for (int i = 0; i < 4; ++i) {
             const float x = TestVal(b, l, s, w, i);
-            EXPECT_NEAR(scale * codes[i], x, scale / 2 + 1e-6f) << b << l << s << w << i;
+            const int8_t code = w ? codes[s * 4 + i] : codes[i * 3 + s];
+            EXPECT_NEAR(scale * code, x, scale / 2 + 1e-6f) << b << l << s << w << i;
           }
         }
   }

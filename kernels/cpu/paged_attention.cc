@@ -26,14 +26,18 @@ struct I8Row {
   float scale;
   const int8_t* codes;
 };
+// (k_transposed K sections: codes[kvh][dim][slot]; `codes` then points at
+// dimension 0 of this slot and the dimension stride is block_size.)
 inline I8Row RowI8(const PagedAttentionArgs& a, int64_t offset, int p, int kvh) {
   const uint8_t* sec = reinterpret_cast<const uint8_t*>(a.base) +
                        int64_t{a.block_table[p / a.block_size]} * a.block_stride + offset;
   const int slot = p % a.block_size;
   float scale;
   std::memcpy(&scale, sec + (int64_t{slot} * a.n_kv_heads + kvh) * 4, sizeof(float));
-  const int8_t* codes = reinterpret_cast<const int8_t*>(sec + KvInt8Section::ScalesBytes(a.block_size, a.n_kv_heads)) +
-                        (int64_t{slot} * a.n_kv_heads + kvh) * a.head_dim;
+  const int8_t* base = reinterpret_cast<const int8_t*>(sec + KvInt8Section::ScalesBytes(a.block_size, a.n_kv_heads));
+  const int8_t* codes = a.k_transposed && offset == a.k_offset
+                            ? base + int64_t{kvh} * a.head_dim * a.block_size + slot
+                            : base + (int64_t{slot} * a.n_kv_heads + kvh) * a.head_dim;
   return {scale, codes};
 }
 
@@ -101,7 +105,13 @@ bool PagedProblem(const PagedAttentionArgs& a, internal::TiledProblem* p) {
   p->kv.int8 = i8;
   p->kv.f16 = f16;
   p->kv.scales_bytes = i8 ? KvInt8Section::ScalesBytes(a.block_size, a.n_kv_heads) : 0;
-  if (a.k_transposed && !i8) {
+  if (a.k_transposed && i8) {
+    // Scales stay at the section start (read through kv.k), the codes follow transposed.
+    p->kv.kt = p->kv.k + p->kv.scales_bytes;
+    p->kv.kt_unit = a.block_size;
+    p->kv.kt_stride = p->kv.block_stride;
+    p->kv.kt_table = a.block_table;
+  } else if (a.k_transposed) {
     p->kv.kt = p->kv.k;
     p->kv.k = nullptr;
     p->kv.kt_unit = a.block_size;
@@ -251,7 +261,8 @@ void PagedAttentionRef(const PagedAttentionArgs& a) {
                     (int64_t{kvh} * a.head_dim + i) * a.block_size + p % a.block_size];
     if (!i8) return Row(a, offset, p)[int64_t{kvh} * a.head_dim + i];
     const I8Row r = RowI8(a, offset, p, kvh);
-    return double{r.scale} * r.codes[i];
+    const int64_t stride = a.k_transposed && offset == a.k_offset ? a.block_size : 1;
+    return double{r.scale} * r.codes[i * stride];
   };
   std::vector<double> s, o(a.head_dim);
   for (int t = 0; t < a.n_tokens; ++t) {

@@ -90,7 +90,8 @@ struct PagedAttentionArgs {
   // are in bytes (see the int8 layout above; kF16: V rows of kv_dim fp16, K
   // transposed [n_kv_heads][head_dim][block_size] fp16).
   KvDtype kv_dtype = KvDtype::kF32;
-  // kF32 / kF16 (required there): this layer's K section of a block is transposed (see above).
+  // This layer's K section of a block is transposed (see above; required for
+  // kF16; kInt8: the scales stay first, the codes follow as [n_kv_heads][head_dim][block_size]).
   bool k_transposed = false;
 };
 

@@ -659,6 +659,47 @@ TEST(TiledAttention, TransposedKEqualsRowMajorK) {
   EXPECT_GT(compared, 0);
 }
 
+// int8 K with transposed codes (k_transposed): the bits of row-major int8 K
+// at every ISA and block size (scales unchanged, codes [kv head][dim][slot]).
+TEST(TiledAttention, TransposedInt8KEqualsRowMajor) {
+  ThreadPool pool(2);
+  std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.push_back({9, 3, 64, 16, 257, 1});
+  int compared = 0;
+  for (const Shape& s : shapes) {
+    const ShapeFixture f(s, /*int8=*/true, 313 + s.n_pos + s.head_dim);
+    const int bs = s.block_size, kv_dim = s.n_kv_heads * s.head_dim;
+    std::vector<float> tpool = f.pool;
+    const int64_t scales = KvInt8Section::ScalesBytes(bs, s.n_kv_heads);
+    for (size_t b = 0; b < f.table.size(); ++b) {
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(f.pool.data()) + f.table[b] * f.BlockStride() + f.KOff();
+      uint8_t* dst = reinterpret_cast<uint8_t*>(tpool.data()) + f.table[b] * f.BlockStride() + f.KOff();
+      for (int slot = 0; slot < bs; ++slot)
+        for (int e = 0; e < kv_dim; ++e) dst[scales + int64_t{e} * bs + slot] = src[scales + int64_t{slot} * kv_dim + e];
+    }
+    for (const char* isa : {"scalar", "avx2", "avx512"}) {
+      for (ThreadPool* tp : {static_cast<ThreadPool*>(nullptr), &pool}) {
+        std::vector<float> want(f.q.size(), -1.0f), got(f.q.size(), -2.0f), scratch;
+        if (!PagedAttentionForIsaForTesting(f.Args(want.data()), isa, tp, &scratch)) continue;
+        PagedAttentionArgs a = f.Args(got.data());
+        a.base = tpool.data();
+        a.k_transposed = true;
+        ASSERT_TRUE(PagedAttentionForIsaForTesting(a, isa, tp, &scratch));
+        ++compared;
+        for (size_t i = 0; i < want.size(); ++i)
+          ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want[i]))
+              << isa << " bs " << bs << " head_dim " << s.head_dim << " n_pos " << s.n_pos << " i " << i;
+        // The double reference reads the transposed codes too.
+        std::vector<float> ref(f.q.size());
+        a.out = ref.data();
+        PagedAttentionRef(a);
+        for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(ref[i], want[i], kTiledTol * (1 + std::fabs(ref[i]))) << i;
+      }
+    }
+  }
+  EXPECT_GT(compared, 0);
+}
+
 // fp16 K/V (kF16): the exact widening of fp16 means the kernel computes the
 // fp32 kernel's bits on the fp16-rounded values, at every ISA and block size
 // (in place at multiples of 16, copied otherwise), with and without threads.

@@ -75,7 +75,7 @@ void Gather(const TiledProblem& p, int kvh, int j0, int n, TileRows* t) {
       const int64_t idx = int64_t{slot} * p.n_kv_heads + kvh;
       std::memcpy(&t->ks[j], s.k + boff + idx * 4, sizeof(float));
       std::memcpy(&t->vs[j], s.v + boff + idx * 4, sizeof(float));
-      t->k[j] = s.k + boff + s.scales_bytes + idx * p.head_dim;
+      t->k[j] = s.kt != nullptr ? nullptr : s.k + boff + s.scales_bytes + idx * p.head_dim;
       t->v[j] = s.v + boff + s.scales_bytes + idx * p.head_dim;
     }
     if (++slot == s.block_size) {
@@ -621,11 +621,11 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
     // The K^T tile: read in place from a transposed-K source (AVX-512, units
     // of whole 16-key groups), else built in the kt scratch.
     // K^T element type: fp32, or fp16 read in place (AVX-512) / widened into kt.
-    using KT = std::conditional_t<kKind == 2, Half, float>;
+    using KT = std::conditional_t<kKind == 2, Half, std::conditional_t<kKind == 1, int8_t, float>>;
     const KT* kg[4];
     int64_t ld = kKvTile;
     bool in_place = false;
-    if (!kI8 && p.kv.kt != nullptr) {
+    if (p.kv.kt != nullptr) {
       if (kHasRows<Ops> && p.kv.kt_unit % 16 == 0) {
         for (int g = 0; g < 4; ++g) kg[g] = KtAt<KT>(p, kvh, j0 + 16 * g < j1 ? j0 + 16 * g : j0);
         ld = p.kv.kt_unit;

@@ -73,11 +73,12 @@ struct KvSource {
   // per element; widened exactly, so the canonical order is unchanged).
   bool f16 = false;
   int64_t scales_bytes = 0;  // int8: KvInt8Section::ScalesBytes
-  // fp32 (fp16 with f16) K stored transposed instead (kt != nullptr; int8 == false): positions
+  // K stored transposed instead (kt != nullptr; fp32, fp16 with f16, int8 codes with int8 (the
+  // scales stay in the K section at k, codes[] there unused)): positions
   // in units of kt_unit; unit u (positions [u * kt_unit, (u + 1) * kt_unit))
   // of kv head h is a head_dim x kt_unit matrix (row i = dimension i,
   // column = position % kt_unit) at kt + kt_table[u] * kt_stride + h *
-  // head_dim * kt_unit * (4 or 2) bytes (kt_table null: u itself). The kernel reads
+  // head_dim * kt_unit * (4, 2 or 1) bytes (kt_table null: u itself). The kernel reads
   // K^T tiles straight from it (AVX-512, kt_unit % 16 == 0) instead of
   // transposing K rows: same values, so the same bits.
   const uint8_t* kt = nullptr;
