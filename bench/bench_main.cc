@@ -47,7 +47,7 @@ double TensorBytes(const nibble::HostTensor& t) {
     for (const auto& s : t.quant->segments) bytes += static_cast<double>(s.data.size());
     return bytes + t.quant->sidecar.Bits(t.quant->rows) / 8.0;
   }
-  return (t.is_f16() ? 2.0 : 4.0) * static_cast<double>(t.numel());
+  return (t.is_f16() || t.is_bf16() ? 2.0 : 4.0) * static_cast<double>(t.numel());
 }
 
 // Bytes one decode step streams (see the file comment).

@@ -83,7 +83,7 @@ size_t MoveF32ToHugePages(ModelWeights* w) {
 size_t MoveQuantizedToHugePages(ModelWeights* w) {
   size_t total = 0;
   ForEachMatrix(w, [&](HostTensor* t) {
-    total += SpanBytes(t->f16);
+    total += SpanBytes(t->f16) + SpanBytes(t->bf16);
     if (t->quant == nullptr) return;
     for (const QuantSegment& s : t->quant->segments) total += SpanBytes(s.data);
     const Sidecar& c = t->quant->sidecar;
@@ -95,8 +95,9 @@ size_t MoveQuantizedToHugePages(ModelWeights* w) {
   auto* base = static_cast<uint8_t*>(arena.get());
   size_t off = 0;
   ForEachMatrix(w, [&](HostTensor* t) {
-    if (!t->f16.empty()) {
+    if (!t->f16.empty() || !t->bf16.empty()) {
       t->f16 = Place(t->f16, base, &off);
+      t->bf16 = Place(t->bf16, base, &off);
       t->owner = arena;
     }
     if (t->quant == nullptr) return;

@@ -15,30 +15,39 @@ absl::Status Expect(const HostTensor& t, std::vector<int64_t> shape, const std::
                                                 t.quant->cols == t.cols())
                          : t.is_f16() ? (t.shape.size() == 2 && t.data.empty() &&
                                          t.f16.size() == static_cast<size_t>(t.numel()))
+                         : t.is_bf16() ? (t.shape.size() == 2 && t.data.empty() &&
+                                          t.bf16.size() == static_cast<size_t>(t.numel()))
                                       : t.fp32_size() == static_cast<size_t>(t.numel());
   if (t.shape != shape || !values_ok) {
     return absl::InvalidArgumentError(absl::StrCat(
         source, ": tensor ", t.name.empty() ? what : t.name, " has shape [", absl::StrJoin(t.shape, ", "),
-        "] (", t.is_f16() ? t.f16.size() : t.fp32_size(), " values), expected [", absl::StrJoin(shape, ", "), "]"));
+        "] (", t.is_f16() ? t.f16.size() : t.is_bf16() ? t.bf16.size() : t.fp32_size(), " values), expected [", absl::StrJoin(shape, ", "), "]"));
   }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-void HostTensor::WidenF16() {
-  if (f16.empty()) return;
-  data.resize(f16.size());
-  for (size_t i = 0; i < f16.size(); ++i) data[i] = Fp16ToFp32(f16[i]);
+void HostTensor::WidenHalf() {
+  if (!f16.empty()) {
+    data.resize(f16.size());
+    for (size_t i = 0; i < f16.size(); ++i) data[i] = Fp16ToFp32(f16[i]);
+  } else if (!bf16.empty()) {
+    data.resize(bf16.size());
+    for (size_t i = 0; i < bf16.size(); ++i) data[i] = Bf16ToFp32(bf16[i]);
+  } else {
+    return;
+  }
   f16 = {};
+  bf16 = {};
   owner.reset();
 }
 
-void ModelWeights::WidenF16() {
-  tok_embeddings.WidenF16();
-  output.WidenF16();
+void ModelWeights::WidenHalf() {
+  tok_embeddings.WidenHalf();
+  output.WidenHalf();
   for (LayerWeights& l : layers)
-    for (HostTensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) t->WidenF16();
+    for (HostTensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) t->WidenHalf();
 }
 
 absl::Status ModelWeights::Validate(const ModelConfig& c, const std::string& source) const {

@@ -130,10 +130,10 @@ absl::Status ReadWeights(const GgufFile& f, const ModelConfig& c, bool keep_f16,
     jobs[i].dst->name = jobs[i].name;
     jobs[i].dst->shape = jobs[i].shape;
     const GgufTensorInfo& t = *infos[i];
-    if (keep_f16 && t.type == GgmlType::kF16 && jobs[i].shape.size() == 2) {
+    if (keep_f16 && (t.type == GgmlType::kF16 || t.type == GgmlType::kBF16) && jobs[i].shape.size() == 2) {
       auto values = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(t.numel));
       std::memcpy(values->data(), t.data, values->size() * sizeof(uint16_t));  // n_bytes checked by the parser
-      jobs[i].dst->f16 = {values->data(), values->size()};
+      (t.type == GgmlType::kF16 ? jobs[i].dst->f16 : jobs[i].dst->bf16) = {values->data(), values->size()};
       jobs[i].dst->owner = std::move(values);
       return absl::OkStatus();
     }

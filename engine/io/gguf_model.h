@@ -21,8 +21,8 @@
 namespace nibble::io {
 
 // Loads `path`. Every error names the path and the offending key or tensor.
-// Tensors are dequantized to fp32, except F16 matrices with `keep_f16`: those
-// are copied as they are into HostTensor::f16.
+// Tensors are dequantized to fp32, except F16 / BF16 matrices with `keep_f16`:
+// those are copied as they are into HostTensor::f16 / bf16.
 // Thread safety: reentrant; uses a few worker threads internally.
 absl::StatusOr<LoadedModel> LoadGgufModel(const std::string& path, bool keep_f16 = false);
 

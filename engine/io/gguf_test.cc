@@ -201,7 +201,7 @@ TEST(GgufModelTest, KeepF16KeepsF16MatricesAt16Bits) {
       ASSERT_EQ(h.f16.size(), t.expected.size()) << t.name;
       for (size_t i = 0; i < h.f16.size(); ++i) EXPECT_EQ(Fp16ToFp32(h.f16[i]), t.expected[i]) << t.name << " " << i;
       HostTensor copy = h;
-      copy.WidenF16();
+      copy.WidenHalf();
       EXPECT_FALSE(copy.is_f16());
       EXPECT_EQ(copy.data, t.expected) << t.name;
     } else {

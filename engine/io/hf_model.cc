@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <map>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <utility>
@@ -208,7 +209,7 @@ absl::StatusOr<Found> CheckTensor(const Shards& shards, const Job& job, bool tie
   return *found;
 }
 
-absl::Status ReadWeights(const Shards& shards, const ModelConfig& c, ModelWeights* w) {
+absl::Status ReadWeights(const Shards& shards, const ModelConfig& c, bool keep_16bit, ModelWeights* w) {
   const int64_t dim = c.dim, hid = c.hidden_dim, q = c.q_dim(), kv = c.kv_dim(), vocab = c.vocab_size;
   std::vector<Job> jobs;
   jobs.push_back({"model.embed_tokens.weight", &w->tok_embeddings, {vocab, dim}});
@@ -237,7 +238,17 @@ absl::Status ReadWeights(const Shards& shards, const ModelConfig& c, ModelWeight
   auto load = [&](size_t i) {
     jobs[i].dst->name = jobs[i].name;
     jobs[i].dst->shape = jobs[i].shape;
-    return found[i].first->ReadF32(*found[i].second, &jobs[i].dst->data);
+    const SafetensorsTensor& t = *found[i].second;
+    if (keep_16bit && (t.dtype == "F16" || t.dtype == "BF16") && jobs[i].shape.size() == 2) {
+      size_t n = 1;
+      for (int64_t d : jobs[i].shape) n *= static_cast<size_t>(d);
+      auto values = std::make_shared<std::vector<uint16_t>>(n);
+      std::memcpy(values->data(), t.data, n * sizeof(uint16_t));  // byte size checked against shape and dtype by the parser
+      (t.dtype == "F16" ? jobs[i].dst->f16 : jobs[i].dst->bf16) = {values->data(), values->size()};
+      jobs[i].dst->owner = std::move(values);
+      return absl::OkStatus();
+    }
+    return found[i].first->ReadF32(t, &jobs[i].dst->data);
   };
   if (auto s = ParallelFor(jobs.size(), load); !s.ok()) return s;
   return absl::OkStatus();  // every tensor was checked against the config above
@@ -245,7 +256,7 @@ absl::Status ReadWeights(const Shards& shards, const ModelConfig& c, ModelWeight
 
 }  // namespace
 
-absl::StatusOr<LoadedModel> LoadHfModel(const std::string& path) {
+absl::StatusOr<LoadedModel> LoadHfModel(const std::string& path, bool keep_16bit) {
   std::error_code ec;
   const fs::path p(path);
   if (!fs::exists(p, ec)) return absl::NotFoundError(absl::StrCat(path, ": no such file or directory"));
@@ -276,7 +287,7 @@ absl::StatusOr<LoadedModel> LoadHfModel(const std::string& path) {
   auto shards = OpenShards(dir, is_dir ? fs::path() : p);
   if (!shards.ok()) return shards.status();
   if (auto s = ReadHfTokenizer(dir.string(), *config_text, &m.vocab, &m.chat_template); !s.ok()) return s;
-  if (auto s = ReadWeights(*shards, m.config, &m.weights); !s.ok()) return s;
+  if (auto s = ReadWeights(*shards, m.config, keep_16bit, &m.weights); !s.ok()) return s;
   return m;
 }
 

@@ -20,6 +20,8 @@ namespace nibble::io {
 
 // `path`: the checkpoint directory, or any file inside it (config.json, a
 // .safetensors file). Thread safety: reentrant; uses worker threads internally.
-absl::StatusOr<LoadedModel> LoadHfModel(const std::string& path);
+// keep_16bit: F16 / BF16 matrices are kept as they are (HostTensor::f16 /
+// bf16) instead of being widened to fp32.
+absl::StatusOr<LoadedModel> LoadHfModel(const std::string& path, bool keep_16bit = false);
 
 }  // namespace nibble::io

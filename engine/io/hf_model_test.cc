@@ -10,6 +10,7 @@
 
 #include "engine/io/hf_model.h"
 #include "engine/io/hf_tokenizer.h"
+#include "engine/model/llama_model.h"
 #include "engine/io/safetensors.h"
 #include "gtest/gtest.h"
 #include "kernels/common/fp16.h"
@@ -189,6 +190,53 @@ TEST_F(HfExportTest, Bf16WithinRounding) {
   auto m = LoadHfModel(root_ + "/bf16/model.safetensors");
   ASSERT_TRUE(m.ok()) << m.status();
   ExpectSameAsLlama2c(*m, ReadLlama2c(Stories260KModel()), /*bf16=*/true);
+}
+
+// keep_16bit: BF16 matrices stay bfloat16 (HostTensor::bf16) and widen to
+// exactly what the fp32 load gives; norms stay fp32.
+TEST_F(HfExportTest, Bf16KeptAt16BitsWidensToTheFp32Load) {
+  auto kept = LoadHfModel(root_ + "/bf16/model.safetensors", /*keep_16bit=*/true);
+  auto wide = LoadHfModel(root_ + "/bf16/model.safetensors");
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  EXPECT_TRUE(kept->weights.Validate(kept->config, "bf16").ok());
+  EXPECT_FALSE(kept->weights.layers[0].attn_norm.is_bf16());
+  for (size_t l = 0; l < kept->weights.layers.size(); ++l) {
+    LayerWeights& k = kept->weights.layers[l];
+    const LayerWeights& w = wide->weights.layers[l];
+    for (auto [a, b] : {std::pair{&k.wq, &w.wq}, {&k.wk, &w.wk}, {&k.w_down, &w.w_down}}) {
+      ASSERT_TRUE(a->is_bf16()) << a->name;
+      EXPECT_TRUE(a->data.empty());
+      HostTensor copy = *a;
+      copy.WidenHalf();
+      EXPECT_FALSE(copy.is_bf16());
+      EXPECT_EQ(copy.data, b->data) << a->name;
+    }
+  }
+  ASSERT_TRUE(kept->weights.tok_embeddings.is_bf16());
+
+  // The engine on the kept bf16 matrices (cpu::MatMulBF16) gives the widened
+  // model's logits bit for bit: prefill (packed GEMM) and decode (GEMV).
+  std::vector<float> logits[2];
+  int idx = 0;
+  for (LoadedModel* m : {&*kept, &*wide}) {
+    m->vocab.kind = TokenizerKind::kNone;  // not needed for Forward
+    auto model = LlamaModel::Create(*m, 2);
+    ASSERT_TRUE(model.ok()) << model.status();
+    const int V = (*model)->config().vocab_size;
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 23; ++i) prompt.push_back((i * 37 + 11) % V);
+    auto kv = (*model)->NewKVCache(32);
+    logits[idx].resize(size_t(25) * V);
+    ASSERT_TRUE((*model)->Forward(prompt, 0, kv.get(), {logits[idx].data(), size_t(23) * V}, true).ok());
+    for (int s = 0; s < 2; ++s) {
+      const int32_t tok = 5 + s;
+      ASSERT_TRUE((*model)->Forward({&tok, 1}, 23 + s, kv.get(), {logits[idx].data() + size_t(23 + s) * V, size_t(V)}).ok());
+    }
+    ++idx;
+  }
+  ASSERT_EQ(logits[0].size(), logits[1].size());
+  EXPECT_EQ(std::memcmp(logits[0].data(), logits[1].data(), logits[0].size() * sizeof(float)), 0);
 }
 
 TEST_F(HfExportTest, ThreeShards) {

@@ -178,7 +178,14 @@ absl::StatusOr<json> TensorJson(const std::string& slot, const HostTensor& t, co
     j["data"] = data->Add(t.f16.data(), t.f16.size_bytes());
     return j;
   }
-  const std::span<const float> values(t.fp32(), t.fp32_size());
+  // bf16 matrices (kept for serving) are written widened: the file has no bf16 storage.
+  std::vector<float> widened;
+  if (t.is_bf16()) {
+    widened.resize(t.bf16.size());
+    for (size_t i = 0; i < widened.size(); ++i) widened[i] = Bf16ToFp32(t.bf16[i]);
+  }
+  const std::span<const float> values = t.is_bf16() ? std::span<const float>(widened)
+                                                    : std::span<const float>(t.fp32(), t.fp32_size());
   if (values.size() != static_cast<size_t>(t.numel())) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": tensor '", slot, "' has ", values.size(), " values for its shape (", t.numel(), ")"));

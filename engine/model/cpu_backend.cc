@@ -30,6 +30,10 @@ class CpuBackend final : public Backend {
       cpu::MatMulF16(w.f16.data(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
       return;
     }
+    if (w.is_bf16()) {
+      cpu::MatMulBF16(w.bf16.data(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
+      return;
+    }
     cpu::MatMulF32(w.fp32(), w.rows(), w.cols(), x, n_tokens, y, &pool_);
   }
 

@@ -49,6 +49,8 @@ void LlamaModel::Embed(std::span<const int32_t> tokens, float* out) {
         e.quant->DequantizeRow(id, dst + t * dim);
       } else if (e.is_f16()) {
         cpu::WidenF16(e.f16.data() + size_t(id) * dim, dst + t * dim, static_cast<int64_t>(dim));
+      } else if (e.is_bf16()) {
+        cpu::WidenBF16(e.bf16.data() + size_t(id) * dim, dst + t * dim, static_cast<int64_t>(dim));
       } else {
         std::memcpy(dst + t * dim, e.fp32() + size_t(id) * dim, dim * sizeof(float));
       }

@@ -76,7 +76,7 @@ absl::StatusOr<LoadedModel> LoadModel(const std::string& path, const LoadOptions
   absl::StatusOr<LoadedModel> m;
   switch (*format) {
     case Format::kGguf: m = io::LoadGgufModel(path, opts.keep_f16); break;
-    case Format::kHf: m = io::LoadHfModel(path); break;
+    case Format::kHf: m = io::LoadHfModel(path, opts.keep_f16); break;
     case Format::kLlama2c: m = io::LoadLlama2cModel(path); break;
     case Format::kNibble: m = io::LoadNibbleFile(path, {.verify_tensor_checksums = true, .keep_f16 = opts.keep_f16}); break;
     case Format::kUnknown:

@@ -24,10 +24,11 @@ struct LoadOptions {
   // streams, at the cost of holding the packed weights in anonymous memory
   // (NIBBLE_HUGE_PAGES=0 in the environment turns it off for every load).
   bool huge_pages = true;
-  // Keep matrices stored as fp16 (GGUF F16 tensors, nibble files with fp16
-  // storage) at 16 bits: the engine runs them in the fp16 kernels, half the
-  // bytes of fp32 per decode step with the same values. False widens them to
-  // fp32 in HostTensor::data (the quantizer works on fp32).
+  // Keep matrices stored as 16-bit floats (GGUF / HF F16 and BF16 tensors,
+  // nibble files with fp16 storage) at 16 bits: the engine runs them in the
+  // fp16 / bf16 kernels, half the bytes of fp32 per decode step with the same
+  // values. False widens them to fp32 in HostTensor::data (the quantizer
+  // works on fp32).
   bool keep_f16 = true;
 };
 

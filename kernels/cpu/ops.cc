@@ -53,6 +53,11 @@ Isa GetIsa() {
   return o >= 0 ? static_cast<Isa>(o) : MaxIsa();
 }
 
+// bfloat16 weights: the upper 16 bits of an fp32 (widening is a shift, exact).
+struct Bf16 {
+  uint16_t bits;
+};
+
 float DotRef(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -76,12 +81,18 @@ __attribute__((noinline)) float AddProductsInOrder(float s, const float* a, cons
   return s;
 }
 
-// Weight loads for the dot products below: fp32 as it is, fp16 widened
+inline float WidenOne(uint16_t h) { return Fp16ToFp32(h); }
+inline float WidenOne(Bf16 b) { return Bf16ToFp32(b.bits); }
+
+// Weight loads for the dot products below: fp32 as it is, fp16 / bf16 widened
 // (exactly) in registers. W = float or uint16_t (IEEE fp16 bits).
 template <class W>
 __attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 LoadW8(const W* p) {
   if constexpr (std::is_same_v<W, float>) {
     return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<W, Bf16>) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   } else {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
@@ -90,6 +101,9 @@ template <class W>
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m512 LoadW16(const W* p) {
   if constexpr (std::is_same_v<W, float>) {
     return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<W, Bf16>) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
   } else {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
@@ -99,6 +113,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m51
                                                                                               const W* p) {
   if constexpr (std::is_same_v<W, float>) {
     return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (std::is_same_v<W, Bf16>) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
   } else {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
   }
@@ -120,7 +137,7 @@ __attribute__((target("avx2,fma,f16c"))) float DotAvx2T(const W* a, const float*
     return AddProductsInOrder(s, a + i, b + i, n - i);
   } else {
     float tail[8];
-    for (int64_t j = i; j < n; ++j) tail[j - i] = Fp16ToFp32(a[j]);
+    for (int64_t j = i; j < n; ++j) tail[j - i] = WidenOne(a[j]);
     return AddProductsInOrder(s, tail, b + i, n - i);
   }
 }
@@ -204,19 +221,21 @@ __attribute__((target("avx512f"))) void Tile4x4Avx512(const float* w, int64_t co
 #endif
 
 // ---------------------------------------------------------------------------
-// fp16 weights (decode). Every kernel below is its fp32 twin run on the
-// widened row (fp16 -> fp32 is exact): same accumulator chains, tails and
-// reductions, so DotF16(w, x) == DotF32(widen(w), x) bit for bit per ISA.
+// 16-bit weights (W = uint16_t: IEEE fp16 bits, or Bf16). Every kernel below
+// is its fp32 twin run on the widened row (both widenings are exact): same
+// accumulator chains, tails and reductions, so DotHalf(w, x) ==
+// DotF32(widen(w), x) bit for bit per ISA.
 
-float DotF16Ref(const uint16_t* a, const float* b, int64_t n) {
+template <class W>
+float DotHalfRef(const W* a, const float* b, int64_t n) {
   float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += Fp16ToFp32(a[i]) * b[i];
+  for (int64_t i = 0; i < n; ++i) s += WidenOne(a[i]) * b[i];
   return s;
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void WidenF16Avx512(const uint16_t* src, float* dst,
-                                                                           int64_t n) {
+template <class W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void WidenAvx512(const W* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, LoadW16(src + i));
   if (i < n) {
@@ -225,33 +244,37 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void WidenF16Avx512(const u
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) void WidenF16Avx2(const uint16_t* src, float* dst, int64_t n) {
+template <class W>
+__attribute__((target("avx2,fma,f16c"))) void WidenAvx2(const W* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, LoadW8(src + i));
-  for (; i < n; ++i) dst[i] = Fp16ToFp32(src[i]);
+  for (; i < n; ++i) dst[i] = WidenOne(src[i]);
 }
 #endif
 
-float DotF16(Isa isa, const uint16_t* a, const float* b, int64_t n) {
+template <class W>
+float DotHalf(Isa isa, const W* a, const float* b, int64_t n) {
 #if defined(__x86_64__)
   if (isa == Isa::kAvx512) return DotAvx512T(a, b, n);
   if (isa == Isa::kAvx2) return DotAvx2T(a, b, n);
 #endif
-  return DotF16Ref(a, b, n);
+  return DotHalfRef(a, b, n);
 }
 
-void WidenF16(Isa isa, const uint16_t* src, float* dst, int64_t n) {
+template <class W>
+void Widen(Isa isa, const W* src, float* dst, int64_t n) {
 #if defined(__x86_64__)
-  if (isa == Isa::kAvx512) return WidenF16Avx512(src, dst, n);
-  if (isa == Isa::kAvx2) return WidenF16Avx2(src, dst, n);
+  if (isa == Isa::kAvx512) return WidenAvx512(src, dst, n);
+  if (isa == Isa::kAvx2) return WidenAvx2(src, dst, n);
 #endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = Fp16ToFp32(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = WidenOne(src[i]);
 }
 
-// Rows [r0, r1) of an fp16 matrix times n_tokens (< kMatMulF32PackedMinTokens,
-// or any count at the scalar ISA): every output is DotF16's.
-void MatMulF16Rows(Isa isa, const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens,
-                   float* y, int64_t r0, int64_t r1) {
+// Rows [r0, r1) of a 16-bit matrix times n_tokens (< kMatMulF32PackedMinTokens,
+// or any count at the scalar ISA): every output is DotHalf's.
+template <class W>
+void MatMulHalfRows(Isa isa, const W* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                    int64_t r0, int64_t r1) {
   int64_t r = r0;
 #if defined(__x86_64__)
   if (isa == Isa::kAvx512) {
@@ -266,7 +289,7 @@ void MatMulF16Rows(Isa isa, const uint16_t* w, int64_t rows, int64_t cols, const
   }
 #endif
   for (; r < r1; ++r)
-    for (int64_t t = 0; t < n_tokens; ++t) y[t * rows + r] = DotF16(isa, w + r * cols, x + t * cols, cols);
+    for (int64_t t = 0; t < n_tokens; ++t) y[t * rows + r] = DotHalf(isa, w + r * cols, x + t * cols, cols);
 }
 
 float Dot(Isa isa, const float* a, const float* b, int64_t n) {
@@ -639,29 +662,53 @@ void MatMulF32(const float* w, int64_t rows, int64_t cols, const float* x, int64
   pool->ParallelFor(rows, grain, [&](int, int64_t b, int64_t e) { MatMulRows(isa, w, rows, cols, x, n_tokens, y, b, e); });
 }
 
-float DotF16(const uint16_t* w, const float* x, int64_t n) { return DotF16(GetIsa(), w, x, n); }
+namespace {
 
-void WidenF16(const uint16_t* src, float* dst, int64_t n) { WidenF16(GetIsa(), src, dst, n); }
-
-void MatMulF16(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
-               ThreadPool* pool) {
+template <class W>
+void MatMulHalf(const W* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                ThreadPool* pool) {
   const Isa isa = GetIsa();
   if (n_tokens >= kMatMulF32PackedMinTokens && isa != Isa::kScalar) {
     // Prefill: rows widened panel by panel into the packed fp32 GEMM.
-    const RowFill fill = [&](int64_t r0, int64_t nr, float* dst) { WidenF16(isa, w + r0 * cols, dst, nr * cols); };
+    const RowFill fill = [&](int64_t r0, int64_t nr, float* dst) { Widen(isa, w + r0 * cols, dst, nr * cols); };
     MatMulF32Filled(fill, rows, cols, x, n_tokens, y, pool);
     return;
   }
   if (pool == nullptr || pool->size() == 1 || rows * cols * n_tokens < 32768) {
-    MatMulF16Rows(isa, w, rows, cols, x, n_tokens, y, 0, rows);
+    MatMulHalfRows(isa, w, rows, cols, x, n_tokens, y, 0, rows);
     return;
   }
-  pool->ParallelFor(rows, 16, [&](int, int64_t b, int64_t e) { MatMulF16Rows(isa, w, rows, cols, x, n_tokens, y, b, e); });
+  pool->ParallelFor(rows, 16, [&](int, int64_t b, int64_t e) { MatMulHalfRows(isa, w, rows, cols, x, n_tokens, y, b, e); });
 }
 
-void MatMulF16Ref(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y) {
+template <class W>
+void MatMulHalfRef(const W* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y) {
   for (int64_t t = 0; t < n_tokens; ++t)
-    for (int64_t r = 0; r < rows; ++r) y[t * rows + r] = DotF16Ref(w + r * cols, x + t * cols, cols);
+    for (int64_t r = 0; r < rows; ++r) y[t * rows + r] = DotHalfRef(w + r * cols, x + t * cols, cols);
+}
+
+const Bf16* AsBf16(const uint16_t* p) { return reinterpret_cast<const Bf16*>(p); }
+
+}  // namespace
+
+float DotF16(const uint16_t* w, const float* x, int64_t n) { return DotHalf(GetIsa(), w, x, n); }
+void WidenF16(const uint16_t* src, float* dst, int64_t n) { Widen(GetIsa(), src, dst, n); }
+void MatMulF16(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+               ThreadPool* pool) {
+  MatMulHalf(w, rows, cols, x, n_tokens, y, pool);
+}
+void MatMulF16Ref(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y) {
+  MatMulHalfRef(w, rows, cols, x, n_tokens, y);
+}
+
+float DotBF16(const uint16_t* w, const float* x, int64_t n) { return DotHalf(GetIsa(), AsBf16(w), x, n); }
+void WidenBF16(const uint16_t* src, float* dst, int64_t n) { Widen(GetIsa(), AsBf16(src), dst, n); }
+void MatMulBF16(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                ThreadPool* pool) {
+  MatMulHalf(AsBf16(w), rows, cols, x, n_tokens, y, pool);
+}
+void MatMulBF16Ref(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y) {
+  MatMulHalfRef(AsBf16(w), rows, cols, x, n_tokens, y);
 }
 
 void RmsNorm(const float* x, const float* weight, int64_t n, float eps, float* out) {

@@ -56,6 +56,15 @@ void MatMulF16Ref(const uint16_t* w, int64_t rows, int64_t cols, const float* x,
 float DotF16(const uint16_t* w, const float* x, int64_t n);
 void WidenF16(const uint16_t* src, float* dst, int64_t n);
 
+// The same for bfloat16 weights (uint16_t = the upper half of an fp32; e.g.
+// HF BF16 checkpoints, GGUF BF16 tensors): widening is a shift, so again
+// every output equals the fp32 kernels' on the widened matrix.
+void MatMulBF16(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y,
+                ThreadPool* pool);
+void MatMulBF16Ref(const uint16_t* w, int64_t rows, int64_t cols, const float* x, int64_t n_tokens, float* y);
+float DotBF16(const uint16_t* w, const float* x, int64_t n);
+void WidenBF16(const uint16_t* src, float* dst, int64_t n);
+
 // Dot product of two fp32 vectors (dispatched).
 float DotF32(const float* a, const float* b, int64_t n);
 

@@ -131,54 +131,61 @@ struct F16Matrix {
   std::vector<uint16_t> h;
   std::vector<float> f;
 };
-F16Matrix RandomF16(size_t n, uint32_t seed) {
+// bf16: the same with bfloat16 rounding (subnormals at 1e-39).
+F16Matrix RandomHalf(size_t n, uint32_t seed, bool bf16) {
   F16Matrix m;
   auto v = Random(n, seed);
   for (size_t i = 0; i < n; ++i) {
     float x = v[i];
-    if (i % 97 == 5) x *= 1e-6f;  // subnormal in fp16
+    if (i % 97 == 5) x *= bf16 ? 1e-39f : 1e-6f;  // subnormal
     if (i % 89 == 7) x = (i & 1) ? 0.0f : -0.0f;
-    if (i % 83 == 3) x *= 6.0e4f;
-    m.h.push_back(Fp32ToFp16(x));
-    m.f.push_back(Fp16ToFp32(m.h.back()));
+    if (i % 83 == 3) x *= bf16 ? 3.0e37f : 6.0e4f;
+    m.h.push_back(bf16 ? Fp32ToBf16(x) : Fp32ToFp16(x));
+    m.f.push_back(bf16 ? Bf16ToFp32(m.h.back()) : Fp16ToFp32(m.h.back()));
   }
   return m;
 }
 
-// MatMulF16 is MatMulF32Filled over the widened matrix bit for bit, at every
+// MatMulF16 / MatMulBF16 are MatMulF32Filled over the widened matrix bit for bit, at every
 // token count (decode rows, the 4-row AVX-512 pass and its tails, the packed
 // prefill path), odd sizes and thread counts; and near the scalar reference.
-TEST_P(IsaTest, MatMulF16IsTheFp32KernelOnTheWidenedMatrix) {
+TEST_P(IsaTest, MatMulF16AndBF16AreTheFp32KernelOnTheWidenedMatrix) {
   ThreadPool p1(1), p2(2);
-  for (int rows : {1, 3, 4, 5, 17, 33, 100}) {
-    for (int cols : {1, 15, 16, 17, 33, 172, 576}) {
-      for (int tokens : {1, 2, 3, 5, 8, 9, 17}) {
-        auto w = RandomF16(size_t(rows) * cols, rows * 37 + cols);
-        auto x = Random(size_t(tokens) * cols, cols * 11 + tokens);
-        std::vector<float> y(size_t(tokens) * rows, -7.0f), y1(y.size(), -5.0f), want(y.size()), ref(y.size());
-        MatMulF16(w.h.data(), rows, cols, x.data(), tokens, y.data(), &p2);
-        MatMulF16(w.h.data(), rows, cols, x.data(), tokens, y1.data(), &p1);
-        const RowFill fill = [&](int64_t r0, int64_t nr, float* dst) {
-          std::memcpy(dst, w.f.data() + r0 * cols, size_t(nr * cols) * sizeof(float));
-        };
-        MatMulF32Filled(fill, rows, cols, x.data(), tokens, want.data(), &p2);
-        ASSERT_EQ(std::memcmp(y.data(), want.data(), y.size() * sizeof(float)), 0)
-            << GetParam() << " rows=" << rows << " cols=" << cols << " tokens=" << tokens;
-        ASSERT_EQ(std::memcmp(y1.data(), want.data(), y.size() * sizeof(float)), 0)
-            << GetParam() << " 1 thread rows=" << rows << " cols=" << cols << " tokens=" << tokens;
-        MatMulF16Ref(w.h.data(), rows, cols, x.data(), tokens, ref.data());
-        for (int t = 0; t < tokens; ++t)
-          for (int r = 0; r < rows; ++r) {
-            float mag = 0;
-            for (int c = 0; c < cols; ++c) mag += std::fabs(w.f[size_t(r) * cols + c] * x[size_t(t) * cols + c]);
-            ASSERT_NEAR(y[size_t(t) * rows + r], ref[size_t(t) * rows + r], kF32AccumRel * cols * mag + 1e-30f)
-                << GetParam() << " rows=" << rows << " cols=" << cols << " tokens=" << tokens;
-          }
-        if (tokens < kMatMulF32PackedMinTokens) {
-          for (int r = 0; r < rows; ++r) {
-            const float d = DotF16(w.h.data() + size_t(r) * cols, x.data(), cols);
-            const float e = DotF32(w.f.data() + size_t(r) * cols, x.data(), cols);
-            ASSERT_EQ(std::memcmp(&d, &e, sizeof(float)), 0) << GetParam() << " cols=" << cols;
+  for (bool bf16 : {false, true}) {
+    const auto matmul = bf16 ? MatMulBF16 : MatMulF16;
+    const auto matmul_ref = bf16 ? MatMulBF16Ref : MatMulF16Ref;
+    const auto dot = bf16 ? DotBF16 : DotF16;
+    for (int rows : {1, 3, 4, 5, 17, 33, 100}) {
+      for (int cols : {1, 15, 16, 17, 33, 172, 576}) {
+        for (int tokens : {1, 2, 3, 5, 8, 9, 17}) {
+          auto w = RandomHalf(size_t(rows) * cols, rows * 37 + cols, bf16);
+          auto x = Random(size_t(tokens) * cols, cols * 11 + tokens);
+          std::vector<float> y(size_t(tokens) * rows, -7.0f), y1(y.size(), -5.0f), want(y.size()), ref(y.size());
+          matmul(w.h.data(), rows, cols, x.data(), tokens, y.data(), &p2);
+          matmul(w.h.data(), rows, cols, x.data(), tokens, y1.data(), &p1);
+          const RowFill fill = [&](int64_t r0, int64_t nr, float* dst) {
+            std::memcpy(dst, w.f.data() + r0 * cols, size_t(nr * cols) * sizeof(float));
+          };
+          MatMulF32Filled(fill, rows, cols, x.data(), tokens, want.data(), &p2);
+          ASSERT_EQ(std::memcmp(y.data(), want.data(), y.size() * sizeof(float)), 0)
+              << GetParam() << (bf16 ? " bf16" : " f16") << " rows=" << rows << " cols=" << cols
+              << " tokens=" << tokens;
+          ASSERT_EQ(std::memcmp(y1.data(), want.data(), y.size() * sizeof(float)), 0)
+              << GetParam() << " 1 thread rows=" << rows << " cols=" << cols << " tokens=" << tokens;
+          matmul_ref(w.h.data(), rows, cols, x.data(), tokens, ref.data());
+          for (int t = 0; t < tokens; ++t)
+            for (int r = 0; r < rows; ++r) {
+              float mag = 0;
+              for (int c = 0; c < cols; ++c) mag += std::fabs(w.f[size_t(r) * cols + c] * x[size_t(t) * cols + c]);
+              ASSERT_NEAR(y[size_t(t) * rows + r], ref[size_t(t) * rows + r], kF32AccumRel * cols * mag + 1e-30f)
+                  << GetParam() << " rows=" << rows << " cols=" << cols << " tokens=" << tokens;
+            }
+          if (tokens < kMatMulF32PackedMinTokens) {
+            for (int r = 0; r < rows; ++r) {
+              const float d = dot(w.h.data() + size_t(r) * cols, x.data(), cols);
+              const float e = DotF32(w.f.data() + size_t(r) * cols, x.data(), cols);
+              ASSERT_EQ(std::memcmp(&d, &e, sizeof(float)), 0) << GetParam() << " cols=" << cols;
+            }
           }
         }
       }
@@ -186,25 +193,29 @@ TEST_P(IsaTest, MatMulF16IsTheFp32KernelOnTheWidenedMatrix) {
   }
 }
 
-TEST_P(IsaTest, WidenF16IsExact) {
-  for (int n : {0, 1, 7, 8, 15, 16, 17, 100}) {
-    auto w = RandomF16(size_t(n), 3 + n);
-    std::vector<float> got(size_t(n) + 1, 42.0f);
-    WidenF16(w.h.data(), got.data(), n);
-    for (int i = 0; i < n; ++i) ASSERT_EQ(std::memcmp(&got[i], &w.f[i], sizeof(float)), 0) << GetParam() << " i=" << i;
-    EXPECT_EQ(got[n], 42.0f) << "wrote past the end";
-  }
+TEST_P(IsaTest, WidenF16AndBF16AreExact) {
+  for (bool bf16 : {false, true})
+    for (int n : {0, 1, 7, 8, 15, 16, 17, 100}) {
+      auto w = RandomHalf(size_t(n), 3 + n, bf16);
+      std::vector<float> got(size_t(n) + 1, 42.0f);
+      (bf16 ? WidenBF16 : WidenF16)(w.h.data(), got.data(), n);
+      for (int i = 0; i < n; ++i)
+        ASSERT_EQ(std::memcmp(&got[i], &w.f[i], sizeof(float)), 0) << GetParam() << " i=" << i;
+      EXPECT_EQ(got[n], 42.0f) << "wrote past the end";
+    }
   // All 65536 fp16 bit patterns (NaNs compared as NaN).
   std::vector<uint16_t> all(65536);
   for (int i = 0; i < 65536; ++i) all[i] = static_cast<uint16_t>(i);
   std::vector<float> got(all.size());
-  WidenF16(all.data(), got.data(), int64_t(all.size()));
-  for (int i = 0; i < 65536; ++i) {
-    const float want = Fp16ToFp32(all[i]);
-    if (std::isnan(want)) {
-      ASSERT_TRUE(std::isnan(got[i])) << i;
-    } else {
-      ASSERT_EQ(std::memcmp(&got[i], &want, sizeof(float)), 0) << GetParam() << " bits=" << i;
+  for (bool bf16 : {false, true}) {
+    (bf16 ? WidenBF16 : WidenF16)(all.data(), got.data(), int64_t(all.size()));
+    for (int i = 0; i < 65536; ++i) {
+      const float want = bf16 ? Bf16ToFp32(all[i]) : Fp16ToFp32(all[i]);
+      if (std::isnan(want)) {
+        ASSERT_TRUE(std::isnan(got[i])) << i;
+      } else {
+        ASSERT_EQ(std::memcmp(&got[i], &want, sizeof(float)), 0) << GetParam() << " bf16=" << bf16 << " bits=" << i;
+      }
     }
   }
 }
