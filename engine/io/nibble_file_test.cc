@@ -333,6 +333,22 @@ TEST_F(NibbleFileTest, Fp16MatricesKeepNormsExact) {
   }
 }
 
+// A finite weight beyond fp16's range (e.g. from a BF16 checkpoint) is an
+// error naming the tensor, not a silent infinity; nothing is left at the path.
+TEST_F(NibbleFileTest, Fp16MatricesRefuseValuesOutsideTheFp16Range) {
+  LoadedModel m = LoadStories();
+  ASSERT_FALSE(m.weights.layers.empty()) << "stories260K did not load (NIBBLE_SHARED_DIR?)";
+  m.weights.layers[2].w_up.data[17] = 7.0e4f;
+  NibbleWriteOptions o = Fast();
+  o.fp16_matrices = true;
+  const absl::Status st = WriteNibbleFile(m, Path("big.nbl"), o);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(st.message().find("fp16 range"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("index 17"), std::string::npos) << st;
+  EXPECT_FALSE(fs::exists(Path("big.nbl")));
+  EXPECT_TRUE(WriteNibbleFile(m, Path("big32.nbl"), Fast()).ok());  // fp32 storage takes it
+}
+
 TEST_F(NibbleFileTest, QuantizedTensorsRoundTripAsViewsOfTheMapping) {
   const LoadedModel m = QuantStories();
   ASSERT_FALSE(m.weights.layers.empty()) << "stories260K did not load (NIBBLE_SHARED_DIR?)";

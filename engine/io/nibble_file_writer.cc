@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cmath>
 #include <cstring>
 #include <deque>
 #include <vector>
@@ -194,6 +195,11 @@ absl::StatusOr<json> TensorJson(const std::string& slot, const HostTensor& t, co
     std::string buf(values.size() * 2, '\0');
     for (size_t i = 0; i < values.size(); ++i) {
       const uint16_t h = Fp32ToFp16(values[i]);
+      if ((h & 0x7fff) == 0x7c00 && std::isfinite(values[i])) {  // a finite value rounded to +-inf
+        return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", slot, "' value ", values[i], " at index ",
+                                                       i, " is outside the fp16 range (|x| <= 65504); store it as "
+                                                       "f32 (no fp16 matrices / --format f16)"));
+      }
       std::memcpy(buf.data() + 2 * i, &h, 2);
     }
     j["storage"] = "f16";
