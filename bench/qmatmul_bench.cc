@@ -6,7 +6,7 @@
 // also pct_of_read_bw: that over the read bandwidth measured on a buffer of
 // the same size at 1 thread, bench/membw.h; mem_read/<bytes> prints that
 // bound), plus the fp32 dequantize-then-dot reference for scale. f32/... and
-// f16/... time the dense MatMulF32 / MatMulF16 (ops.h) on the same shapes (GFLOP/s,
+// f16/..., bf16/... time the dense MatMulF32 / MatMulF16 / MatMulBF16 (ops.h) on the same shapes (GFLOP/s,
 // bytes/s, GEMVs also pct_of_read_bw);
 // <format>/dequant-f32 times QuantMatMulDequantF32 (the prefill path of CPUs
 // without AMX) at 16 and 512 tokens.
@@ -168,10 +168,11 @@ void BM_DequantF32(benchmark::State& state, fmt::Format f) {
   state.SetLabel(isa);
 }
 
-// Dense weights at 1 thread: fp32 MatMulF32 or fp16 MatMulF16 (ops.h).
+// Dense weights at 1 thread: fp32 MatMulF32, fp16 MatMulF16 or bf16 MatMulBF16 (ops.h); kind 0 / 1 / 2.
 // Args: {rows, cols, n_tokens, isa (1 avx2, 2 avx512)}. Reports GFLOP/s, the
 // weight bytes streamed per second and, for GEMVs, pct_of_read_bw.
-void BM_DenseMatMul(benchmark::State& state, bool f16) {
+void BM_DenseMatMul(benchmark::State& state, int kind) {
+  const bool f16 = kind != 0;  // a 16-bit kind
   const int64_t rows = state.range(0), cols = state.range(1), n_tokens = state.range(2);
   const char* isa = state.range(3) == 2 ? "avx512" : "avx2";
   if (!ForceIsaForTesting(isa)) {
@@ -185,12 +186,14 @@ void BM_DenseMatMul(benchmark::State& state, bool f16) {
   std::vector<float> y(static_cast<size_t>(n_tokens * rows));
   for (float& v : w) v = nd(rng);
   for (float& v : x) v = nd(rng);
-  for (size_t i = 0; i < wh.size(); ++i) wh[i] = Fp32ToFp16(w[i]);
+  for (size_t i = 0; i < wh.size(); ++i) wh[i] = kind == 2 ? Fp32ToBf16(w[i]) : Fp32ToFp16(w[i]);
   const int64_t bytes = rows * cols * (f16 ? 2 : 4);
   const double bw = n_tokens == 1 ? ReadBandwidth(static_cast<size_t>(bytes)) : 0.0;
   const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) {
-    if (f16) {
+    if (kind == 2) {
+      MatMulBF16(wh.data(), rows, cols, x.data(), n_tokens, y.data(), nullptr);
+    } else if (f16) {
       MatMulF16(wh.data(), rows, cols, x.data(), n_tokens, y.data(), nullptr);
     } else {
       MatMulF32(w.data(), rows, cols, x.data(), n_tokens, y.data(), nullptr);
@@ -218,8 +221,9 @@ int Register() {
   // The bounds of the GEMV shapes' int4_g32 sizes (in cache .. DRAM).
   benchmark::RegisterBenchmark("mem_read", BM_MemRead)
       ->Arg(576 * 360)->Arg(1536 * 360)->Arg(49152 * 360)->Iterations(1);
-  for (bool f16 : {false, true}) {
-    auto* d = benchmark::RegisterBenchmark(f16 ? "f16/matmul" : "f32/matmul", BM_DenseMatMul, f16);
+  for (int kind : {0, 1, 2}) {
+    auto* d = benchmark::RegisterBenchmark(kind == 2 ? "bf16/matmul" : kind == 1 ? "f16/matmul" : "f32/matmul",
+                                           BM_DenseMatMul, kind);
     for (const auto& s : {std::array<int64_t, 2>{576, 576}, {192, 576}, {1536, 576}, {576, 1536}})
       for (int n : {1, 4, 8, 16, 512}) d->Args({s[0], s[1], n, 2});
     d->Args({49152, 576, 1, 2})->Args({1536, 576, 1, 1})->Args({1536, 576, 512, 1})->Args({1536, 576, 16, 1});
