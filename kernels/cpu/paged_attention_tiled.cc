@@ -483,13 +483,7 @@ struct Avx512Ops {
       for (int i = 0; i < hd; ++i) kt[int64_t{i} * kKvTile + j] = static_cast<float>(static_cast<const V*>(k[j])[i]);
   }
   static constexpr bool kTransposed = true;
-  // As Avx2Ops::ScoresT / Pv, 16 lanes: the one-row case of ScoresTRows / PvRows below.
-  NIBBLE_TA_AVX512 static float ScoresT(const float* q, const float* kt, const float* cs, int hd, int n, float* s) {
-    const float* kg[4] = {kt, kt + 16, kt + 32, kt + 48};
-    float tmax;
-    ScoresTRows<1, float>(&q, kg, kKvTile, cs, hd, n, &s, &tmax);
-    return tmax;
-  }
+  // As Avx2Ops::Pv, 16 lanes: the one-row case of PvRows below (scores: ScoresTRows<1>).
   template <class V>
   NIBBLE_TA_AVX512 static void Pv(float* acc, int d, float alpha, const float* c, const void* const* v, int n) {
     PvRows<V, 1>(&acc, d, &alpha, &c, v, n);
@@ -506,8 +500,7 @@ struct Avx512Ops {
                                            const float* cs, int hd, int n, float* const* s, float* tmax) {
     __m512 mx[NR];
     for (int r = 0; r < NR; ++r) mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    {
-      const int j = 0;
+    {  // n <= kKvTile: one tile of 4 key groups
       __m512 a[NR][4];
       for (int r = 0; r < NR; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();
       for (int i = 0; i < hd; ++i) {
@@ -522,8 +515,8 @@ struct Avx512Ops {
           a[r][3] = _mm512_fmadd_ps(qi, k3, a[r][3]);
         }
       }
-      for (int b = 0; b < 4 && j + 16 * b < n; ++b) {
-        const int jb = j + 16 * b;
+      for (int b = 0; b < 4 && 16 * b < n; ++b) {
+        const int jb = 16 * b;
         const __mmask16 k = n - jb >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - jb)) - 1);
         const __m512 c = _mm512_maskz_loadu_ps(k, cs + jb);
         for (int r = 0; r < NR; ++r) {
@@ -637,6 +630,17 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
       Ops::template Transpose<V>(tr.k, j1 - j0, hd, kt);
     }
     const float* kf[4] = {kt, kt + 16, kt + 32, kt + 48};  // the scratch tile (fp32)
+    // Scores of `nr` rows (1 .. kMaxRows) against the tile, from wherever it is.
+    auto scores_rows = [&](auto nr_tag, const float* const* qs, float* const* ss, int n, float* tmax) {
+      if constexpr (kHasRows<Ops>) {
+        constexpr int kNr = decltype(nr_tag)::value;
+        if (in_place) {
+          Ops::template ScoresTRows<kNr, KT>(qs, kg, ld, cs, hd, n, ss, tmax);
+        } else {
+          Ops::template ScoresTRows<kNr, float>(qs, kf, kKvTile, cs, hd, n, ss, tmax);
+        }
+      }
+    };
     for (int t = std::max(t0, j0 - p.pos0); t < t1; ++t) {
       const int n = std::min(j1, p.pos0 + t + 1) - j0;  // >= 1: pos0 + t >= j0
       if constexpr (kHasRows<Ops>) {
@@ -651,18 +655,10 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
             ss[k] = s + int64_t{k} * kKvTile;
             accs[k] = acc + int64_t{(t - t0) * nh + k} * hd;
           }
-          if (in_place) {
-            switch (nh) {
-              case 2: Ops::template ScoresTRows<2, KT>(qs, kg, ld, cs, hd, n, ss, tmax); break;
-              case 3: Ops::template ScoresTRows<3, KT>(qs, kg, ld, cs, hd, n, ss, tmax); break;
-              default: Ops::template ScoresTRows<4, KT>(qs, kg, ld, cs, hd, n, ss, tmax); break;
-            }
-          } else {
-            switch (nh) {
-              case 2: Ops::template ScoresTRows<2, float>(qs, kf, kKvTile, cs, hd, n, ss, tmax); break;
-              case 3: Ops::template ScoresTRows<3, float>(qs, kf, kKvTile, cs, hd, n, ss, tmax); break;
-              default: Ops::template ScoresTRows<4, float>(qs, kf, kKvTile, cs, hd, n, ss, tmax); break;
-            }
+          switch (nh) {
+            case 2: scores_rows(std::integral_constant<int, 2>{}, qs, ss, n, tmax); break;
+            case 3: scores_rows(std::integral_constant<int, 3>{}, qs, ss, n, tmax); break;
+            default: scores_rows(std::integral_constant<int, 4>{}, qs, ss, n, tmax); break;
           }
           for (int k = 0; k < nh; ++k) {
             const int r = (t - t0) * nh + k;
@@ -688,11 +684,7 @@ void RunItem(const TiledProblem& p, int kvh, int h0, int h1, int t0, int t1, flo
         float tmax;
         if constexpr (kHasRows<Ops>) {
           float* srow = s;
-          if (in_place) {
-            Ops::template ScoresTRows<1, KT>(&q, kg, ld, cs, hd, n, &srow, &tmax);
-          } else {
-            Ops::template ScoresTRows<1, float>(&q, kf, kKvTile, cs, hd, n, &srow, &tmax);
-          }
+          scores_rows(std::integral_constant<int, 1>{}, &q, &srow, n, &tmax);
         } else if constexpr (Ops::kTransposed) {
           tmax = Ops::ScoresT(q, kt, cs, hd, n, s);
         } else {
