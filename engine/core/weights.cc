@@ -1,5 +1,8 @@
 #include "engine/core/weights.h"
 
+#include <cstring>
+#include <memory>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/core/config.h"
@@ -41,6 +44,13 @@ void HostTensor::WidenHalf() {
   f16 = {};
   bf16 = {};
   owner.reset();
+}
+
+void HostTensor::CopyHalf(const void* src, size_t n, bool is_bf16) {
+  auto values = std::make_shared<std::vector<uint16_t>>(n);
+  std::memcpy(values->data(), src, n * sizeof(uint16_t));
+  (is_bf16 ? bf16 : f16) = {values->data(), values->size()};
+  owner = std::move(values);
 }
 
 void ModelWeights::WidenHalf() {

@@ -54,6 +54,8 @@ struct HostTensor {
   size_t fp32_size() const { return !f32.empty() ? f32.size() : data.size(); }
   // Replaces fp16 / bf16 values by their exact fp32 widening in `data` (no-op otherwise).
   void WidenHalf();
+  // Holds a copy of n 16-bit values (IEEE fp16 bits, or bfloat16 with `bf16`) in `f16` / `bf16`.
+  void CopyHalf(const void* src, size_t n, bool bf16);
 };
 
 struct LayerWeights {

@@ -131,10 +131,8 @@ absl::Status ReadWeights(const GgufFile& f, const ModelConfig& c, bool keep_f16,
     jobs[i].dst->shape = jobs[i].shape;
     const GgufTensorInfo& t = *infos[i];
     if (keep_f16 && (t.type == GgmlType::kF16 || t.type == GgmlType::kBF16) && jobs[i].shape.size() == 2) {
-      auto values = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(t.numel));
-      std::memcpy(values->data(), t.data, values->size() * sizeof(uint16_t));  // n_bytes checked by the parser
-      (t.type == GgmlType::kF16 ? jobs[i].dst->f16 : jobs[i].dst->bf16) = {values->data(), values->size()};
-      jobs[i].dst->owner = std::move(values);
+      // n_bytes was checked against the shape and type by the parser.
+      jobs[i].dst->CopyHalf(t.data, static_cast<size_t>(t.numel), t.type == GgmlType::kBF16);
       return absl::OkStatus();
     }
     return f.DequantizeTensor(t, &jobs[i].dst->data);

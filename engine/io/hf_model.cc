@@ -240,12 +240,8 @@ absl::Status ReadWeights(const Shards& shards, const ModelConfig& c, bool keep_1
     jobs[i].dst->shape = jobs[i].shape;
     const SafetensorsTensor& t = *found[i].second;
     if (keep_16bit && (t.dtype == "F16" || t.dtype == "BF16") && jobs[i].shape.size() == 2) {
-      size_t n = 1;
-      for (int64_t d : jobs[i].shape) n *= static_cast<size_t>(d);
-      auto values = std::make_shared<std::vector<uint16_t>>(n);
-      std::memcpy(values->data(), t.data, n * sizeof(uint16_t));  // byte size checked against shape and dtype by the parser
-      (t.dtype == "F16" ? jobs[i].dst->f16 : jobs[i].dst->bf16) = {values->data(), values->size()};
-      jobs[i].dst->owner = std::move(values);
+      // The parser checked the byte size against the shape and dtype.
+      jobs[i].dst->CopyHalf(t.data, static_cast<size_t>(t.numel), t.dtype == "BF16");
       return absl::OkStatus();
     }
     return found[i].first->ReadF32(t, &jobs[i].dst->data);
