@@ -178,6 +178,7 @@ std::vector<fmt::Format> DefaultAllocFormats() {
       if (f) out.push_back(*f);
     }
   }
+  for (const char* n : {"nl4_g32", "nl4_g64", "nl4_g128"}) out.push_back(*fmt::Format::Parse(n));
   return out;
 }
 

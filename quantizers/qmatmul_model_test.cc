@@ -78,6 +78,16 @@ TEST(QMatMulModelTest, GreedyTokensAgreeAcrossIsasInt4) {
   CheckIsasAgree(cfg, "int4_g32", 8);
 }
 
+// The non-uniform format (byte-shuffle unpacking into the int8 path), the
+// tied embedding / output head included.
+TEST(QMatMulModelTest, GreedyTokensAgreeAcrossIsasNl4) {
+  QuantizeConfig cfg;
+  cfg.format = *fmt::Format::Parse("nl4_g64");
+  cfg.embed_format = *fmt::Format::Parse("nl4_g32");
+  cfg.n_threads = 1;
+  CheckIsasAgree(cfg, "nl4_g64, embedding nl4_g32", 8);
+}
+
 TEST(QMatMulModelTest, GreedyTokensAgreeAcrossIsasWithSidecars) {
   QuantizeConfig cfg;
   cfg.format = *fmt::Format::Parse("int3_g64_sym");

@@ -79,6 +79,7 @@ inline int CodeAt(const FormatInfo& fi, const GroupAffine& ga, int i) {
     case CodeKind::kU2: return fmt::GetCode(ga.codes, 2, i);
     case CodeKind::kU1: return fmt::GetCode(ga.codes, 1, i);
     case CodeKind::kBinTern: return fmt::GetCode(ga.codes, ga.ternary ? 2 : 1, i);
+    case CodeKind::kNl4: return Nl4Biased(fmt::GetCode(ga.codes, 4, i));
   }
   return 0;
 }
@@ -230,6 +231,7 @@ float PackedValueInRow(const fmt::Format& f, const uint8_t* row, int64_t c) {
       return fmt::BinTernIsTernary(block) ? fmt::TernaryValue(a, fmt::GetCode(codes, 2, i))
                                           : fmt::BinaryValue(a, fmt::GetCode(codes, 1, i));
     }
+    case fmt::Kind::kNl4: return fmt::Nl4Value(a, fmt::GetCode(block + fmt::kNl4HeaderBytes, 4, i));
   }
   return 0.0f;
 }

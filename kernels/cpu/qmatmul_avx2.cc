@@ -52,10 +52,14 @@ NIBBLE_AVX2 inline __m256i Unpack32(const uint8_t* codes, int group, int k, bool
     // Signed q - 128.
     return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * k)),
                             _mm256_set1_epi8(static_cast<char>(0x80)));
-  } else if constexpr (C == CodeKind::kU4) {
+  } else if constexpr (C == CodeKind::kU4 || C == CodeKind::kNl4) {
     const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k)));
-    return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x000f)),
-                           _mm256_and_si256(_mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f00)));
+    const __m256i q = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x000f)),
+                                      _mm256_and_si256(_mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f00)));
+    if constexpr (C == CodeKind::kU4) return q;
+    // nl4: the signed level L[q] = (biased code) - 128, like int8's q - 128.
+    return _mm256_shuffle_epi8(
+        _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kNl4SignedLut.v))), q);
   } else if constexpr (C == CodeKind::kU2) {
     return Spread2(codes + 8 * k);
   } else if constexpr (C == CodeKind::kU1) {
@@ -69,10 +73,15 @@ NIBBLE_AVX2 inline __m256i Unpack32(const uint8_t* codes, int group, int k, bool
 }
 
 // int32 lane sums of 4 products code * xq.
+// Code layouts whose Unpack32 gives the signed code u - 128 (u: the u8 code
+// the canonical lane sums use).
+template <CodeKind C>
+inline constexpr bool kSignedCodes = C == CodeKind::kU8 || C == CodeKind::kNl4;
+
 template <CodeKind C>
 NIBBLE_AVX2 inline __m256i Dot32(__m256i q, __m256i x) {
   __m256i p;
-  if constexpr (C == CodeKind::kU8) {
+  if constexpr (kSignedCodes<C>) {
     p = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q));
   } else {
     p = _mm256_maddubs_epi16(q, x);
@@ -109,7 +118,7 @@ NIBBLE_AVX2 inline void BlockStep(const FormatInfo& fi, const uint8_t* row, int6
   for (int t = 0; t < T; ++t) {
     const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq[t] + b * kBlock));
     __m256i i = Dot32<C>(q, x);
-    if constexpr (C == CodeKind::kU8) {  // lanes of (q - 128) x: add back 128 * sum(x) per lane
+    if constexpr (kSignedCodes<C>) {  // lanes of (q - 128) x: add back 128 * sum(x) per lane
       const __m256i l4 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xs4[t] + b * 8));
       i = _mm256_add_epi32(i, _mm256_slli_epi32(l4, 7));
     }
@@ -244,7 +253,7 @@ NIBBLE_AVX2 void DequantRowT(const FormatInfo& fi, const uint8_t* row, int64_t c
       const int64_t c = g * fi.group + int64_t{kBlock} * k;
       if (c >= cols) break;
       __m256i q = Unpack32<C>(dg.codes, fi.group, k, dg.ternary);
-      if constexpr (C == CodeKind::kU8) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));  // unsigned
+      if constexpr (kSignedCodes<C>) q = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));  // unsigned
       const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
       __m256 v[4] = {DequantValues8(lo, dg, dv, mv, neg, offv),
                      DequantValues8(_mm_unpackhi_epi64(lo, lo), dg, dv, mv, neg, offv),
@@ -273,6 +282,7 @@ void DequantRowAvx2(const fmt::Format& f, const uint8_t* row, int64_t cols, floa
     case CodeKind::kU2: return DequantRowT<CodeKind::kU2>(fi, row, cols, out);
     case CodeKind::kU1: return DequantRowT<CodeKind::kU1>(fi, row, cols, out);
     case CodeKind::kBinTern: return DequantRowT<CodeKind::kBinTern>(fi, row, cols, out);
+    case CodeKind::kNl4: return DequantRowT<CodeKind::kNl4>(fi, row, cols, out);
   }
 }
 
@@ -288,6 +298,7 @@ void RowsAvx2(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_
     case CodeKind::kU1: return RowsCode<CodeKind::kU1>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
     case CodeKind::kBinTern:
       return RowsCode<CodeKind::kBinTern>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case CodeKind::kNl4: return RowsCode<CodeKind::kNl4>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
   }
 }
 

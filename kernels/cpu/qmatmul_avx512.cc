@@ -134,15 +134,24 @@ NIBBLE_AVX512_INLINE __m512i Spread2x64(const uint8_t* p) {
   return _mm512_ternarylogic_epi32(t, _mm512_slli_epi32(v, 18), _mm512_set1_epi32(0x03030303), 0xa8);  // (a|b)&c
 }
 
+// nl4: 4-bit codes (one per byte) -> biased u8 codes L[q] + 128.
+NIBBLE_AVX512_INLINE __m512i Nl4Lookup(__m512i q) {
+  return _mm512_shuffle_epi8(
+      _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kNl4BiasedLut.v))), q);
+}
+
 // Codes of sub-block k (32 weights) of a group, one u8 per weight.
 template <CodeKind C>
 NIBBLE_AVX512_INLINE __m256i Unpack32(const uint8_t* codes, int group, int k, bool ternary) {
   if constexpr (C == CodeKind::kU8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * k));
-  } else if constexpr (C == CodeKind::kU4) {
+  } else if constexpr (C == CodeKind::kU4 || C == CodeKind::kNl4) {
     // Word i = 0x00HL -> bytes L, H: (v | v << 4) & 0x0f0f in one ternlog.
     const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k)));
-    return _mm256_ternarylogic_epi32(v, _mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f0f), 0xa8);
+    const __m256i q = _mm256_ternarylogic_epi32(v, _mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f0f), 0xa8);
+    if constexpr (C == CodeKind::kU4) return q;
+    return _mm256_shuffle_epi8(
+        _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kNl4BiasedLut.v))), q);
   } else if constexpr (C == CodeKind::kU2) {
     return Spread2x32(codes + 8 * k);
   } else if constexpr (C == CodeKind::kU1) {
@@ -159,9 +168,11 @@ template <CodeKind C>
 NIBBLE_AVX512_INLINE __m512i Unpack64(const uint8_t* codes, int group, int k, bool ternary) {
   if constexpr (C == CodeKind::kU8) {
     return _mm512_loadu_si512(codes + 32 * k);
-  } else if constexpr (C == CodeKind::kU4) {
+  } else if constexpr (C == CodeKind::kU4 || C == CodeKind::kNl4) {
     const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 16 * k)));
-    return _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
+    const __m512i q = _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
+    if constexpr (C == CodeKind::kU4) return q;
+    return Nl4Lookup(q);
   } else if constexpr (C == CodeKind::kU2) {
     return Spread2x64(codes + 8 * k);
   } else if constexpr (C == CodeKind::kU1) {
@@ -328,7 +339,14 @@ inline constexpr int64_t kPrefetchBytes = NIBBLE_QMM_PF_BYTES;
 #define NIBBLE_VBMI_INLINE_LAMBDA NIBBLE_AVX512VBMI __attribute__((always_inline))
 
 template <CodeKind C>
-constexpr int kCodeBits = C == CodeKind::kU8 ? 8 : C == CodeKind::kU4 ? 4 : C == CodeKind::kU3 ? 3 : C == CodeKind::kU2 ? 2 : 1;
+constexpr int kCodeBits = C == CodeKind::kU8                          ? 8
+                          : C == CodeKind::kU4 || C == CodeKind::kNl4 ? 4
+                          : C == CodeKind::kU3                        ? 3
+                          : C == CodeKind::kU2                        ? 2
+                                                                      : 1;
+// The bits of the u8 codes the dot products see (FormatInfo::bits: nl4's biased codes are 8-bit).
+template <CodeKind C>
+constexpr int kSymBits = C == CodeKind::kNl4 ? 8 : kCodeBits<C>;
 template <HeaderKind H>
 constexpr int kHeaderBytes = H == HeaderKind::kIntAsym ? 4 : 2;  // int, ternary, binary (not bintern)
 // Block bytes of the formats the decode tile handles (RowsAvx512 checks it).
@@ -401,12 +419,13 @@ NIBBLE_VBMI_INLINE void LoadRowPair(const uint8_t* row, int64_t b, bool two, __m
   constexpr int hb = kHeaderBytes<H>;
   if constexpr (SPG == 1) {
     const uint8_t* p0 = row + b * bb;
-    if constexpr (C == CodeKind::kU4) {
+    if constexpr (C == CodeKind::kU4 || C == CodeKind::kNl4) {
       // Both blocks whole (2 bb <= 40 bytes) in one masked load.
       hdr = _mm512_maskz_loadu_epi8(two ? (__mmask64{1} << (2 * bb)) - 1 : (__mmask64{1} << bb) - 1, p0);
       const __m512i w = _mm512_maskz_permutexvar_epi8(__mmask64{0x5555555555555555ull},
                                                       _mm512_load_si512(kU4Idx<H>.v), hdr);
       q = _mm512_ternarylogic_epi32(w, _mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
+      if constexpr (C == CodeKind::kNl4) q = Nl4Lookup(q);
       q = _mm512_maskz_mov_epi64(two ? 0xff : 0x0f, q);
       return;
     }
@@ -474,7 +493,7 @@ NIBBLE_VBMI_INLINE void DecodePass(const uint8_t* row0, int64_t row_bytes, int64
     const __m512 dxv = PairBroadcast(dx + b);
     const __m512i x = _mm512_load_si512(xq + b * kBlock);
     __m512 sv = PairBroadcast(xsum + b);
-    if constexpr (kFoldM<H>) sv = _mm512_mul_ps(sv, _mm512_set1_ps(FoldMul(H, kCodeBits<C>)));
+    if constexpr (kFoldM<H>) sv = _mm512_mul_ps(sv, _mm512_set1_ps(FoldMul(H, kSymBits<C>)));
     DecodeHalf<C, H, SPG>(row0, row_bytes, b, two, dxv, x, sv, d0, d1, m01);
     DecodeHalf<C, H, SPG>(row0 + 2 * row_bytes, row_bytes, b, two, dxv, x, sv, d2, d3, m23);
   };
@@ -580,7 +599,9 @@ FmtKernel PickSpg(int spg, int64_t block_bytes, bool fast) {
 // Code layouts occurring per header kind (fmt::AllFormats()).
 template <CodeKind C>
 FmtKernel PickHeader(HeaderKind h, int spg, int64_t bb, bool fast) {
-  if constexpr (C == CodeKind::kU8 || C == CodeKind::kU4 || C == CodeKind::kU3) {
+  if constexpr (C == CodeKind::kNl4) {
+    return PickSpg<C, HeaderKind::kIntSym>(spg, bb, fast);
+  } else if constexpr (C == CodeKind::kU8 || C == CodeKind::kU4 || C == CodeKind::kU3) {
     return h == HeaderKind::kIntSym ? PickSpg<C, HeaderKind::kIntSym>(spg, bb, fast)
                                     : PickSpg<C, HeaderKind::kIntAsym>(spg, bb, fast);
   } else if constexpr (C == CodeKind::kU2) {
@@ -659,6 +680,7 @@ void DequantRowAvx512(const fmt::Format& f, const uint8_t* row, int64_t cols, fl
     case CodeKind::kU2: return DequantRowT<CodeKind::kU2>(fi, row, cols, out);
     case CodeKind::kU1: return DequantRowT<CodeKind::kU1>(fi, row, cols, out);
     case CodeKind::kBinTern: return DequantRowT<CodeKind::kBinTern>(fi, row, cols, out);
+    case CodeKind::kNl4: return DequantRowT<CodeKind::kNl4>(fi, row, cols, out);
   }
 }
 
@@ -677,6 +699,7 @@ void RowsAvx512(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int6
     case CodeKind::kU2: k = PickHeader<CodeKind::kU2>(fi.header, spg, fi.block_bytes, fast); break;
     case CodeKind::kU1: k = PickHeader<CodeKind::kU1>(fi.header, spg, fi.block_bytes, fast); break;
     case CodeKind::kBinTern: k = PickHeader<CodeKind::kBinTern>(fi.header, spg, fi.block_bytes, fast); break;
+    case CodeKind::kNl4: k = PickHeader<CodeKind::kNl4>(fi.header, spg, fi.block_bytes, fast); break;
   }
   k(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
 }

@@ -28,13 +28,15 @@ struct QActs {
 };
 
 // How a format's codes are stored and turned into w = d * q + m.
-enum class CodeKind : uint8_t { kU8, kU4, kU3, kU2, kU1, kBinTern };
+// kNl4: 4-bit codes looked up in the nl4 level table as biased u8 codes
+// L[q] + 128, so that an nl4 group is an int8 sym group (w = d * (u - 128)).
+enum class CodeKind : uint8_t { kU8, kU4, kU3, kU2, kU1, kBinTern, kNl4 };
 enum class HeaderKind : uint8_t { kIntAsym, kIntSym, kTernary, kBinary, kBinTern };
 
 struct FormatInfo {
   CodeKind code;
   HeaderKind header;
-  int bits;       // int bits (kInt), 2 ternary, 1 binary, 2 bintern
+  int bits;       // int bits (kInt), 2 ternary, 1 binary, 2 bintern, 8 nl4 (its biased u8 codes)
   int group;
   int block_bytes;
 };
@@ -60,9 +62,28 @@ inline FormatInfo Describe(const fmt::Format& f) {
       i.header = HeaderKind::kBinTern;
       i.code = CodeKind::kBinTern;
       break;
+    case fmt::Kind::kNl4:
+      i.header = HeaderKind::kIntSym;
+      i.code = CodeKind::kNl4;
+      i.bits = 8;
+      break;
   }
   return i;
 }
+
+// nl4 code q -> its biased u8 code L[q] + 128 (in [1, 254]), as a 16-byte
+// table for the byte-shuffle unpackers.
+constexpr uint8_t Nl4Biased(int q) { return static_cast<uint8_t>(fmt::Nl4Level(q) + 128); }
+struct alignas(16) Nl4Lut {
+  uint8_t v[16];
+};
+constexpr Nl4Lut MakeNl4Lut(int bias) {
+  Nl4Lut t{};
+  for (int q = 0; q < 16; ++q) t.v[q] = static_cast<uint8_t>(fmt::Nl4Level(q) + bias);
+  return t;
+}
+inline constexpr Nl4Lut kNl4BiasedLut = MakeNl4Lut(128);  // u8 L + 128
+inline constexpr Nl4Lut kNl4SignedLut = MakeNl4Lut(256);  // the int8 L as bytes
 
 // int sym formats: m_g = SymMul(bits) * d_g (an exact power of two).
 inline constexpr float SymMul(int bits) { return -static_cast<float>(1 << (bits - 1)); }

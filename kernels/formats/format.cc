@@ -26,10 +26,11 @@ std::vector<Format> BuildAllFormats() {
   for (uint16_t g : kGroups) all.push_back(Format{Kind::kTernary, 2, g, false});
   for (uint16_t g : kGroups) all.push_back(Format{Kind::kBinary, 1, g, false});
   for (uint16_t g : kGroups) all.push_back(Format{Kind::kBinTern, 2, g, false});
+  for (uint16_t g : kGroups) all.push_back(Format{Kind::kNl4, 4, g, false});
   return all;
 }
 
-// True for the formats AllFormats() lists (33 entries: a linear scan is fine
+// True for the formats AllFormats() lists (36 entries: a linear scan is fine
 // at one call per row).
 bool IsKnown(const Format& f) {
   const std::vector<Format>& all = AllFormats();
@@ -50,6 +51,9 @@ void DecodeBlock(const Format& f, const uint8_t* block, int n, float* out) {
       return;
     case Kind::kBinTern:
       DecodeBinTernBlock(block, n, out);
+      return;
+    case Kind::kNl4:
+      DecodeNl4Block(block, n, out);
       return;
   }
 }
@@ -82,6 +86,8 @@ std::string Format::Name() const {
       return "binary" + g;
     case Kind::kBinTern:
       return "bintern" + g;
+    case Kind::kNl4:
+      return "nl4" + g;
   }
   return "unknown_kind" + std::to_string(static_cast<int>(kind));
 }
@@ -106,6 +112,8 @@ int64_t Format::BlockBytes() const {
       return BinaryBlockBytes(group);
     case Kind::kBinTern:
       return BinTernBlockBytes(group);
+    case Kind::kNl4:
+      return Nl4BlockBytes(group);
   }
   return 0;
 }
@@ -137,6 +145,8 @@ GroupParams FitGroupRef(const Format& f, const float* w, int n, const float* imp
       return internal::FitBinaryGroup(w, n, importance);
     case Kind::kBinTern:
       return internal::FitBinTernGroup(w, n, importance, bintern_lambda);
+    case Kind::kNl4:
+      return internal::FitNl4Group(w, n, importance);
   }
   return GroupParams{};
 }
@@ -151,6 +161,8 @@ float QuantizeValueRef(const Format& f, const GroupParams& p, float w) {
       return internal::QuantizeBinaryValue(p, w);
     case Kind::kBinTern:
       return internal::QuantizeBinTernValue(p, w);
+    case Kind::kNl4:
+      return internal::QuantizeNl4Value(p, w);
   }
   return 0.0f;
 }
@@ -172,6 +184,9 @@ void PackGroupRef(const Format& f, const GroupParams& p, const float* w, int n, 
       return;
     case Kind::kBinTern:
       internal::PackBinTernGroup(f, p, w, n, block);
+      return;
+    case Kind::kNl4:
+      internal::PackNl4Group(f, p, w, n, block);
       return;
   }
 }
