@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/common/fp16.h"
+#include "kernels/formats/blocks.h"
 #include "quantizers/linalg.h"
 #include "quantizers/parallel.h"
 
@@ -26,7 +27,41 @@ struct Scratch {
   std::vector<float> gimp;               // [group] fit importance with kept weights zeroed
   std::vector<fmt::GroupParams> params;  // [kRowBlock, n_groups]
   std::vector<uint8_t> fitted;           // [n_groups]
+  // RefitRow's buffers.
+  std::vector<double> lev, wv, rhs, fixed, A, A0, b0, th0, th1;
+  std::vector<float> hp;
+  std::vector<uint8_t> free;
+  std::vector<float> nv;
+  std::vector<fmt::GroupParams> np;
 };
+
+// Solves A x = b in place (b := x) for a symmetric positive definite n x n A
+// (row-major, overwritten by its Cholesky factor). False if A is not SPD.
+bool CholeskySolveInPlace(std::vector<double>& A, int64_t n, std::vector<double>& b) {
+  for (int64_t j = 0; j < n; ++j) {
+    double d = A[j * n + j];
+    for (int64_t k = 0; k < j; ++k) d -= A[j * n + k] * A[j * n + k];
+    if (!(d > 0.0) || !std::isfinite(d)) return false;
+    const double ljj = std::sqrt(d);
+    A[j * n + j] = ljj;
+    for (int64_t i = j + 1; i < n; ++i) {
+      double v = A[i * n + j];
+      for (int64_t k = 0; k < j; ++k) v -= A[i * n + k] * A[j * n + k];
+      A[i * n + j] = v / ljj;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {  // L y = b
+    double v = b[i];
+    for (int64_t k = 0; k < i; ++k) v -= A[i * n + k] * b[k];
+    b[i] = v / A[i * n + i];
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {  // L^T x = y
+    double v = b[i];
+    for (int64_t k = i + 1; k < n; ++k) v -= A[k * n + i] * b[k];
+    b[i] = v / A[i * n + i];
+  }
+  return true;
+}
 
 // One GPTQ column sweep over a block of rows (see gptq.h for the algorithm).
 struct Sweep {
@@ -93,6 +128,10 @@ struct Sweep {
         }
       }
     }
+    if (opts.refit_scales && keep == nullptr && !factor.h.empty()) {
+      for (int64_t r = 0; r < R; ++r) RefitRow(r0 + r, s->q.data() + r * cols, s->atq.data() + r * cols,
+                                               s->params.data() + r * n_groups, s);
+    }
     const int64_t block_bytes = f.BlockBytes();
     for (int64_t r = 0; r < R; ++r) {
       uint8_t* dst = bytes + (r0 + r) * row_bytes;
@@ -103,6 +142,154 @@ struct Sweep {
       }
       if (chosen != nullptr) std::copy_n(s->q.data() + r * cols, cols, chosen + (r0 + r) * cols);
     }
+  }
+
+  // The least-squares refit of one row's group parameters (GptqOptions::
+  // refit_scales). Every value is v_i = theta_u * l_i (+ theta_u' for the
+  // minimum of int asym groups), l_i the group's fixed level: with Phi the
+  // [cols, unknowns] basis, theta solves Phi^T H Phi theta = Phi^T H w (w:
+  // the row's original weights). The new parameters are rounded to fp16 and
+  // the values re-decoded from the same levels; the row keeps them only if
+  // its proxy error (w - v)^T H (w - v) goes down. q: the row's chosen
+  // values (original order), replaced; atq: the values packing reads, set to
+  // the new values (each packs to its old code); params: replaced.
+  void RefitRow(int64_t row, float* q, float* atq, fmt::GroupParams* params, Scratch* s) const {
+    const float* H = factor.h.data();
+    const bool asym = f.kind == fmt::Kind::kInt && !f.symmetric;
+    const int K = asym ? 2 : 1;
+    // Levels and the unknowns' layout: group g owns unknowns [K g, K g + K) if it is free.
+    std::vector<double>& lev = s->lev;
+    std::vector<uint8_t>& free = s->free;
+    lev.assign(cols, 0.0);
+    free.assign(n_groups, 0);
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const int64_t gs = g * group, gn = std::min(group, cols - gs);
+      const float d = fmt::RoundToF16(params[g].scale), m = asym ? fmt::RoundToF16(params[g].zero) : 0.0f;
+      if (!(d != 0.0f) || !std::isfinite(d) || !std::isfinite(m)) continue;
+      bool ok = true;
+      for (int64_t c = 0; c < gn && ok; ++c) {
+        const double l = asym ? std::rint((static_cast<double>(q[gs + c]) - m) / d) : static_cast<double>(q[gs + c]) / d;
+        lev[gs + c] = l;
+        ok = std::isfinite(l);
+      }
+      free[g] = ok ? 1 : 0;
+    }
+    const int64_t nu = K * n_groups;
+    const float* src = w.data.data() + row * cols;
+    std::vector<double>& wv = s->wv;
+    wv.resize(cols);
+    for (int64_t i = 0; i < cols; ++i) wv[i] = factor.dead[i] ? 0.0 : src[i];
+    // Phi columns: unknown K g + 0 has l_i on group g; K g + 1 (asym) has 1.
+    auto phi = [&](int64_t u, int64_t i) { return (u % K == 0) ? lev[i] : 1.0; };
+    // HPhi[u][j] = sum_{i in group(u)} H[j][i] phi(u, i) (H symmetric: rows of H).
+    std::vector<float>& hp = s->hp;
+    hp.assign(static_cast<size_t>(nu * cols), 0.0f);
+    std::vector<double>& rhs = s->rhs;
+    rhs.assign(nu, 0.0);
+    // Fixed part: values of groups that are not free stay as they are.
+    std::vector<double>& fixed = s->fixed;
+    fixed.assign(cols, 0.0);
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const int64_t gs = g * group, gn = std::min(group, cols - gs);
+      if (!free[g])
+        for (int64_t c = 0; c < gn; ++c) fixed[gs + c] = q[gs + c];
+    }
+    for (int64_t g = 0; g < n_groups; ++g) {
+      if (!free[g]) continue;
+      const int64_t gs = g * group, gn = std::min(group, cols - gs);
+      for (int k = 0; k < K; ++k) {
+        float* hu = hp.data() + (K * g + k) * cols;
+        for (int64_t c = 0; c < gn; ++c) {
+          const float pv = static_cast<float>(phi(K * g + k, gs + c));
+          if (pv == 0.0f) continue;
+          Axpy(hu, pv, H + (gs + c) * cols, cols);  // row gs + c of H = its column (symmetric)
+        }
+        // rhs_u = (HPhi_u)^T (w - fixed)
+        double acc = 0.0;
+        for (int64_t j = 0; j < cols; ++j) acc += hu[j] * (wv[j] - fixed[j]);
+        rhs[K * g + k] = acc;
+      }
+    }
+    // A = Phi^T H Phi over the free unknowns; unknowns of fixed groups get identity rows (theta = 0, unused).
+    std::vector<double>& A = s->A;
+    A.assign(static_cast<size_t>(nu * nu), 0.0);
+    double diag_mean = 0.0;
+    for (int64_t u = 0; u < nu; ++u) {
+      const int64_t g = u / K;
+      if (!free[g]) continue;
+      const float* hu = hp.data() + u * cols;
+      for (int64_t v = 0; v < nu; ++v) {
+        const int64_t gv = v / K;
+        if (!free[gv]) continue;
+        const int64_t vs = gv * group, vn = std::min(group, cols - vs);
+        double acc = 0.0;
+        for (int64_t c = 0; c < vn; ++c) acc += phi(v, vs + c) * hu[vs + c];
+        A[u * nu + v] = acc;
+      }
+      diag_mean += A[u * nu + u];
+    }
+    diag_mean = diag_mean / static_cast<double>(nu) + 1e-30;
+    for (int64_t u = 0; u < nu; ++u) {
+      if (!free[u / K]) A[u * nu + u] = 1.0, rhs[u] = 0.0;
+      else A[u * nu + u] += 1e-9 * diag_mean;  // round-off guard
+    }
+    // Old parameters as unknowns (the swept values are f + Phi theta_old, up to
+    // the rounding of int asym's d c + m), to compare errors in the reduced
+    // space: e(theta) = const - 2 theta^T rhs + theta^T A theta.
+    std::vector<double>& th0 = s->th0;
+    th0.assign(nu, 0.0);
+    for (int64_t g = 0; g < n_groups; ++g) {
+      if (!free[g]) continue;
+      th0[K * g] = fmt::RoundToF16(params[g].scale);
+      if (asym) th0[K * g + 1] = fmt::RoundToF16(params[g].zero);
+    }
+    std::vector<double>& A0 = s->A0;
+    A0 = A;
+    std::vector<double>& b0 = s->b0;
+    b0 = rhs;
+    auto reduced = [&](const std::vector<double>& th) {
+      double e = 0.0;
+      for (int64_t u = 0; u < nu; ++u) {
+        if (!free[u / K]) continue;
+        double at = 0.0;
+        for (int64_t v = 0; v < nu; ++v) at += A0[u * nu + v] * th[v];
+        e += th[u] * (at - 2.0 * b0[u]);
+      }
+      return e;
+    };
+    if (!CholeskySolveInPlace(A, nu, rhs)) return;
+    // New parameters (fp16) and values, decoded from the same levels.
+    std::vector<float>& nv = s->nv;
+    nv.assign(q, q + cols);
+    std::vector<fmt::GroupParams>& np = s->np;
+    np.assign(params, params + n_groups);
+    for (int64_t g = 0; g < n_groups; ++g) {
+      if (!free[g]) continue;
+      const int64_t gs = g * group, gn = std::min(group, cols - gs);
+      const float d = fmt::RoundToF16(static_cast<float>(rhs[K * g]));
+      const float m = asym ? fmt::RoundToF16(static_cast<float>(rhs[K * g + 1])) : 0.0f;
+      if (!std::isfinite(d) || !std::isfinite(m) || std::fabs(rhs[K * g]) > 65504.0 ||
+          (asym && std::fabs(rhs[K * g + 1]) > 65504.0))
+        return;
+      // Sign-sensitive kinds keep their sign convention (asym steps, binary/ternary magnitudes > 0).
+      if (!(d > 0.0f) && f.kind != fmt::Kind::kNl4 && !(f.kind == fmt::Kind::kInt && f.symmetric)) return;
+      if (d == 0.0f) return;
+      np[g].scale = d;
+      if (asym) np[g].zero = m;
+      if (f.kind == fmt::Kind::kTernary) np[g].zero = 0.5f * d;  // threshold: nonzero levels stay nonzero
+      for (int64_t c = 0; c < gn; ++c)
+        nv[gs + c] = asym ? fmt::IntAsymValue(d, m, static_cast<int>(lev[gs + c])) : d * static_cast<float>(lev[gs + c]);
+    }
+    std::vector<double>& th1 = s->th1;
+    th1.assign(nu, 0.0);
+    for (int64_t g = 0; g < n_groups; ++g) {
+      if (!free[g]) continue;
+      th1[K * g] = np[g].scale;
+      if (asym) th1[K * g + 1] = np[g].zero;
+    }
+    if (!(reduced(th1) < reduced(th0))) return;
+    for (int64_t i = 0; i < cols; ++i) q[i] = atq[i] = nv[i];
+    std::copy(np.begin(), np.end(), params);
   }
 
   // Fits group g's params for every row when its first column (processing
@@ -214,6 +401,11 @@ absl::StatusOr<GptqFactor> FactorHessian(const Hessian& h, const GptqOptions& op
   f.u.assign(u.begin(), u.end());
   f.importance.resize(n);
   for (int64_t i = 0; i < n; ++i) f.importance[i] = static_cast<float>(raw_diag[i] + damp);
+  if (opts.refit_scales) {
+    f.h.resize(static_cast<size_t>(n * n));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) f.h[i * n + j] = static_cast<float>(a[i * n + j]);
+  }
   return f;
 }
 

@@ -50,6 +50,12 @@ struct GptqOptions {
   // error); false passes none (plain weight error).
   bool weighted_fit = true;
   float bintern_lambda = fmt::kBinTernLambda;  // kBinTern's binary/ternary rule
+  // After the column sweep, refit every group's scale (and minimum, int asym)
+  // of a row jointly by least squares on the output error with the codes
+  // GPTQ chose held fixed: minimise (w - v)^T H (w - v) (H undamped) over the
+  // group parameters (v linear in them), rounded to fp16; kept only where it
+  // lowers that error. Rows with a side-car (kept weights) are left as swept.
+  bool refit_scales = false;
   int n_threads = 0;       // <= 0: all cores
 };
 
@@ -62,6 +68,7 @@ struct GptqFactor {
   std::vector<uint8_t> dead;    // [cols] by original column: H_ii was 0
   std::vector<float> importance;  // [cols] original order: diag(H) + damp (dead: damp)
   double damp = 0.0;            // damping actually added to the diagonal
+  std::vector<float> h;         // [cols, cols] original order: H undamped, dead rows/columns 0 (diagonal 1); refit only
 };
 
 // Errors: INVALID_ARGUMENT for a malformed/non-finite H, FAILED_PRECONDITION if

@@ -173,6 +173,7 @@ TEST_P(ObsReferenceTest, LazyBatchCholeskyEqualsSequentialObs) {
   GptqOptions o;
   o.act_order = c.act_order;
   o.block_size = c.block_size;
+  o.refit_scales = false;  // the plain sweep, as the reference computes it
   o.n_threads = 2;
   std::vector<float> chosen;
   auto q = GptqQuantize(w, h, f, o, &chosen);
@@ -211,6 +212,7 @@ TEST(GptqTest, IdentityHessianEqualsRtnForEveryFormat) {
   for (int64_t i = 0; i < cols; ++i) h.h[i * cols + i] = 1.0f;
   GptqOptions o;
   o.weighted_fit = false;
+  o.refit_scales = false;
   auto factor = FactorHessian(h, o);
   ASSERT_TRUE(factor.ok());
   for (const fmt::Format& f : fmt::AllFormats()) {
@@ -224,6 +226,35 @@ TEST(GptqTest, IdentityHessianEqualsRtnForEveryFormat) {
         << f.Name();
     EXPECT_EQ(Decode(*g), chosen) << f.Name();
   }
+}
+
+// The scale refit after the sweep (GptqOptions::refit_scales): for every
+// format the packed tensor still decodes to the chosen values, no row's proxy
+// output error goes up, and over all formats it goes down (the least-squares
+// scales differ from the fits made before the sweep's compensation).
+TEST(GptqTest, ScaleRefitNeverRaisesTheProxyErrorAndDecodesToTheChosenValues) {
+  const int64_t rows = 12, cols = 172;  // partial last group at every group size
+  const HostTensor w = RandomMatrix(rows, cols, 31);
+  const Hessian h = CorrelatedHessian(cols, 17);
+  int lowered = 0;
+  for (const fmt::Format& f : fmt::AllFormats()) {
+    GptqOptions on, off;
+    on.refit_scales = true;
+    std::vector<float> c_on, c_off;
+    auto q_on = GptqQuantize(w, h, f, on, &c_on);
+    auto q_off = GptqQuantize(w, h, f, off, &c_off);
+    ASSERT_TRUE(q_on.ok() && q_off.ok()) << f.Name();
+    EXPECT_EQ(Decode(*q_on), c_on) << f.Name();
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      const double e_on = ProxyOutputError(w.data.data() + r * cols, c_on.data() + r * cols, 1, cols, h);
+      const double e_off = ProxyOutputError(w.data.data() + r * cols, c_off.data() + r * cols, 1, cols, h);
+      EXPECT_LE(e_on, e_off * (1 + 1e-5)) << f.Name() << " row " << r;
+      any = any || e_on < e_off * (1 - 1e-4);
+    }
+    lowered += any;
+  }
+  EXPECT_GE(lowered, static_cast<int>(fmt::AllFormats().size()) / 2);
 }
 
 TEST(GptqTest, DeadColumnsAreZeroedAndIsolated) {

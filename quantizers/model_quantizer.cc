@@ -288,7 +288,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
           "method=", cfg.method, ";estimate=", cfg.alloc.estimate, ";block_rows=", cfg.alloc.block_rows,
           ";sensitivity=", cfg.alloc.sensitivity, ";probe=", cfg.alloc.probe_format.Name(), "/",
           cfg.alloc.probe_tokens, "/", cfg.alloc.probe_ctx, ";calib_tokens=", cfg.calib_tokens,
-          ";calib_ctx=", cfg.calib_ctx, ";percdamp=", cfg.gptq.percdamp, ";act_order=", cfg.gptq.act_order,
+          ";calib_ctx=", cfg.calib_ctx, ";percdamp=", cfg.gptq.percdamp, ";act_order=", cfg.gptq.act_order, ";refit=", cfg.gptq.refit_scales,
           ";embed_format=", cfg.embed_format ? cfg.embed_format->Name() : "f32", ";candidates=");
       // Only a non-default embedding method enters the key, so caches written
       // before it existed still match RTN runs.
@@ -549,6 +549,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   if (cfg.method == "gptq" || boa) {
     m->metadata["quant.gptq.percdamp"] = absl::StrCat(cfg.gptq.percdamp);
     m->metadata["quant.gptq.act_order"] = cfg.gptq.act_order ? "true" : "false";
+    m->metadata["quant.gptq.refit_scales"] = cfg.gptq.refit_scales ? "true" : "false";
     m->metadata["quant.gptq.block_size"] = absl::StrCat(cfg.gptq.block_size);
   }
   return report;

@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
   int calib_tokens = 8192, calib_ctx = 256, threads = 0;
   double percdamp = 0.01, outliers = 0.0;
   std::string outlier_type = "f16", saliency = "auto";
-  bool act_order = false, list = false;
+  bool act_order = false, refit_scales = false, list = false;
   double target_bpw = 0.0;
   int alloc_block_rows = 64;
   std::string alloc_formats, alloc_estimate;
@@ -115,6 +115,9 @@ int main(int argc, char** argv) {
   app.add_option("--calib-ctx", calib_ctx, "tokens per calibration chunk")->capture_default_str();
   app.add_option("--percdamp", percdamp, "gptq: damping as a fraction of mean diag(H)")->capture_default_str();
   app.add_flag("--act-order", act_order, "gptq: process columns by descending Hessian diagonal");
+  app.add_flag("--refit-scales", refit_scales,
+               "gptq: after each row's sweep, refit its group scales (and minima) jointly by least squares on the "
+               "output error with the chosen codes fixed (kept where it lowers that error)");
   app.add_option("--outliers", outliers,
                  "fraction of each linear layer's weights kept in a sparse side-car (e.g. 0.01; 0 = none)")
       ->capture_default_str();
@@ -283,6 +286,7 @@ int main(int argc, char** argv) {
   cfg.embed_percdamp = embed_percdamp;
   cfg.gptq.percdamp = percdamp;
   cfg.gptq.act_order = act_order;
+  cfg.gptq.refit_scales = refit_scales;
   cfg.n_threads = threads;
   if (!(outliers >= 0.0 && outliers < 1.0))
     return Fail(absl::InvalidArgumentError(absl::StrCat("--outliers: ", outliers, " is not in [0, 1)")));
