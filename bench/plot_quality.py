@@ -437,6 +437,30 @@ def write(nib, lla, md_path, png_path):
         L += ["## GPTQ settings at SmolLM2's lowest budgets", "",
               "Sequential, rotated GPTQ with the head by GPTQ, allocated at the budget, beside one setting changed.",
               "One evaluation each; the allocation (probes, estimates) is recomputed for each setting.", ""] + extra
+    fv, fw, fl = [], 0, 0
+    for base in ("gptq", "gptq-hg", "gptq-seq-rot-hg-c32k"):
+        meth = base + "-rf" if base == "gptq" else base.replace("-hg", "-hg-rf", 1)
+        v, w, l = method_vs(rows, meth, base)
+        if w + l:
+            fv += v + [""]
+            fw, fl = fw + w, fl + l
+    if fw + fl:
+        L += ["## Scale refit after GPTQ (`--refit-scales`, `-rf`) vs none", "",
+              "`--refit-scales` (quantizers/gptq.h): after GPTQ's column sweep of a row, all of the row's group scales",
+              "(and int asym minima) are refit jointly by least squares on the output error (w - v)^T H (w - v), with",
+              "the codes GPTQ chose held fixed (the values are linear in the parameters), rounded to fp16, and kept",
+              "only where that error goes down. Off by default so that the other rows stay reproducible. Same",
+              "format, embedding format (or budget) and calibration as the row beside it.", "",
+              f"The refit has the lower PPL in {fw} of {fw + fl} pairs.", ""] + fv
+    nl = [r for r in rows if r["engine"] == "nibble" and r["format"].startswith("nl4")]
+    if nl:
+        L += ["## Non-uniform 4-bit (`nl4_g*`)", "",
+              "`nl4_g{32,64,128}` (docs/FORMATS.md) store 4-bit codes into a fixed non-uniform level table with one",
+              "fp16 scale per group: the bytes of int4 sym, about the error of int4 asym one size up. They are among",
+              "the allocator's default candidates (and the `auto` embedding candidates), so the stories260K `bpwB`",
+              "rows (default candidates) use them; SmolLM2's budget rows pass an explicit candidate list without them.",
+              "Uniform rows: " + "; ".join(f"{r['model']} {r['method']} {r['format']} (embed {r['embed']}) "
+                                          f"{r['bpw_all']:.3f} bpw PPL {r['ppl']:.4f}" for r in nl) + ".", ""]
     dv, dw, dl = method_vs(rows, "dfmpc", "dfmpc-nocomp")
     L += ["## DF-MPC (data-free compensation)", "",
           "`--method dfmpc --format LOW --dfmpc-high HIGH` (format column: LOW/HIGH): wv, w_up (and wq, wk, w_gate)",

@@ -143,6 +143,13 @@ CONFIGS = (
     # stories260K's allocation at 4.5 / 5.0 with the head by GPTQ and 32,768 calibration tokens. (Its rows are
     # 64 and 172 wide: the default candidates include int4/int8 at groups of 32 and 64, which do not pad them.)
     + [("stories260K", "gptq-hg-c32k", f"bpw{b}", "auto") for b in ("4.98", "4.5")]
+    # nl4 (non-uniform 4-bit, docs/FORMATS.md) as a uniform format beside int4 of the same size. (The stories260K
+    # allocations above include it: it is one of the allocator's default candidates.)
+    + [("stories260K", "gptq", f, E4) for f in ("nl4_g32", "nl4_g64")] + [("smollm2", "gptq", "nl4_g64", E4)]
+    # GPTQ with the least-squares scale refit after each row's sweep (--refit-scales), beside the same rows without.
+    + [("stories260K", "gptq-hg-rf", f"bpw{b}", "auto") for b in ("4.98", "4.5")]
+    + [("stories260K", "gptq-rf", f, E4) for f in ("int4_g32", "int3_g64", "int2_g64")]
+    + [("smollm2", "gptq-seq-rot-hg-rf-c32k", "bpw2.0", "auto-low"), ("smollm2", "gptq-rf", "int2_g64", E8)]
 )
 
 
@@ -264,7 +271,7 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     cfg = MODELS[name]
     settings = dict(cfg["settings"])
     qargs = []
-    # Method names: BASE[-seq][-rot][-hg][-ao][-c32k] (--sequential, --rotate, --embed-method gptq, --act-order,
+    # Method names: BASE[-seq][-rot][-hg][-ao][-rf][-c32k] (--sequential, --rotate, --embed-method gptq, --act-order, --refit-scales,
     # 32,768 calibration tokens) or dfmpc[-nocomp|-calib].
     parts = method.split("-")
     if parts[0] in ("gptq", "boa") or method == "dfmpc-calib" or fmt.startswith("bpw"):
@@ -293,7 +300,8 @@ def run_config(name, method, fmt, embed, args, doc, logits):
         # (gptq-seq allocates from the one-shot GPTQ sensitivities, so it shares gptq's cache; rotated
         # weights are another model: their own cache.)
         cache = (parts[0] + ("-rot" if "rot" in parts else "") + ("-hg" if "hg" in parts else "")
-                 + ("-ao" if "ao" in parts else "") + ("-c32k" if "c32k" in parts else "")
+                 + ("-ao" if "ao" in parts else "") + ("-rf" if "rf" in parts else "")
+                 + ("-c32k" if "c32k" in parts else "")
                  + ("-low" if embed == "auto-low" else ""))
         # (a held-out variant of a model, cfg["base"], shares the base model's cache: the same quantized model)
         fargs = ["--bpw", fmt[3:], "--alloc-cache",
@@ -335,6 +343,9 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     if "ao" in parts:
         # GPTQ with activation ordering (columns by descending Hessian diagonal).
         fargs.append("--act-order")
+    if "rf" in parts:
+        # GPTQ's group scales refit by least squares on the output error after each row's sweep.
+        fargs.append("--refit-scales")
     # The tied embedding / output head: GPTQ with the head-input Hessian ("-hg"), else RTN (explicit, so
     # rows keep their meaning whatever nibble-quantize's default is).
     fargs += ["--embed-method", "gptq" if "hg" in parts else "rtn"]
