@@ -150,6 +150,11 @@ CONFIGS = (
     + [("stories260K", "gptq-hg-rf", f"bpw{b}", "auto") for b in ("4.98", "4.5")]
     + [("stories260K", "gptq-rf", f, E4) for f in ("int4_g32", "int3_g64", "int2_g64")]
     + [("smollm2", "gptq-seq-rot-hg-rf-c32k", "bpw2.0", "auto-low"), ("smollm2", "gptq-rf", "int2_g64", E8)]
+    # stories260K at 4.5 / 5.0 with every improvement of this kind: head by GPTQ, scale refit, fp16 norms (0.043 bpw
+    # of stories' budget back to the linears), 32k calibration tokens; then also act-order and 16-row blocks.
+    + [("stories260K", m, f"bpw{b}", "auto") for m in ("gptq-hg-rf-c32k", "gptq-hg-rf-n16-c32k")
+       for b in ("4.98", "4.5")]
+    + [("stories260K", "gptq-hg-ao-rf-n16-b16-c32k", f"bpw{b}", "auto") for b in ("4.98", "4.5", "4.0", "3.5", "2.5")]
 )
 
 
@@ -271,8 +276,9 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     cfg = MODELS[name]
     settings = dict(cfg["settings"])
     qargs = []
-    # Method names: BASE[-seq][-rot][-hg][-ao][-rf][-c32k] (--sequential, --rotate, --embed-method gptq, --act-order, --refit-scales,
-    # 32,768 calibration tokens) or dfmpc[-nocomp|-calib].
+    # Method names: BASE[-seq][-rot][-hg][-ao][-rf][-n16][-b16][-c32k] (--sequential, --rotate, --embed-method gptq,
+    # --act-order, --refit-scales, --norm-format f16, --alloc-block-rows 16, 32,768 calibration tokens) or
+    # dfmpc[-nocomp|-calib].
     parts = method.split("-")
     if parts[0] in ("gptq", "boa") or method == "dfmpc-calib" or fmt.startswith("bpw"):
         if cfg.get("base", name) == "stories260K":
@@ -301,6 +307,7 @@ def run_config(name, method, fmt, embed, args, doc, logits):
         # weights are another model: their own cache.)
         cache = (parts[0] + ("-rot" if "rot" in parts else "") + ("-hg" if "hg" in parts else "")
                  + ("-ao" if "ao" in parts else "") + ("-rf" if "rf" in parts else "")
+                 + ("-n16" if "n16" in parts else "") + ("-b16" if "b16" in parts else "")
                  + ("-c32k" if "c32k" in parts else "")
                  + ("-low" if embed == "auto-low" else ""))
         # (a held-out variant of a model, cfg["base"], shares the base model's cache: the same quantized model)
@@ -346,6 +353,12 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     if "rf" in parts:
         # GPTQ's group scales refit by least squares on the output error after each row's sweep.
         fargs.append("--refit-scales")
+    if "n16" in parts:
+        # Norm weights stored as fp16 (16 bits each in the budget).
+        fargs += ["--norm-format", "f16"]
+    if "b16" in parts:
+        # Bit allocation over blocks of 16 rows (default 64).
+        fargs += ["--alloc-block-rows", "16"]
     # The tied embedding / output head: GPTQ with the head-input Hessian ("-hg"), else RTN (explicit, so
     # rows keep their meaning whatever nibble-quantize's default is).
     fargs += ["--embed-method", "gptq" if "hg" in parts else "rtn"]

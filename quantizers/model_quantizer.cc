@@ -11,6 +11,7 @@
 #include "engine/model/llama_model.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "engine/util/log.h"
+#include "kernels/common/fp16.h"
 #include "quantizers/alloc_cache.h"
 #include "quantizers/boa.h"
 #include "quantizers/calibration.h"
@@ -41,19 +42,20 @@ struct Job {
 };
 
 // Storage bits of a [rows, cols] tensor in format f (nullopt: fp32).
-double StorageBits(const HostTensor& t, const std::optional<fmt::Format>& f) {
+double StorageBits(const HostTensor& t, const std::optional<fmt::Format>& f, int vector_bits = 32) {
+  if (t.shape.size() == 1) return vector_bits * static_cast<double>(t.numel());
   if (!f || t.shape.size() != 2) return 32.0 * static_cast<double>(t.numel());
   return 8.0 * static_cast<double>(t.rows()) * static_cast<double>(f->RowBytes(t.cols()));
 }
 
 }  // namespace
 
-void AccountBits(const LoadedModel& m, QuantizeReport* report) {
+void AccountBits(const LoadedModel& m, QuantizeReport* report, int vector_bits) {
   double bits_all = 0, bits_linear = 0;
   report->params_all = report->params_linear = 0;
   auto account = [&](const HostTensor& t, bool linear) {
     const double n = static_cast<double>(t.numel());
-    const double bits = t.quant ? t.quant->BitsPerWeight() * n : 32.0 * n;
+    const double bits = t.quant ? t.quant->BitsPerWeight() * n : (t.shape.size() == 1 ? vector_bits : 32.0) * n;
     report->params_all += t.numel();
     bits_all += bits;
     if (linear) {
@@ -84,7 +86,16 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       return absl::InvalidArgumentError("--embed-method gptq is not supported with method dfmpc");
     if (!cfg.tensor_formats.empty())
       return absl::InvalidArgumentError("per-tensor formats are not supported with method dfmpc");
+    if (cfg.norms_f16) return absl::InvalidArgumentError("fp16 norms are not supported with method dfmpc");
     return QuantizeModelDfmpc(m, cfg, progress);  // quantizers/dfmpc.h
+  }
+  if (cfg.norms_f16) {
+    // Round first: calibration, probes and estimates then see the stored values.
+    auto round16 = [](HostTensor& t) {
+      for (float& v : t.data) v = Fp16ToFp32(Fp32ToFp16(v));
+    };
+    round16(m->weights.final_norm);
+    for (LayerWeights& l : m->weights.layers) round16(l.attn_norm), round16(l.ffn_norm);
   }
   if (cfg.method != "rtn" && cfg.method != "gptq" && cfg.method != "boa") {
     return absl::InvalidArgumentError(
@@ -239,7 +250,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     if (!cfg.alloc.embed_candidates.empty() && !kld)
       return absl::InvalidArgumentError("allocating the embedding formats needs sensitivity kld");
     double fixed_bits = (alloc_embed ? 0.0 : StorageBits(m->weights.tok_embeddings, cfg.embed_format)) +
-                        StorageBits(m->weights.final_norm, std::nullopt);
+                        StorageBits(m->weights.final_norm, std::nullopt, cfg.norms_f16 ? 16 : 32);
     int64_t params = m->weights.tok_embeddings.numel() + m->weights.final_norm.numel();
     if (!m->config.tied_embeddings) {
       if (!alloc_embed) fixed_bits += StorageBits(m->weights.output, out_f);
@@ -247,7 +258,8 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     }
     std::vector<AllocTensor> at;
     for (LayerWeights& l : m->weights.layers) {
-      fixed_bits += StorageBits(l.attn_norm, std::nullopt) + StorageBits(l.ffn_norm, std::nullopt);
+      fixed_bits += StorageBits(l.attn_norm, std::nullopt, cfg.norms_f16 ? 16 : 32) +
+                    StorageBits(l.ffn_norm, std::nullopt, cfg.norms_f16 ? 16 : 32);
       params += l.attn_norm.numel() + l.ffn_norm.numel();
       for (LinearWeight w : kAllLinearWeights) params += WeightOf(l, w).numel();
     }
@@ -294,6 +306,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       // before it existed still match RTN runs.
       if (cfg.embed_method != "rtn")
         absl::StrAppend(&settings, ";embed_method=", cfg.embed_method, "/", cfg.embed_percdamp);
+      if (cfg.norms_f16) absl::StrAppend(&settings, ";norms=f16");
       for (const fmt::Format& f : cfg.alloc.candidates.empty() ? DefaultAllocFormats() : cfg.alloc.candidates)
         absl::StrAppend(&settings, f.Name(), ",");
       absl::StrAppend(&settings, ";embed_candidates=");
@@ -510,7 +523,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
   }
   if (progress) progress(static_cast<int>(jobs.size()), static_cast<int>(jobs.size()), "");
 
-  AccountBits(*m, &report);
+  AccountBits(*m, &report, cfg.norms_f16 ? 16 : 32);
   report.seconds = Seconds(t0);
 
   m->metadata["quant.method"] = cfg.method;
@@ -535,6 +548,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       cfg.embed_method == "gptq" ? absl::StrFormat("gptq(percdamp %g)", cfg.embed_percdamp) : "rtn";
   m->metadata["quant.bpw_all"] = absl::StrFormat("%.4f", report.bpw_all);
   m->metadata["quant.bpw_linear"] = absl::StrFormat("%.4f", report.bpw_linear);
+  m->metadata["quant.norms"] = cfg.norms_f16 ? "f16" : "f32";
   if (!cfg.calib_path.empty()) {
     m->metadata["quant.calib_file"] = cfg.calib_path;
     m->metadata["quant.calib_tokens"] = absl::StrCat(report.calib_tokens);

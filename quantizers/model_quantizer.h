@@ -38,6 +38,11 @@ namespace nibble {
 
 struct QuantizeConfig {
   std::string method = "rtn";  // "rtn" | "gptq" | "boa" | "dfmpc"
+  // Norm weights (1-D tensors) stored as fp16 (16 bits each) instead of fp32:
+  // QuantizeModel first rounds them to fp16 in place, so calibration sees the
+  // values the file will hold (write with NibbleWriteOptions::fp16_vectors),
+  // and counts them at 16 bits (report, bit-allocation budget).
+  bool norms_f16 = false;
   fmt::Format format;          // linear layers
   // Per-tensor formats over `format` (FineQuant-style per-tensor choice, e.g.
   // a group size that fits a row width): {pattern, format}; a linear matrix
@@ -128,8 +133,10 @@ struct QuantizeReport {
 using QuantizeProgress = std::function<void(int done, int total, const std::string& tensor)>;
 
 // Fills report's params_all/params_linear/bpw_all/bpw_linear from m's tensors
-// as stored (every scale, zero and side-car byte counted; fp32 tensors 32 bits).
-void AccountBits(const LoadedModel& m, QuantizeReport* report);
+// as stored (every scale, zero and side-car byte counted; unquantized
+// matrices 32 bits, 1-D tensors (norms) `vector_bits`: 32, or 16 when they
+// are stored as fp16).
+void AccountBits(const LoadedModel& m, QuantizeReport* report, int vector_bits = 32);
 
 // Quantizes `m` in place (its fp32 matrices are replaced by QuantTensors) and
 // records the settings in m->metadata. Errors name the tensor or file at fault.

@@ -4,6 +4,8 @@
 // are refused with the offending name.
 #include "quantizers/model_quantizer.h"
 
+#include "kernels/common/fp16.h"
+
 #include <gtest/gtest.h>
 
 #include <string>
@@ -52,6 +54,33 @@ TEST(ModelQuantizerTest, TensorFormatsApplyByWeightAndByMatrix) {
   }
   for (const TensorReport& t : r->tensors)
     if (t.name == "blk.0.w_down") EXPECT_EQ(t.format, "int4_g64");
+}
+
+// norms_f16: the norms are rounded to fp16 in place and counted at 16 bits;
+// the linear layers come out the same (RTN does not read the norms).
+TEST(ModelQuantizerTest, Fp16NormsAreRoundedAndCountedAt16Bits) {
+  LoadedModel a = LoadStories(), b = LoadStories();
+  ASSERT_FALSE(a.weights.layers.empty());
+  const std::vector<float> norm0 = a.weights.layers[0].attn_norm.data;
+  QuantizeConfig cfg;
+  cfg.format = F("int4_g32");
+  auto ra = QuantizeModel(&a, cfg);
+  cfg.norms_f16 = true;
+  auto rb = QuantizeModel(&b, cfg);
+  ASSERT_TRUE(ra.ok() && rb.ok());
+  int64_t norms = b.weights.final_norm.numel();
+  for (const LayerWeights& l : b.weights.layers) norms += l.attn_norm.numel() + l.ffn_norm.numel();
+  EXPECT_NEAR((ra->bpw_all - rb->bpw_all) * static_cast<double>(ra->params_all), 16.0 * static_cast<double>(norms),
+              1e-6 * static_cast<double>(norms));
+  EXPECT_EQ(ra->bpw_linear, rb->bpw_linear);
+  int changed = 0;
+  for (size_t i = 0; i < norm0.size(); ++i) {
+    const float v = b.weights.layers[0].attn_norm.data[i];
+    EXPECT_EQ(v, Fp16ToFp32(Fp32ToFp16(norm0[i]))) << i;
+    changed += v != norm0[i];
+  }
+  EXPECT_GT(changed, 0);
+  EXPECT_EQ(b.metadata["quant.norms"], "f16");
 }
 
 TEST(ModelQuantizerTest, TensorFormatsRefuseUnknownNamesAndAllocation) {

@@ -42,8 +42,11 @@ bool LooksLikeNibbleFile(const uint8_t* head, size_t n);
 
 struct NibbleWriteOptions {
   // Store unquantized 2-D matrices as IEEE fp16 (round-to-nearest-even);
-  // 1-D tensors (norms) always stay fp32.
+  // 1-D tensors (norms) stay fp32 unless fp16_vectors.
   bool fp16_matrices = false;
+  // Store 1-D tensors (norm weights) as IEEE fp16 too (nibble-quantize
+  // --norm-format f16 rounds them first, so nothing is lost).
+  bool fp16_vectors = false;
   // fsync the temporary file before renaming it over `path`. Turning it off
   // only weakens durability against power loss (tests, scratch files).
   bool fsync = true;

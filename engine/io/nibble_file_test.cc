@@ -333,6 +333,37 @@ TEST_F(NibbleFileTest, Fp16MatricesKeepNormsExact) {
   }
 }
 
+// fp16_vectors stores the norms as fp16 (matrices untouched): each norm
+// value comes back as its fp16 rounding, bit for bit, and every matrix as it was.
+TEST_F(NibbleFileTest, Fp16VectorsStoreNormsAsFp16) {
+  const LoadedModel m = LoadStories();
+  ASSERT_FALSE(m.weights.layers.empty()) << "stories260K did not load (NIBBLE_SHARED_DIR?)";
+  NibbleWriteOptions o = Fast();
+  o.fp16_vectors = true;
+  ASSERT_TRUE(WriteNibbleFile(m, Path("n32.nbl"), Fast()).ok());
+  ASSERT_TRUE(WriteNibbleFile(m, Path("n16.nbl"), o).ok());
+  int64_t norm_values = 0;
+  const auto sa = Slots(m.weights);
+  for (const auto& [name, t] : sa) norm_values += t->shape.size() == 1 ? t->numel() : 0;
+  ASSERT_GT(norm_values, 0);
+  EXPECT_EQ(fs::file_size(Path("n32.nbl")) - fs::file_size(Path("n16.nbl")), static_cast<uintmax_t>(2 * norm_values))
+      << "per 64-byte-aligned array the saving may differ; stories' norms are 64 values each";
+  auto back = LoadNibbleFile(Path("n16.nbl"));
+  ASSERT_TRUE(back.ok()) << back.status();
+  const auto sb = Slots(back->weights);
+  int rounded = 0;
+  for (size_t i = 0; i < sa.size(); ++i) {
+    const HostTensor &x = *sa[i].second, &y = *sb[i].second;
+    ASSERT_EQ(x.data.size(), y.data.size()) << sa[i].first;
+    for (size_t k = 0; k < x.data.size(); ++k) {
+      const float want = x.shape.size() == 1 ? Fp16ToFp32(Fp32ToFp16(x.data[k])) : x.data[k];
+      ASSERT_EQ(FloatToBits(want), FloatToBits(y.data[k])) << sa[i].first << " " << k;
+      rounded += x.shape.size() == 1 && want != x.data[k];
+    }
+  }
+  EXPECT_GT(rounded, 0);  // the fp32 norms were not all fp16 values already
+}
+
 // A finite weight beyond fp16's range (e.g. from a BF16 checkpoint) is an
 // error naming the tensor, not a silent infinity; nothing is left at the path.
 TEST_F(NibbleFileTest, Fp16MatricesRefuseValuesOutsideTheFp16Range) {

@@ -191,7 +191,7 @@ absl::StatusOr<json> TensorJson(const std::string& slot, const HostTensor& t, co
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": tensor '", slot, "' has ", values.size(), " values for its shape (", t.numel(), ")"));
   }
-  if (opts.fp16_matrices && t.shape.size() == 2) {
+  if ((opts.fp16_matrices && t.shape.size() == 2) || (opts.fp16_vectors && t.shape.size() == 1)) {
     std::string buf(values.size() * 2, '\0');
     for (size_t i = 0; i < values.size(); ++i) {
       const uint16_t h = Fp32ToFp16(values[i]);

@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
   double percdamp = 0.01, outliers = 0.0;
   std::string outlier_type = "f16", saliency = "auto";
   bool act_order = false, refit_scales = false, list = false;
+  std::string norm_format = "f32";
   double target_bpw = 0.0;
   int alloc_block_rows = 64;
   std::string alloc_formats, alloc_estimate;
@@ -115,6 +116,10 @@ int main(int argc, char** argv) {
   app.add_option("--calib-ctx", calib_ctx, "tokens per calibration chunk")->capture_default_str();
   app.add_option("--percdamp", percdamp, "gptq: damping as a fraction of mean diag(H)")->capture_default_str();
   app.add_flag("--act-order", act_order, "gptq: process columns by descending Hessian diagonal");
+  app.add_option("--norm-format", norm_format,
+                 "storage of the norm weights: f32 | f16 (rounded to fp16 before calibration, counted at 16 bits)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "f16"}));
   app.add_flag("--refit-scales", refit_scales,
                "gptq: after each row's sweep, refit its group scales (and minima) jointly by least squares on the "
                "output error with the chosen codes fixed (kept where it lowers that error)");
@@ -287,6 +292,7 @@ int main(int argc, char** argv) {
   cfg.gptq.percdamp = percdamp;
   cfg.gptq.act_order = act_order;
   cfg.gptq.refit_scales = refit_scales;
+  cfg.norms_f16 = norm_format == "f16";
   cfg.n_threads = threads;
   if (!(outliers >= 0.0 && outliers < 1.0))
     return Fail(absl::InvalidArgumentError(absl::StrCat("--outliers: ", outliers, " is not in [0, 1)")));
@@ -323,15 +329,18 @@ int main(int argc, char** argv) {
     const auto t0 = std::chrono::steady_clock::now();
     nibble::io::NibbleWriteOptions wo;
     wo.fp16_matrices = true;
+    wo.fp16_vectors = norm_format == "f16";
     if (auto s = nibble::io::WriteNibbleFile(*m, out, wo); !s.ok()) return Fail(s);
-    fprintf(stderr, "quantize: wrote %s: every matrix as fp16 (16 bits/weight; norms fp32); %.1f s\n", out.c_str(),
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    fprintf(stderr, "quantize: wrote %s: every matrix as fp16 (16 bits/weight; norms %s); %.1f s\n", out.c_str(),
+            norm_format.c_str(), std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     return 0;
   }
   Progress progress;
   auto report = nibble::QuantizeModel(&*m, cfg, [&](int d, int t, const std::string& n) { progress(d, t, n); });
   if (!report.ok()) return Fail(report.status());
-  if (auto s = nibble::io::WriteNibbleFile(*m, out); !s.ok()) return Fail(s);
+  nibble::io::NibbleWriteOptions wopts;
+  wopts.fp16_vectors = cfg.norms_f16;
+  if (auto s = nibble::io::WriteNibbleFile(*m, out, wopts); !s.ok()) return Fail(s);
 
   const int fw = allocate ? 40 : 14;
   fprintf(stderr, "%-20s %-*s %11s %6s %9s %9s %7s\n", "tensor", fw, "format", "shape", "bits", "rel.err", "proxy", "time");
