@@ -778,11 +778,103 @@ void Softmax(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
-void SwiGLU(float* gate, const float* up, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+// SwiGLU: gate = g / (1 + e^-g) * up with e^-g from one fixed sequence of
+// IEEE operations, the same in the scalar reference and the SIMD loops (so
+// every ISA gives the same bits; within a few ulp of std::exp's SiLU):
+//   t = clamp(-g, -87, 88)     (as min(t, 88) then max(., -87), SSE semantics)
+//   n = rint(t * log2 e)       (round half to even; |n| <= 127)
+//   r = fma(n, -ln2_hi, t); r = fma(n, -ln2_lo, r)
+//   p = Horner of the degree-7 Taylor series of e^r, each step an fma
+//   e = p * 2^n                (2^n built in the exponent field: a normal float),
+//       or +inf where -g > 88 (SiLU underflows there: g / inf = +-0)
+// then g / (1 + e) * up. No other multiply-add appears, so no FP contraction
+// can differ between the compilations.
+namespace {
+
+constexpr float kSwiLog2e = 1.44269504088896341f;
+constexpr float kSwiLn2Hi = 0.693145751953125f;        // 12 significant bits: n * hi is exact
+constexpr float kSwiLn2Lo = 1.428606765330187045e-06f;  // ln 2 - hi
+constexpr float kSwiC[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
+
+inline float SwiGluRef(float g, float u) {
+  float t = -g;
+  t = t < 88.0f ? t : 88.0f;
+  t = t > -87.0f ? t : -87.0f;
+  const float n = std::nearbyint(t * kSwiLog2e);
+  float r = std::fma(n, -kSwiLn2Hi, t);
+  r = std::fma(n, -kSwiLn2Lo, r);
+  float p = kSwiC[7];
+  for (int k = 6; k >= 0; --k) p = std::fma(p, r, kSwiC[k]);
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, 4);
+  // Past the clamp (g < -88) SiLU underflows to 0: e = inf gives g / inf = +-0.
+  const float e = -g > 88.0f ? INFINITY : p * pow2;
+  return g / (1.0f + e) * u;
+}
+
+void SwiGluScalar(float* gate, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) gate[i] = SwiGluRef(gate[i], up[i]);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) void SwiGluAvx2(float* gate, const float* up, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    __m256 t = _mm256_sub_ps(_mm256_setzero_ps(), g);
+    t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+    const __m256 nf =
+        _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(kSwiLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(nf, _mm256_set1_ps(-kSwiLn2Hi), t);
+    r = _mm256_fmadd_ps(nf, _mm256_set1_ps(-kSwiLn2Lo), r);
+    __m256 p = _mm256_set1_ps(kSwiC[7]);
+    for (int k = 6; k >= 0; --k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kSwiC[k]));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
+    __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+    e = _mm256_blendv_ps(e, _mm256_set1_ps(INFINITY),
+                         _mm256_cmp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.0f), _CMP_GT_OQ));
+    const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    _mm256_storeu_ps(gate + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
   }
+  for (; i < n; ++i) gate[i] = SwiGluRef(gate[i], up[i]);
+}
+
+__attribute__((target("avx512f"))) void SwiGluAvx512(float* gate, const float* up, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    __m512 t = _mm512_sub_ps(_mm512_setzero_ps(), g);
+    t = _mm512_max_ps(_mm512_min_ps(t, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(kSwiLog2e)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(nf, _mm512_set1_ps(-kSwiLn2Hi), t);
+    r = _mm512_fmadd_ps(nf, _mm512_set1_ps(-kSwiLn2Lo), r);
+    __m512 p = _mm512_set1_ps(kSwiC[7]);
+    for (int k = 6; k >= 0; --k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kSwiC[k]));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(nf), _mm512_set1_epi32(127)), 23);
+    __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+    e = _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(88.0f), _CMP_GT_OQ), e,
+        _mm512_set1_ps(INFINITY));
+    const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_storeu_ps(gate + i, _mm512_mul_ps(s, _mm512_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) gate[i] = SwiGluRef(gate[i], up[i]);
+}
+#endif
+
+}  // namespace
+
+void SwiGLU(float* gate, const float* up, int64_t n) {
+#if defined(__x86_64__)
+  switch (GetIsa()) {
+    case Isa::kAvx512: return SwiGluAvx512(gate, up, n);
+    case Isa::kAvx2: return SwiGluAvx2(gate, up, n);
+    default: break;
+  }
+#endif
+  SwiGluScalar(gate, up, n);
 }
 
 }  // namespace nibble::cpu
