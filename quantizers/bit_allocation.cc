@@ -178,7 +178,9 @@ std::vector<fmt::Format> DefaultAllocFormats() {
       if (f) out.push_back(*f);
     }
   }
-  for (const char* n : {"nl4_g32", "nl4_g64", "nl4_g128"}) out.push_back(*fmt::Format::Parse(n));
+  for (const char* n : {"nl4_g32", "nl4_g64", "nl4_g128", "nl3_g32", "nl3_g64", "nl3_g128", "nl2_g32", "nl2_g64",
+                        "nl2_g128"})
+    out.push_back(*fmt::Format::Parse(n));
   return out;
 }
 

@@ -88,8 +88,8 @@ absl::StatusOr<KnapsackSolution> SolveMultipleChoiceKnapsack(
 // ---- Model-level allocation.
 
 // Default candidates: int2, int3, int4 and int8 at groups 32, 64 and 128,
-// asym and _sym, and nl4 at groups 32, 64 and 128 (27 formats; dominated ones
-// are never chosen by the solver).
+// asym and _sym, and nl4, nl3, nl2 at groups 32, 64 and 128 (33 formats;
+// dominated ones are never chosen by the solver).
 // int2_g128 lets budgets near 2.1 linear bpw be met; the groups of 32 and 64
 // matter on narrow or odd rows (stories260K's 64 and 172 columns), where a
 // 128-column group pads each row to 128 or 256 codes (int8_g128 on a 64-wide

@@ -272,7 +272,7 @@ struct Sweep {
           (asym && std::fabs(rhs[K * g + 1]) > 65504.0))
         return;
       // Sign-sensitive kinds keep their sign convention (asym steps, binary/ternary magnitudes > 0).
-      if (!(d > 0.0f) && f.kind != fmt::Kind::kNl4 && !(f.kind == fmt::Kind::kInt && f.symmetric)) return;
+      if (!(d > 0.0f) && f.kind != fmt::Kind::kNl && !(f.kind == fmt::Kind::kInt && f.symmetric)) return;
       if (d == 0.0f) return;
       np[g].scale = d;
       if (asym) np[g].zero = m;

@@ -80,12 +80,15 @@ TEST(QMatMulModelTest, GreedyTokensAgreeAcrossIsasInt4) {
 
 // The non-uniform format (byte-shuffle unpacking into the int8 path), the
 // tied embedding / output head included.
-TEST(QMatMulModelTest, GreedyTokensAgreeAcrossIsasNl4) {
+TEST(QMatMulModelTest, GreedyTokensAgreeAcrossIsasNl) {
   QuantizeConfig cfg;
   cfg.format = *fmt::Format::Parse("nl4_g64");
   cfg.embed_format = *fmt::Format::Parse("nl4_g32");
   cfg.n_threads = 1;
   CheckIsasAgree(cfg, "nl4_g64, embedding nl4_g32", 8);
+  cfg.format = *fmt::Format::Parse("nl3_g32");
+  cfg.embed_format = *fmt::Format::Parse("nl2_g64");
+  CheckIsasAgree(cfg, "nl3_g32, embedding nl2_g64", 4);
 }
 
 TEST(QMatMulModelTest, GreedyTokensAgreeAcrossIsasWithSidecars) {

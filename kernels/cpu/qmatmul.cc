@@ -79,7 +79,9 @@ inline int CodeAt(const FormatInfo& fi, const GroupAffine& ga, int i) {
     case CodeKind::kU2: return fmt::GetCode(ga.codes, 2, i);
     case CodeKind::kU1: return fmt::GetCode(ga.codes, 1, i);
     case CodeKind::kBinTern: return fmt::GetCode(ga.codes, ga.ternary ? 2 : 1, i);
-    case CodeKind::kNl4: return Nl4Biased(fmt::GetCode(ga.codes, 4, i));
+    case CodeKind::kNl4: return NlBiased(4, fmt::GetCode(ga.codes, 4, i));
+    case CodeKind::kNl3: return NlBiased(3, fmt::GetCode3(ga.codes, fi.group, i));
+    case CodeKind::kNl2: return NlBiased(2, fmt::GetCode(ga.codes, 2, i));
   }
   return 0;
 }
@@ -231,7 +233,8 @@ float PackedValueInRow(const fmt::Format& f, const uint8_t* row, int64_t c) {
       return fmt::BinTernIsTernary(block) ? fmt::TernaryValue(a, fmt::GetCode(codes, 2, i))
                                           : fmt::BinaryValue(a, fmt::GetCode(codes, 1, i));
     }
-    case fmt::Kind::kNl4: return fmt::Nl4Value(a, fmt::GetCode(block + fmt::kNl4HeaderBytes, 4, i));
+    case fmt::Kind::kNl:
+      return fmt::NlValue(a, f.bits, fmt::GetIntCode(block + fmt::kNlHeaderBytes, f.bits, f.group, i));
   }
   return 0.0f;
 }

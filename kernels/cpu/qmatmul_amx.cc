@@ -249,17 +249,18 @@ template <CodeKind C>
 NIBBLE_AMX_INLINE __m256i SubBlockCodes(const uint8_t* codes, int group, int k, bool ternary) {
   if constexpr (C == CodeKind::kU8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * k));
-  } else if constexpr (C == CodeKind::kU4 || C == CodeKind::kNl4) {
+  } else if constexpr (kIsNl<C>) {
+    // nl: the biased u8 codes L[q] + 128 (an int8 sym group, m = -128 d).
+    return _mm256_shuffle_epi8(
+        _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kNlBiasedLut<kNlBits<C>>.v))),
+        SubBlockCodes<kRawCode<C>>(codes, group, k, false));
+  } else if constexpr (C == CodeKind::kU4) {
     // 16 bytes, two codes each (low nibble first): widen to 16-bit words
     // 0x00HL, then keep L in the low byte and H in the high byte.
     const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k)));
     const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(0x000f));
     const __m256i hi = _mm256_and_si256(_mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f00));
-    const __m256i q = _mm256_or_si256(lo, hi);
-    if constexpr (C == CodeKind::kU4) return q;
-    // nl4: the biased u8 codes L[q] + 128 (an int8 sym group, m = -128 d).
-    return _mm256_shuffle_epi8(
-        _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kNl4BiasedLut.v))), q);
+    return _mm256_or_si256(lo, hi);
   } else if constexpr (C == CodeKind::kU2) {
     return Codes2(codes + 8 * k);
   } else if constexpr (C == CodeKind::kU1) {
@@ -329,6 +330,8 @@ UnpackFn PickUnpack(CodeKind c) {
     case CodeKind::kU1: return UnpackStrip<CodeKind::kU1>;
     case CodeKind::kBinTern: return UnpackStrip<CodeKind::kBinTern>;
     case CodeKind::kNl4: return UnpackStrip<CodeKind::kNl4>;
+    case CodeKind::kNl3: return UnpackStrip<CodeKind::kNl3>;
+    case CodeKind::kNl2: return UnpackStrip<CodeKind::kNl2>;
   }
   return UnpackStrip<CodeKind::kU8>;
 }

@@ -52,14 +52,15 @@ NIBBLE_AVX2 inline __m256i Unpack32(const uint8_t* codes, int group, int k, bool
     // Signed q - 128.
     return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * k)),
                             _mm256_set1_epi8(static_cast<char>(0x80)));
-  } else if constexpr (C == CodeKind::kU4 || C == CodeKind::kNl4) {
-    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k)));
-    const __m256i q = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x000f)),
-                                      _mm256_and_si256(_mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f00)));
-    if constexpr (C == CodeKind::kU4) return q;
-    // nl4: the signed level L[q] = (biased code) - 128, like int8's q - 128.
+  } else if constexpr (kIsNl<C>) {
+    // nl: the signed level L[q] = (biased code) - 128, like int8's q - 128.
+    const __m256i q = Unpack32<kRawCode<C>>(codes, group, k, false);
     return _mm256_shuffle_epi8(
-        _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kNl4SignedLut.v))), q);
+        _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kNlSignedLut<kNlBits<C>>.v))), q);
+  } else if constexpr (C == CodeKind::kU4) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k)));
+    return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x000f)),
+                           _mm256_and_si256(_mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f00)));
   } else if constexpr (C == CodeKind::kU2) {
     return Spread2(codes + 8 * k);
   } else if constexpr (C == CodeKind::kU1) {
@@ -76,7 +77,7 @@ NIBBLE_AVX2 inline __m256i Unpack32(const uint8_t* codes, int group, int k, bool
 // Code layouts whose Unpack32 gives the signed code u - 128 (u: the u8 code
 // the canonical lane sums use).
 template <CodeKind C>
-inline constexpr bool kSignedCodes = C == CodeKind::kU8 || C == CodeKind::kNl4;
+inline constexpr bool kSignedCodes = C == CodeKind::kU8 || kIsNl<C>;
 
 template <CodeKind C>
 NIBBLE_AVX2 inline __m256i Dot32(__m256i q, __m256i x) {
@@ -283,6 +284,8 @@ void DequantRowAvx2(const fmt::Format& f, const uint8_t* row, int64_t cols, floa
     case CodeKind::kU1: return DequantRowT<CodeKind::kU1>(fi, row, cols, out);
     case CodeKind::kBinTern: return DequantRowT<CodeKind::kBinTern>(fi, row, cols, out);
     case CodeKind::kNl4: return DequantRowT<CodeKind::kNl4>(fi, row, cols, out);
+    case CodeKind::kNl3: return DequantRowT<CodeKind::kNl3>(fi, row, cols, out);
+    case CodeKind::kNl2: return DequantRowT<CodeKind::kNl2>(fi, row, cols, out);
   }
 }
 
@@ -299,6 +302,8 @@ void RowsAvx2(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int64_
     case CodeKind::kBinTern:
       return RowsCode<CodeKind::kBinTern>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
     case CodeKind::kNl4: return RowsCode<CodeKind::kNl4>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case CodeKind::kNl3: return RowsCode<CodeKind::kNl3>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
+    case CodeKind::kNl2: return RowsCode<CodeKind::kNl2>(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
   }
 }
 

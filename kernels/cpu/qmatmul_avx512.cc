@@ -134,10 +134,16 @@ NIBBLE_AVX512_INLINE __m512i Spread2x64(const uint8_t* p) {
   return _mm512_ternarylogic_epi32(t, _mm512_slli_epi32(v, 18), _mm512_set1_epi32(0x03030303), 0xa8);  // (a|b)&c
 }
 
-// nl4: 4-bit codes (one per byte) -> biased u8 codes L[q] + 128.
-NIBBLE_AVX512_INLINE __m512i Nl4Lookup(__m512i q) {
+// nl: codes (one per byte) -> biased u8 codes L[q] + 128.
+template <int BITS>
+NIBBLE_AVX512_INLINE __m512i NlLookup(__m512i q) {
   return _mm512_shuffle_epi8(
-      _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kNl4BiasedLut.v))), q);
+      _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kNlBiasedLut<BITS>.v))), q);
+}
+template <int BITS>
+NIBBLE_AVX512_INLINE __m256i NlLookup(__m256i q) {
+  return _mm256_shuffle_epi8(
+      _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kNlBiasedLut<BITS>.v))), q);
 }
 
 // Codes of sub-block k (32 weights) of a group, one u8 per weight.
@@ -145,13 +151,12 @@ template <CodeKind C>
 NIBBLE_AVX512_INLINE __m256i Unpack32(const uint8_t* codes, int group, int k, bool ternary) {
   if constexpr (C == CodeKind::kU8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * k));
-  } else if constexpr (C == CodeKind::kU4 || C == CodeKind::kNl4) {
+  } else if constexpr (kIsNl<C>) {
+    return NlLookup<kNlBits<C>>(Unpack32<kRawCode<C>>(codes, group, k, false));
+  } else if constexpr (C == CodeKind::kU4) {
     // Word i = 0x00HL -> bytes L, H: (v | v << 4) & 0x0f0f in one ternlog.
     const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k)));
-    const __m256i q = _mm256_ternarylogic_epi32(v, _mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f0f), 0xa8);
-    if constexpr (C == CodeKind::kU4) return q;
-    return _mm256_shuffle_epi8(
-        _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kNl4BiasedLut.v))), q);
+    return _mm256_ternarylogic_epi32(v, _mm256_slli_epi16(v, 4), _mm256_set1_epi16(0x0f0f), 0xa8);
   } else if constexpr (C == CodeKind::kU2) {
     return Spread2x32(codes + 8 * k);
   } else if constexpr (C == CodeKind::kU1) {
@@ -168,11 +173,11 @@ template <CodeKind C>
 NIBBLE_AVX512_INLINE __m512i Unpack64(const uint8_t* codes, int group, int k, bool ternary) {
   if constexpr (C == CodeKind::kU8) {
     return _mm512_loadu_si512(codes + 32 * k);
-  } else if constexpr (C == CodeKind::kU4 || C == CodeKind::kNl4) {
+  } else if constexpr (kIsNl<C>) {
+    return NlLookup<kNlBits<C>>(Unpack64<kRawCode<C>>(codes, group, k, false));
+  } else if constexpr (C == CodeKind::kU4) {
     const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 16 * k)));
-    const __m512i q = _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
-    if constexpr (C == CodeKind::kU4) return q;
-    return Nl4Lookup(q);
+    return _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
   } else if constexpr (C == CodeKind::kU2) {
     return Spread2x64(codes + 8 * k);
   } else if constexpr (C == CodeKind::kU1) {
@@ -341,12 +346,14 @@ inline constexpr int64_t kPrefetchBytes = NIBBLE_QMM_PF_BYTES;
 template <CodeKind C>
 constexpr int kCodeBits = C == CodeKind::kU8                          ? 8
                           : C == CodeKind::kU4 || C == CodeKind::kNl4 ? 4
+                          : C == CodeKind::kNl3                       ? 3
+                          : C == CodeKind::kNl2                       ? 2
                           : C == CodeKind::kU3                        ? 3
                           : C == CodeKind::kU2                        ? 2
                                                                       : 1;
 // The bits of the u8 codes the dot products see (FormatInfo::bits: nl4's biased codes are 8-bit).
 template <CodeKind C>
-constexpr int kSymBits = C == CodeKind::kNl4 ? 8 : kCodeBits<C>;
+constexpr int kSymBits = kIsNl<C> ? 8 : kCodeBits<C>;
 template <HeaderKind H>
 constexpr int kHeaderBytes = H == HeaderKind::kIntAsym ? 4 : 2;  // int, ternary, binary (not bintern)
 // Block bytes of the formats the decode tile handles (RowsAvx512 checks it).
@@ -417,15 +424,21 @@ template <CodeKind C, HeaderKind H, int SPG>
 NIBBLE_VBMI_INLINE void LoadRowPair(const uint8_t* row, int64_t b, bool two, __m512i& hdr, __m512i& q) {
   constexpr int bb = kDecodeBlockBytes<C, H, SPG>;
   constexpr int hb = kHeaderBytes<H>;
+  if constexpr (kIsNl<C>) {
+    // nl: the plain layout's load and unpack, then the level lookup (a
+    // missing block b + 1 keeps a zero half).
+    LoadRowPair<kRawCode<C>, H, SPG>(row, b, two, hdr, q);
+    q = _mm512_maskz_mov_epi64(two ? 0xff : 0x0f, NlLookup<kNlBits<C>>(q));
+    return;
+  }
   if constexpr (SPG == 1) {
     const uint8_t* p0 = row + b * bb;
-    if constexpr (C == CodeKind::kU4 || C == CodeKind::kNl4) {
+    if constexpr (C == CodeKind::kU4) {
       // Both blocks whole (2 bb <= 40 bytes) in one masked load.
       hdr = _mm512_maskz_loadu_epi8(two ? (__mmask64{1} << (2 * bb)) - 1 : (__mmask64{1} << bb) - 1, p0);
       const __m512i w = _mm512_maskz_permutexvar_epi8(__mmask64{0x5555555555555555ull},
                                                       _mm512_load_si512(kU4Idx<H>.v), hdr);
       q = _mm512_ternarylogic_epi32(w, _mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
-      if constexpr (C == CodeKind::kNl4) q = Nl4Lookup(q);
       q = _mm512_maskz_mov_epi64(two ? 0xff : 0x0f, q);
       return;
     }
@@ -599,7 +612,7 @@ FmtKernel PickSpg(int spg, int64_t block_bytes, bool fast) {
 // Code layouts occurring per header kind (fmt::AllFormats()).
 template <CodeKind C>
 FmtKernel PickHeader(HeaderKind h, int spg, int64_t bb, bool fast) {
-  if constexpr (C == CodeKind::kNl4) {
+  if constexpr (kIsNl<C>) {
     return PickSpg<C, HeaderKind::kIntSym>(spg, bb, fast);
   } else if constexpr (C == CodeKind::kU8 || C == CodeKind::kU4 || C == CodeKind::kU3) {
     return h == HeaderKind::kIntSym ? PickSpg<C, HeaderKind::kIntSym>(spg, bb, fast)
@@ -681,6 +694,8 @@ void DequantRowAvx512(const fmt::Format& f, const uint8_t* row, int64_t cols, fl
     case CodeKind::kU1: return DequantRowT<CodeKind::kU1>(fi, row, cols, out);
     case CodeKind::kBinTern: return DequantRowT<CodeKind::kBinTern>(fi, row, cols, out);
     case CodeKind::kNl4: return DequantRowT<CodeKind::kNl4>(fi, row, cols, out);
+    case CodeKind::kNl3: return DequantRowT<CodeKind::kNl3>(fi, row, cols, out);
+    case CodeKind::kNl2: return DequantRowT<CodeKind::kNl2>(fi, row, cols, out);
   }
 }
 
@@ -700,6 +715,8 @@ void RowsAvx512(const fmt::Format& f, const uint8_t* data, int64_t r_begin, int6
     case CodeKind::kU1: k = PickHeader<CodeKind::kU1>(fi.header, spg, fi.block_bytes, fast); break;
     case CodeKind::kBinTern: k = PickHeader<CodeKind::kBinTern>(fi.header, spg, fi.block_bytes, fast); break;
     case CodeKind::kNl4: k = PickHeader<CodeKind::kNl4>(fi.header, spg, fi.block_bytes, fast); break;
+    case CodeKind::kNl3: k = PickHeader<CodeKind::kNl3>(fi.header, spg, fi.block_bytes, fast); break;
+    case CodeKind::kNl2: k = PickHeader<CodeKind::kNl2>(fi.header, spg, fi.block_bytes, fast); break;
   }
   k(fi, data, rb, r_begin, r_end, a, t_begin, t_end, y, ldy);
 }

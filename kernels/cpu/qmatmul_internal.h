@@ -28,9 +28,20 @@ struct QActs {
 };
 
 // How a format's codes are stored and turned into w = d * q + m.
-// kNl4: 4-bit codes looked up in the nl4 level table as biased u8 codes
-// L[q] + 128, so that an nl4 group is an int8 sym group (w = d * (u - 128)).
-enum class CodeKind : uint8_t { kU8, kU4, kU3, kU2, kU1, kBinTern, kNl4 };
+// kNl4/kNl3/kNl2: 4/3/2-bit codes (stored like kU4/kU3/kU2) looked up in the
+// nl level table as biased u8 codes L[q] + 128, so that an nl group is an
+// int8 sym group (w = d * (u - 128)).
+enum class CodeKind : uint8_t { kU8, kU4, kU3, kU2, kU1, kBinTern, kNl4, kNl3, kNl2 };
+template <CodeKind C>
+inline constexpr bool kIsNl = C == CodeKind::kNl4 || C == CodeKind::kNl3 || C == CodeKind::kNl2;
+// An nl layout's code bits, and the plain layout its codes are stored in.
+template <CodeKind C>
+inline constexpr int kNlBits = C == CodeKind::kNl4 ? 4 : C == CodeKind::kNl3 ? 3 : 2;
+template <CodeKind C>
+inline constexpr CodeKind kRawCode = C == CodeKind::kNl4   ? CodeKind::kU4
+                                     : C == CodeKind::kNl3 ? CodeKind::kU3
+                                     : C == CodeKind::kNl2 ? CodeKind::kU2
+                                                           : C;
 enum class HeaderKind : uint8_t { kIntAsym, kIntSym, kTernary, kBinary, kBinTern };
 
 struct FormatInfo {
@@ -62,28 +73,31 @@ inline FormatInfo Describe(const fmt::Format& f) {
       i.header = HeaderKind::kBinTern;
       i.code = CodeKind::kBinTern;
       break;
-    case fmt::Kind::kNl4:
+    case fmt::Kind::kNl:
       i.header = HeaderKind::kIntSym;
-      i.code = CodeKind::kNl4;
+      i.code = f.bits == 4 ? CodeKind::kNl4 : f.bits == 3 ? CodeKind::kNl3 : CodeKind::kNl2;
       i.bits = 8;
       break;
   }
   return i;
 }
 
-// nl4 code q -> its biased u8 code L[q] + 128 (in [1, 254]), as a 16-byte
-// table for the byte-shuffle unpackers.
-constexpr uint8_t Nl4Biased(int q) { return static_cast<uint8_t>(fmt::Nl4Level(q) + 128); }
-struct alignas(16) Nl4Lut {
+// nl code q -> its biased u8 code L[q] + 128 (in [1, 255]), and 16-byte
+// tables (indexed by the code; entries past 2^bits unused) for the
+// byte-shuffle unpackers.
+constexpr uint8_t NlBiased(int bits, int q) { return static_cast<uint8_t>(fmt::NlLevel(bits, q) + 128); }
+struct alignas(16) NlLut {
   uint8_t v[16];
 };
-constexpr Nl4Lut MakeNl4Lut(int bias) {
-  Nl4Lut t{};
-  for (int q = 0; q < 16; ++q) t.v[q] = static_cast<uint8_t>(fmt::Nl4Level(q) + bias);
+constexpr NlLut MakeNlLut(int bits, int bias) {
+  NlLut t{};
+  for (int q = 0; q < (1 << bits); ++q) t.v[q] = static_cast<uint8_t>(fmt::NlLevel(bits, q) + bias);
   return t;
 }
-inline constexpr Nl4Lut kNl4BiasedLut = MakeNl4Lut(128);  // u8 L + 128
-inline constexpr Nl4Lut kNl4SignedLut = MakeNl4Lut(256);  // the int8 L as bytes
+template <int BITS>
+inline constexpr NlLut kNlBiasedLut = MakeNlLut(BITS, 128);  // u8 L + 128
+template <int BITS>
+inline constexpr NlLut kNlSignedLut = MakeNlLut(BITS, 256);  // the int8 L as bytes
 
 // int sym formats: m_g = SymMul(bits) * d_g (an exact power of two).
 inline constexpr float SymMul(int bits) { return -static_cast<float>(1 << (bits - 1)); }

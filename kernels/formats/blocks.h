@@ -50,25 +50,30 @@ NIBBLE_HD constexpr int BinaryBlockBytes(int group) { return kBinaryHeaderBytes 
 inline constexpr int kBinTernFlagOffset = 2;
 inline constexpr int kBinTernHeaderBytes = 4;
 NIBBLE_HD constexpr int BinTernBlockBytes(int group) { return kBinTernHeaderBytes + group / 4; }
-// Non-uniform 4-bit: [fp16 d][4-bit codes], the int4 sym layout.
-inline constexpr int kNl4HeaderBytes = 2;
-NIBBLE_HD constexpr int Nl4BlockBytes(int group) { return kNl4HeaderBytes + group / 2; }
-// Code of the level 0 (unused weights of a partial last group).
-inline constexpr int kNl4ZeroCode = 8;
+// Non-uniform: [fp16 d][codes, `bits` each], the int{bits} sym layout (3-bit
+// codes as two planes, like int3).
+inline constexpr int kNlHeaderBytes = 2;
+NIBBLE_HD constexpr int NlBlockBytes(int bits, int group) { return kNlHeaderBytes + group * bits / 8; }
 
-// The nl4 levels, ascending, as int8 (value = d * level). Fitted once by
-// Lloyd iterations on groups of 32 weights normalised by their fp16 scale
-// (the fit below, both signs of d allowed) over samples of stories260K's and
-// SmolLM2-135M's linear layers, rescaled to a largest magnitude of 127 and
-// rounded, with the level nearest zero set to exactly 0. The table is
-// asymmetric on purpose: a negative d mirrors it, so each group picks the
-// denser side for its larger tail. Part of the stored format: never changed.
-// Weighted squared error on those weights (relative): 0.0043 against 0.0049
-// for int4 asym and 0.0058 for int4 sym at the same group size (32).
-NIBBLE_HD constexpr int Nl4Level(int q) {
-  constexpr int8_t kLevels[16] = {-127, -100, -79, -63, -48, -34, -20, -7, 0, 13, 27, 42, 57, 73, 95, 126};
-  return kLevels[q & 15];
+// The nl level tables, ascending, as int8 (value = d * level). Each was
+// fitted once by Lloyd iterations (alternating the per-group scale fit of
+// nl_format.cc, both signs of d allowed, and the level update) on groups of
+// weights of stories260K's and SmolLM2-135M's linear layers (32 per group for
+// nl4, 64 for nl3 and nl2), rescaled to a largest magnitude of 127 and
+// rounded; nl4's level nearest zero was then set to exactly 0. The tables
+// are asymmetric on purpose: a negative d mirrors them, so each group picks
+// the side with the longer tail. Part of the stored format: never changed.
+// Relative squared error on those weights, against int sym / int asym:
+//   nl4 g32 0.0043 (sym 0.0058, asym 0.0049)   nl3 g64 0.0286 (0.0335, 0.0306)
+//   nl2 g64 0.113  (0.129, 0.118)
+NIBBLE_HD constexpr int NlLevel(int bits, int q) {
+  constexpr int8_t k4[16] = {-127, -100, -79, -63, -48, -34, -20, -7, 0, 13, 27, 42, 57, 73, 95, 126};
+  constexpr int8_t k3[8] = {-104, -64, -34, -9, 14, 40, 73, 127};
+  constexpr int8_t k2[4] = {-127, -39, 24, 100};
+  return bits == 4 ? k4[q & 15] : bits == 3 ? k3[q & 7] : k2[q & 3];
 }
+// The code whose level is nearest 0 (unused weights of a partial last group).
+NIBBLE_HD constexpr int NlZeroCode(int bits) { return bits == 4 ? 8 : bits == 3 ? 3 : 2; }
 
 // ------------------------------------------------------------ bit access ---
 
@@ -135,8 +140,8 @@ NIBBLE_HD inline float IntSymValue(float d, int bits, int q) {
 // Ternary 2-bit code: 0 -> -a, 1 -> 0, 2 -> +a. Code 3 is never written; it
 // decodes as +2a (the same formula), so readers need no special case.
 NIBBLE_HD inline float TernaryValue(float a, int q) { return a * static_cast<float>(q - 1); }
-// nl4: w = d * L[q]; an exact product (11 x 7 significant bits), one rounding.
-NIBBLE_HD inline float Nl4Value(float d, int q) { return d * static_cast<float>(Nl4Level(q)); }
+// nl: w = d * L[q]; an exact product (11 x 7 significant bits), one rounding.
+NIBBLE_HD inline float NlValue(float d, int bits, int q) { return d * static_cast<float>(NlLevel(bits, q)); }
 // Binary sign bit: 1 -> +a, 0 -> -a.
 NIBBLE_HD inline float BinaryValue(float a, int bit) { return bit ? a : -a; }
 
@@ -170,14 +175,14 @@ NIBBLE_HD inline int TernaryCode(float t, float w) {
 }
 // Binary: w >= 0 (and NaN) -> +a.
 NIBBLE_HD inline int BinaryCode(float w) { return w < 0.0f ? 0 : 1; }
-// nl4: the code whose stored value d * L[q] is nearest w (ties: the lower
-// code); d == 0 (or NaN w) gives the code of 0.
-NIBBLE_HD inline int Nl4Code(float d, float w) {
-  if (d == 0.0f || !(w == w)) return kNl4ZeroCode;
+// nl: the code whose stored value d * L[q] is nearest w (ties: the lower
+// code); d == 0 (or NaN w) gives the zero code.
+NIBBLE_HD inline int NlCode(float d, int bits, float w) {
+  if (d == 0.0f || !(w == w)) return NlZeroCode(bits);
   int best = 0;
-  float best_err = fabsf(w - Nl4Value(d, 0));
-  for (int q = 1; q < 16; ++q) {
-    const float e = fabsf(w - Nl4Value(d, q));
+  float best_err = fabsf(w - NlValue(d, bits, 0));
+  for (int q = 1; q < (1 << bits); ++q) {
+    const float e = fabsf(w - NlValue(d, bits, q));
     if (e < best_err) best_err = e, best = q;
   }
   return best;
@@ -210,10 +215,10 @@ NIBBLE_HD inline void DecodeBinaryBlock(const uint8_t* block, int n, float* out)
   for (int i = 0; i < n; ++i) out[i] = BinaryValue(a, GetCode(bits, 1, i));
 }
 
-NIBBLE_HD inline void DecodeNl4Block(const uint8_t* block, int n, float* out) {
+NIBBLE_HD inline void DecodeNlBlock(const uint8_t* block, int bits, int group, int n, float* out) {
   const float d = LoadF16(block);
-  const uint8_t* codes = block + kNl4HeaderBytes;
-  for (int i = 0; i < n; ++i) out[i] = Nl4Value(d, GetCode(codes, 4, i));
+  const uint8_t* codes = block + kNlHeaderBytes;
+  for (int i = 0; i < n; ++i) out[i] = NlValue(d, bits, GetIntCode(codes, bits, group, i));
 }
 
 NIBBLE_HD inline bool BinTernIsTernary(const uint8_t* block) { return block[kBinTernFlagOffset] != 0; }

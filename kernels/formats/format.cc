@@ -26,11 +26,13 @@ std::vector<Format> BuildAllFormats() {
   for (uint16_t g : kGroups) all.push_back(Format{Kind::kTernary, 2, g, false});
   for (uint16_t g : kGroups) all.push_back(Format{Kind::kBinary, 1, g, false});
   for (uint16_t g : kGroups) all.push_back(Format{Kind::kBinTern, 2, g, false});
-  for (uint16_t g : kGroups) all.push_back(Format{Kind::kNl4, 4, g, false});
+  for (uint8_t bits : {4, 3, 2}) {
+    for (uint16_t g : kGroups) all.push_back(Format{Kind::kNl, bits, g, false});
+  }
   return all;
 }
 
-// True for the formats AllFormats() lists (36 entries: a linear scan is fine
+// True for the formats AllFormats() lists (42 entries: a linear scan is fine
 // at one call per row).
 bool IsKnown(const Format& f) {
   const std::vector<Format>& all = AllFormats();
@@ -52,8 +54,8 @@ void DecodeBlock(const Format& f, const uint8_t* block, int n, float* out) {
     case Kind::kBinTern:
       DecodeBinTernBlock(block, n, out);
       return;
-    case Kind::kNl4:
-      DecodeNl4Block(block, n, out);
+    case Kind::kNl:
+      DecodeNlBlock(block, f.bits, f.group, n, out);
       return;
   }
 }
@@ -86,8 +88,8 @@ std::string Format::Name() const {
       return "binary" + g;
     case Kind::kBinTern:
       return "bintern" + g;
-    case Kind::kNl4:
-      return "nl4" + g;
+    case Kind::kNl:
+      return "nl" + std::to_string(bits) + g;
   }
   return "unknown_kind" + std::to_string(static_cast<int>(kind));
 }
@@ -112,8 +114,8 @@ int64_t Format::BlockBytes() const {
       return BinaryBlockBytes(group);
     case Kind::kBinTern:
       return BinTernBlockBytes(group);
-    case Kind::kNl4:
-      return Nl4BlockBytes(group);
+    case Kind::kNl:
+      return NlBlockBytes(bits, group);
   }
   return 0;
 }
@@ -145,8 +147,8 @@ GroupParams FitGroupRef(const Format& f, const float* w, int n, const float* imp
       return internal::FitBinaryGroup(w, n, importance);
     case Kind::kBinTern:
       return internal::FitBinTernGroup(w, n, importance, bintern_lambda);
-    case Kind::kNl4:
-      return internal::FitNl4Group(w, n, importance);
+    case Kind::kNl:
+      return internal::FitNlGroup(f, w, n, importance);
   }
   return GroupParams{};
 }
@@ -161,8 +163,8 @@ float QuantizeValueRef(const Format& f, const GroupParams& p, float w) {
       return internal::QuantizeBinaryValue(p, w);
     case Kind::kBinTern:
       return internal::QuantizeBinTernValue(p, w);
-    case Kind::kNl4:
-      return internal::QuantizeNl4Value(p, w);
+    case Kind::kNl:
+      return internal::QuantizeNlValue(f, p, w);
   }
   return 0.0f;
 }
@@ -185,8 +187,8 @@ void PackGroupRef(const Format& f, const GroupParams& p, const float* w, int n, 
     case Kind::kBinTern:
       internal::PackBinTernGroup(f, p, w, n, block);
       return;
-    case Kind::kNl4:
-      internal::PackNl4Group(f, p, w, n, block);
+    case Kind::kNl:
+      internal::PackNlGroup(f, p, w, n, block);
       return;
   }
 }

@@ -44,20 +44,21 @@ enum class Kind : uint8_t {
   // Quantization). Every block reserves room for ternary codes: BitsPerWeight
   // reports that storage, EffectiveBitsRef the groups' actual depth.
   kBinTern = 4,
-  // Non-uniform 4-bit ("nl4"): w = d * L[q], q in [0, 15], one fp16 d per
-  // group (either sign), L the fixed int8 level table of blocks.h (Nl4Level),
-  // denser near zero than the uniform grid. Same block bytes as int4 sym.
-  kNl4 = 5,
+  // Non-uniform ("nl2", "nl3", "nl4"): w = d * L_bits[q], q in [0, 2^bits),
+  // one fp16 d per group (either sign), L_bits a fixed int8 level table of
+  // blocks.h (NlLevel), denser near zero than the uniform grid. Same block
+  // bytes as int{bits} sym.
+  kNl = 5,
 };
 
 struct Format {
   Kind kind = Kind::kInt;
-  uint8_t bits = 4;      // code bits per weight (kTernary: 2, kBinary: 1, kBinTern: 2 reserved, kNl4: 4)
+  uint8_t bits = 4;      // code bits per weight (kTernary: 2, kBinary: 1, kBinTern: 2 reserved, kNl: 2, 3, 4)
   uint16_t group = 64;   // weights per group (32, 64, 128)
   bool symmetric = false;
 
   // Stable names: "int4_g64" (asym), "int4_g64_sym", "ternary_g64", "binary_g128", "bintern_g64",
-  // "nl4_g32".
+  // "nl3_g64".
   std::string Name() const;
   static std::optional<Format> Parse(std::string_view name);
 
@@ -81,7 +82,7 @@ const std::vector<Format>& AllFormats();
 
 // Per-group parameters a quantizer fits and then applies column by column (GPTQ).
 struct GroupParams {
-  float scale = 0.0f;  // d (kInt, kNl4), a (kTernary/kBinary/kBinTern)
+  float scale = 0.0f;  // d (kInt, kNl), a (kTernary/kBinary/kBinTern)
   float zero = 0.0f;   // m (kInt asym); threshold (kTernary); 0/1 = binary/ternary (kBinTern)
   // kTernary codes |w| > threshold as sign(w) * a; kBinTern's ternary groups
   // use the nearest level (threshold a / 2). Scale and m are rounded to fp16

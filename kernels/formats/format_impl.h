@@ -51,9 +51,9 @@ GroupParams FitBinTernGroup(const float* w, int n, const float* importance, floa
 float QuantizeBinTernValue(const GroupParams& p, float w);
 void PackBinTernGroup(const Format& f, const GroupParams& p, const float* w, int n, uint8_t* block);
 
-// kNl4 (nl4_format.cc).
-GroupParams FitNl4Group(const float* w, int n, const float* importance);
-float QuantizeNl4Value(const GroupParams& p, float w);
-void PackNl4Group(const Format& f, const GroupParams& p, const float* w, int n, uint8_t* block);
+// kNl (nl_format.cc).
+GroupParams FitNlGroup(const Format& f, const float* w, int n, const float* importance);
+float QuantizeNlValue(const Format& f, const GroupParams& p, float w);
+void PackNlGroup(const Format& f, const GroupParams& p, const float* w, int n, uint8_t* block);
 
 }  // namespace nibble::fmt::internal

@@ -32,7 +32,7 @@ int HeaderBytes(const Format& f) {
     case Kind::kTernary: return 2;                // fp16 a
     case Kind::kBinary: return 2;                 // fp16 a
     case Kind::kBinTern: return 4;                // fp16 a, u8 flag, u8 reserved
-    case Kind::kNl4: return 2;                    // fp16 d
+    case Kind::kNl: return 2;                     // fp16 d
   }
   return -1;
 }
@@ -42,7 +42,7 @@ int CodeBits(const Format& f) {
     case Kind::kTernary: return 2;
     case Kind::kBinary: return 1;
     case Kind::kBinTern: return 2;
-    case Kind::kNl4: return 4;
+    case Kind::kNl: return f.bits;
   }
   return -1;
 }
@@ -62,9 +62,22 @@ int DocIntCode(const Format& f, const uint8_t* block, int i) {
   if (f.bits == 3) return BitsAt(codes, 2 * i, 2) | BitsAt(codes + f.group / 4, i, 1) << 2;
   return BitsAt(codes, i * f.bits, f.bits);
 }
-// The nl4 level table as docs/FORMATS.md lists it (written out independently
-// of blocks.h's copy).
+// The nl level tables as docs/FORMATS.md lists them (written out
+// independently of blocks.h's copy), and each table's largest gap.
 constexpr int kDocNl4Levels[16] = {-127, -100, -79, -63, -48, -34, -20, -7, 0, 13, 27, 42, 57, 73, 95, 126};
+constexpr int kDocNl3Levels[8] = {-104, -64, -34, -9, 14, 40, 73, 127};
+constexpr int kDocNl2Levels[4] = {-127, -39, 24, 100};
+std::vector<int> DocNlLevels(int bits) {
+  if (bits == 4) return {std::begin(kDocNl4Levels), std::end(kDocNl4Levels)};
+  if (bits == 3) return {std::begin(kDocNl3Levels), std::end(kDocNl3Levels)};
+  return {std::begin(kDocNl2Levels), std::end(kDocNl2Levels)};
+}
+int DocNlMaxGap(int bits) {
+  const std::vector<int> l = DocNlLevels(bits);
+  int g = 0;
+  for (size_t i = 1; i < l.size(); ++i) g = std::max(g, l[i] - l[i - 1]);
+  return g;
+}
 
 // Value i of one block, per the documentation (arithmetic in double: d*q+m of
 // fp16 operands is exact in double, so the float cast is the one rounding).
@@ -83,8 +96,8 @@ float DocValue(const Format& f, const uint8_t* block, int i) {
     case Kind::kBinTern:
       if (block[2] != 0) return static_cast<float>(a * (BitsAt(block + 4, 2 * i, 2) - 1));
       return static_cast<float>(BitsAt(block + 4, i, 1) ? a : -a);
-    case Kind::kNl4:
-      return static_cast<float>(a * kDocNl4Levels[BitsAt(block + 2, 4 * i, 4)]);
+    case Kind::kNl:
+      return static_cast<float>(a * DocNlLevels(f.bits)[DocIntCode(f, block, i)]);
   }
   return NAN;
 }
@@ -92,8 +105,8 @@ float DocValue(const Format& f, const uint8_t* block, int i) {
 std::vector<double> Levels(const Format& f, const uint8_t* block) {
   std::vector<double> out;
   const double a = F16At(block);
-  if (f.kind == Kind::kNl4) {
-    for (int l : kDocNl4Levels) out.push_back(a * l);
+  if (f.kind == Kind::kNl) {
+    for (int l : DocNlLevels(f.bits)) out.push_back(a * l);
   } else if (f.kind == Kind::kInt) {
     for (int q = 0; q < (1 << f.bits); ++q)
       out.push_back(f.symmetric ? a * (q - (1 << (f.bits - 1))) : a * q + F16At(block + 2));
@@ -174,11 +187,11 @@ void CheckGroup(const Format& f, const float* w, const float* v, const float* im
   st->energy += energy;
   const std::vector<double> levels = Levels(f, block);
   const double slack = std::ldexp(std::fabs(lo) + std::fabs(hi) + (hi - lo), -10) + std::ldexp(1.0, -22);
-  if (f.kind == Kind::kInt || f.kind == Kind::kNl4) {
+  if (f.kind == Kind::kInt || f.kind == Kind::kNl) {
     // Every value is the grid level nearest to w (RTN), up to float rounding.
     // For w inside the grid's span that means |w - v| <= half the largest gap
     // between adjacent levels (kInt: d/2).
-    const double d = f.kind == Kind::kInt ? std::fabs(F16At(block)) : std::fabs(F16At(block)) * 31;
+    const double d = f.kind == Kind::kInt ? std::fabs(F16At(block)) : std::fabs(F16At(block)) * DocNlMaxGap(f.bits);
     const double gmin = *std::min_element(levels.begin(), levels.end());
     const double gmax = *std::max_element(levels.begin(), levels.end());
     for (int i = 0; i < n; ++i) {
@@ -194,14 +207,16 @@ void CheckGroup(const Format& f, const float* w, const float* v, const float* im
     // most B: asym d0/2 with d0 = (max-min)/(2^b-1); sym d0/2 on vext's side
     // and up to |d0| = |vext|/2^(b-1) past the grid's short end; plus the
     // fp16 rounding of d and m (slack). So err <= sum c_i B_i^2.
-    // nl4: the search includes d0 = vext / 126 (vext on the top level); its
-    // grid covers [-|vext|, |vext|] and its largest gap is 31 |d0|.
+    // nl: the search puts vext on either end level; with vext on the end of
+    // smaller magnitude m = min(|L[0]|, L[last]) (d0 = |vext| / m) the grid
+    // covers [-|vext|, |vext|], and its largest gap is maxgap |d0|.
     const int half = 1 << (f.bits - 1);
     double bound = 0;
     for (int i = 0; i < n; ++i) {
       double b;
-      if (f.kind == Kind::kNl4) {
-        b = 31.0 / 2 * std::fabs(vext) / 126;
+      if (f.kind == Kind::kNl) {
+        const std::vector<int> l = DocNlLevels(f.bits);
+        b = DocNlMaxGap(f.bits) / 2.0 * std::fabs(vext) / std::min(-l.front(), l.back());
       } else if (!f.symmetric) {
         b = (hi - lo) / ((1 << f.bits) - 1) / 2;
       } else {
@@ -213,10 +228,10 @@ void CheckGroup(const Format& f, const float* w, const float* v, const float* im
       bound += (imp ? imp[i] : 1.0) * b * b;
     }
     EXPECT_LE(err, bound * (1 + 1e-9) + 1e-30);
-    if (f.kind == Kind::kNl4) {
-      // Model: the error of int4 sym (same bytes per block) on this group;
-      // the non-uniform grid is there to beat it (asserted per row set).
-      const Format sym4{Kind::kInt, 4, f.group, true};
+    if (f.kind == Kind::kNl) {
+      // Model: the error of int{bits} sym (same bytes per block) on this
+      // group; the non-uniform grid is there to beat it (asserted per row set).
+      const Format sym4{Kind::kInt, f.bits, f.group, true};
       const GroupParams p4 = FitGroupRef(sym4, w, n, nullptr);
       for (int i = 0; i < n; ++i) {
         const double e = double(w[i]) - QuantizeValueRef(sym4, p4, w[i]);
@@ -388,7 +403,7 @@ TEST_P(FormatTest, RoundTripGaussianRows) {
     case Kind::kBinary: EXPECT_LE(st.Nmse(), kBinaryGaussianNmse + kGaussianNmseSlack); break;
     case Kind::kTernary: EXPECT_LE(st.Nmse(), kTernaryGaussianNmse + kGaussianNmseSlack); break;
     case Kind::kBinTern: EXPECT_LE(st.Nmse(), kBinaryGaussianNmse + kGaussianNmseSlack); break;
-    case Kind::kNl4: EXPECT_LT(st.err, st.model) << f.Name() << " nmse " << st.Nmse(); break;
+    case Kind::kNl: EXPECT_LT(st.err, st.model) << f.Name() << " nmse " << st.Nmse(); break;
   }
 }
 
@@ -463,7 +478,7 @@ TEST_P(FormatTest, RoundTripRealWeights) {
   // (st.model): kInt <= the uniform-noise model of min/max RTN, within its
   // sampling noise; binary, ternary and bintern <= the binary LS error.
   for (const Stats& st : {a, b}) {
-    const double margin = f.kind == Kind::kInt ? kUniformModelMargin : f.kind == Kind::kNl4 ? 1.0 : 1 + 1e-6;
+    const double margin = f.kind == Kind::kInt ? kUniformModelMargin : f.kind == Kind::kNl ? 1.0 : 1 + 1e-6;
     EXPECT_LE(st.err, st.model * margin + 1e-12) << f.Name() << " nmse " << st.Nmse();
   }
 }
@@ -476,7 +491,7 @@ INSTANTIATE_TEST_SUITE_P(AllFormats, FormatTest, ::testing::ValuesIn(AllFormats(
 TEST(FormatRegistryTest, ListsEveryFormatOnceWithDistinctNames) {
   std::set<std::string> names;
   for (const Format& f : AllFormats()) names.insert(f.Name());
-  EXPECT_EQ(AllFormats().size(), 4u * 3 * 2 + 4u * 3);
+  EXPECT_EQ(AllFormats().size(), 4u * 3 * 2 + 3u * 3 + 3u * 3);
   EXPECT_EQ(names.size(), AllFormats().size());
   EXPECT_EQ(AllFormats().front().Name(), "int8_g32");
   EXPECT_EQ(Format::Parse("int4_g64_sym"), (Format{Kind::kInt, 4, 64, true}));
@@ -493,7 +508,8 @@ TEST(FormatRegistryTest, BitsPerWeightTableAndOrdering) {
       {"int8_g32", 9.0},     {"int8_g64_sym", 8.25},   {"int4_g32", 5.0},     {"int4_g64", 4.5},
       {"int4_g128_sym", 4.125}, {"int3_g64", 3.5},     {"int3_g128_sym", 3.125}, {"int2_g32", 3.0},
       {"int2_g128_sym", 2.125}, {"ternary_g64", 2.25}, {"binary_g32", 1.5},  {"binary_g128", 1.125},
-      {"bintern_g32", 3.0},  {"bintern_g128", 2.25}, {"nl4_g32", 4.5},       {"nl4_g128", 4.125}};
+      {"bintern_g32", 3.0},  {"bintern_g128", 2.25}, {"nl4_g32", 4.5},       {"nl4_g128", 4.125},
+      {"nl3_g64", 3.25},     {"nl2_g128", 2.125},      {"nl2_g32", 2.5}};
   for (const auto& t : table) EXPECT_DOUBLE_EQ(Format::Parse(t.name)->BitsPerWeight(1024), t.bits) << t.name;
   for (uint16_t g : {32, 64, 128}) {
     for (bool sym : {false, true}) {

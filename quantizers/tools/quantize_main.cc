@@ -29,7 +29,7 @@ void ListFormats() {
     const char* kind = f.kind == nibble::fmt::Kind::kInt       ? "int"
                        : f.kind == nibble::fmt::Kind::kTernary ? "ternary"
                        : f.kind == nibble::fmt::Kind::kBinary  ? "binary"
-                       : f.kind == nibble::fmt::Kind::kNl4     ? "nl4"
+                       : f.kind == nibble::fmt::Kind::kNl      ? "nl"
                                                                : "bintern";
     printf("%-18s %-8s %5d %6d %5s  %.3f\n", f.Name().c_str(), kind, f.bits, f.group, f.symmetric ? "yes" : "no",
            f.BitsPerWeight(f.group * 16));
@@ -140,7 +140,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--alloc-formats", alloc_formats,
                  "bit allocation: candidate formats a,b,c (default: int2/3/4/8 at groups 32, 64, 128, asym and sym, and "
-                 "nl4 at groups 32, 64, 128)");
+                 "nl4/nl3/nl2 at groups 32, 64, 128)");
   app.add_option("--alloc-estimate", alloc_estimate,
                  "bit allocation: error estimate gptq (exact for --method gptq) | rtn (faster); default: the method");
   app.add_option("--alloc-sensitivity", alloc_sensitivity,
@@ -155,7 +155,7 @@ int main(int argc, char** argv) {
                  "budgets then pays them once)");
   app.add_option("--alloc-embed-formats", alloc_embed_formats,
                  "bit allocation: candidate formats of the token embedding/output head, chosen by measured KLD "
-                 "(auto: int8_g32,int4_g32,nl4_g32,int4_g64,nl4_g64,int3_g64,int2_g64; none: keep --embed-format)")
+                 "(auto: int8_g32,int4_g32,nl4_g32,int4_g64,nl4_g64,int3_g64,nl3_g64,int2_g64,nl2_g64; none: keep --embed-format)")
       ->capture_default_str();
   auto* dfmpc_high_opt = app.add_option("--dfmpc-high", dfmpc_high,
                                         "dfmpc: format of the compensating layers wo and w_down")
@@ -212,7 +212,7 @@ int main(int argc, char** argv) {
       return Fail(absl::InvalidArgumentError(absl::StrCat("--alloc-probe-tokens: ", alloc_probe_tokens, " < 2")));
     cfg.alloc.probe_tokens = alloc_probe_tokens;
     if (alloc_embed_formats != "none" && alloc_sensitivity == "kld") {
-      auto list = nibble::ParseFormatList(alloc_embed_formats == "auto" ? "int8_g32,int4_g32,nl4_g32,int4_g64,nl4_g64,int3_g64,int2_g64"
+      auto list = nibble::ParseFormatList(alloc_embed_formats == "auto" ? "int8_g32,int4_g32,nl4_g32,int4_g64,nl4_g64,int3_g64,nl3_g64,int2_g64,nl2_g64"
                                                                          : alloc_embed_formats);
       if (!list.ok())
         return Fail(absl::InvalidArgumentError(absl::StrCat("--alloc-embed-formats: ", list.status().message())));

@@ -1,10 +1,10 @@
-// kNl4: non-uniform 4-bit, w = d * L[q] with the fixed level table of
-// blocks.h (Nl4Level) and one fp16 d per group.
+// kNl: non-uniform 2/3/4-bit, w = d * L_bits[q] with the fixed level tables of
+// blocks.h (NlLevel) and one fp16 d per group.
 //
 // Fit: the grid is anchored on the signed weight v of largest magnitude,
-// which is put on either end level (d = s * v / L[15] or d = s * v / L[0],
+// which is put on either end level (d = s * v / L[last] or d = s * v / L[0],
 // i.e. both orientations of the asymmetric table) for shrink factors
-// s in {1.0, 0.975, ..., 0.6}; each candidate d is rounded to fp16, the
+// s in {1.0, 0.975, ..., 0.5}; each candidate d is rounded to fp16, the
 // importance-weighted squared error of the stored values is measured, and
 // d is refined once by weighted least squares over the codes it assigned
 // (d = sum c w L / sum c L^2, rounded and measured again). The best measured
@@ -17,12 +17,12 @@
 namespace nibble::fmt::internal {
 namespace {
 
-constexpr int kShrinkSteps = 16;       // s = 1.0 - 0.025 * step, step = 0..16
-constexpr float kShrinkStep = 0.025f;  // down to 0.6
+constexpr int kShrinkSteps = 20;       // s = 1.0 - 0.025 * step, step = 0..20
+constexpr float kShrinkStep = 0.025f;  // down to 0.5
 
-class Nl4Search {
+class NlSearch {
  public:
-  Nl4Search(const float* w, int n, const float* imp) : w_(w), n_(n), imp_(imp) {}
+  NlSearch(int bits, const float* w, int n, const float* imp) : bits_(bits), w_(w), n_(n), imp_(imp) {}
 
   void TryWithRefit(float d) {
     double lw = 0.0, ll = 0.0;
@@ -40,8 +40,8 @@ class Nl4Search {
     if (!std::isfinite(ds)) return false;
     double err = 0.0, sw = 0.0, sl = 0.0;
     for (int i = 0; i < n_; ++i) {
-      const int q = Nl4Code(ds, w_[i]);
-      const double c = Imp(imp_, i), x = w_[i], l = Nl4Level(q), e = x - Nl4Value(ds, q);
+      const int q = NlCode(ds, bits_, w_[i]);
+      const double c = Imp(imp_, i), x = w_[i], l = NlLevel(bits_, q), e = x - NlValue(ds, bits_, q);
       err += c * e * e;
       sw += c * x * l;
       sl += c * l * l;
@@ -56,6 +56,7 @@ class Nl4Search {
     return true;
   }
 
+  int bits_;
   const float* w_;
   int n_;
   const float* imp_;
@@ -66,17 +67,18 @@ class Nl4Search {
 
 }  // namespace
 
-GroupParams FitNl4Group(const float* w, int n, const float* importance) {
+GroupParams FitNlGroup(const Format& f, const float* w, int n, const float* importance) {
   float vext = 0.0f;  // finite weight of largest magnitude (NaN/Inf ignored)
   for (int i = 0; i < n; ++i) {
     if (std::isfinite(w[i]) && std::fabs(w[i]) > std::fabs(vext)) vext = w[i];
   }
-  Nl4Search search(w, n, importance);
+  NlSearch search(f.bits, w, n, importance);
   if (vext == 0.0f) {
     search.TryWithRefit(0.0f);  // all-zero group: d = 0
     return search.Best();
   }
-  const float top = static_cast<float>(Nl4Level(15)), bottom = static_cast<float>(Nl4Level(0));
+  const float top = static_cast<float>(NlLevel(f.bits, (1 << f.bits) - 1));
+  const float bottom = static_cast<float>(NlLevel(f.bits, 0));
   for (int step = 0; step <= kShrinkSteps; ++step) {
     const float s = 1.0f - kShrinkStep * static_cast<float>(step);
     search.TryWithRefit((vext * s) / top);
@@ -85,16 +87,17 @@ GroupParams FitNl4Group(const float* w, int n, const float* importance) {
   return search.Best();
 }
 
-float QuantizeNl4Value(const GroupParams& p, float w) {
+float QuantizeNlValue(const Format& f, const GroupParams& p, float w) {
   const float d = RoundToF16(p.scale);
-  return Nl4Value(d, Nl4Code(d, w));
+  return NlValue(d, f.bits, NlCode(d, f.bits, w));
 }
 
-void PackNl4Group(const Format& f, const GroupParams& p, const float* w, int n, uint8_t* block) {
+void PackNlGroup(const Format& f, const GroupParams& p, const float* w, int n, uint8_t* block) {
   const float d = RoundToF16(p.scale);
   StoreF16(block, d);
-  uint8_t* codes = block + kNl4HeaderBytes;
-  for (int i = 0; i < f.group; ++i) PutCode(codes, 4, i, i < n ? Nl4Code(d, w[i]) : kNl4ZeroCode);
+  uint8_t* codes = block + kNlHeaderBytes;
+  for (int i = 0; i < f.group; ++i)
+    PutIntCode(codes, f.bits, f.group, i, i < n ? NlCode(d, f.bits, w[i]) : NlZeroCode(f.bits));
 }
 
 }  // namespace nibble::fmt::internal
