@@ -155,6 +155,9 @@ CONFIGS = (
     + [("stories260K", m, f"bpw{b}", "auto") for m in ("gptq-hg-rf-c32k", "gptq-hg-rf-n16-c32k")
        for b in ("4.98", "4.5")]
     + [("stories260K", "gptq-hg-ao-rf-n16-b16-c32k", f"bpw{b}", "auto") for b in ("4.98", "4.5", "4.0", "3.5", "2.5")]
+    # The non-uniform 3- and 2-bit formats as uniform formats beside int3/int2 of the same or larger size.
+    + [("stories260K", "gptq", f, E4) for f in ("nl3_g64", "nl2_g64")]
+    + [("smollm2", "gptq", f, E8) for f in ("nl3_g64", "nl2_g64")]
 )
 
 
@@ -276,9 +279,9 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     cfg = MODELS[name]
     settings = dict(cfg["settings"])
     qargs = []
-    # Method names: BASE[-seq][-rot][-hg][-ao][-rf][-n16][-b16][-c32k] (--sequential, --rotate, --embed-method gptq,
-    # --act-order, --refit-scales, --norm-format f16, --alloc-block-rows 16, 32,768 calibration tokens) or
-    # dfmpc[-nocomp|-calib].
+    # Method names: BASE[-seq][-rot][-hg][-ao][-rf][-n16][-b16][-nl][-c32k] (--sequential, --rotate, --embed-method
+    # gptq, --act-order, --refit-scales, --norm-format f16, --alloc-block-rows 16, the nl formats added to an explicit
+    # allocation candidate list, 32,768 calibration tokens) or dfmpc[-nocomp|-calib].
     parts = method.split("-")
     if parts[0] in ("gptq", "boa") or method == "dfmpc-calib" or fmt.startswith("bpw"):
         if cfg.get("base", name) == "stories260K":
@@ -308,18 +311,25 @@ def run_config(name, method, fmt, embed, args, doc, logits):
         cache = (parts[0] + ("-rot" if "rot" in parts else "") + ("-hg" if "hg" in parts else "")
                  + ("-ao" if "ao" in parts else "") + ("-rf" if "rf" in parts else "")
                  + ("-n16" if "n16" in parts else "") + ("-b16" if "b16" in parts else "")
+                 + ("-nl" if "nl" in parts else "")
                  + ("-c32k" if "c32k" in parts else "")
                  + ("-low" if embed == "auto-low" else ""))
         # (a held-out variant of a model, cfg["base"], shares the base model's cache: the same quantized model)
         fargs = ["--bpw", fmt[3:], "--alloc-cache",
                  os.path.join(WORK, f"{cfg.get('base', name)}.{cache}.alloc-cache.json")]
         alloc_args = list(cfg.get("alloc_args", []))
+        nl = "nl" in parts
+        if nl and "--alloc-formats" in alloc_args:
+            # "-nl": the non-uniform formats join an explicit candidate list (they are in the default one).
+            i = alloc_args.index("--alloc-formats") + 1
+            alloc_args[i] += ",nl2_g64,nl2_g128,nl3_g64,nl3_g128,nl4_g64"
         if embed == "auto-low":
             # Budgets near 2 bpw_all: binary and 2.125-bit candidates for the linears, and embedding
             # candidates down to int2_g128_sym (auto's cheapest, int2_g64, is 2.5 bpw on 21% of SmolLM2).
             i = alloc_args.index("--alloc-formats") + 1
             alloc_args[i] += ",int2_g128_sym,binary_g64,binary_g128"
-            fargs += alloc_args + ["--alloc-embed-formats", "int4_g64,int3_g64,int2_g64,int2_g64_sym,int2_g128_sym"]
+            fargs += alloc_args + ["--alloc-embed-formats", "int4_g64,int3_g64,int2_g64,int2_g64_sym,int2_g128_sym"
+                                   + (",nl3_g64,nl2_g64,nl2_g128" if nl else "")]
         elif embed == "auto":
             fargs += alloc_args + ["--alloc-embed-formats", "auto"]
         else:
