@@ -118,6 +118,29 @@ TEST_F(QuantizeE2E, AllocatorBeatsUniformFormatOfTheSameSize) {
   EXPECT_LT(pa["ppl"].get<double>(), pp["ppl"].get<double>());
 }
 
+// The non-uniform formats through the CLI with the other options of this
+// kind: the file runs, fp16 norms are counted at 16 bits, and nl3 beats int3
+// sym of the same size (GPTQ on both).
+TEST_F(QuantizeE2E, NonUniformFormatsRunAndBeatIntSymOfTheSameSize) {
+  const std::string nl = QuantizeWith("nl3", "--format nl3_g64 --embed-format nl4_g32");
+  const std::string sym = QuantizeWith("sym3", "--format int3_g64_sym --embed-format int4_g32_sym");
+  const std::string n16 = QuantizeWith("nl3_n16", "--format nl3_g64 --embed-format nl4_g32 --norm-format f16 "
+                                                  "--refit-scales");
+  EXPECT_NEAR(ReportBpw(nl), ReportBpw(sym), 1e-9);  // the same bytes per block
+  // 11 norm vectors of 64 values at 16 instead of 32 bits, over 260,032 weights.
+  EXPECT_NEAR(ReportBpw(nl) - ReportBpw(n16), 16.0 * 11 * 64 / 260032, 1e-6);
+  const nlohmann::json pn = Perplexity(nl), ps = Perplexity(sym), p16 = Perplexity(n16);
+  ASSERT_TRUE(pn.is_object() && ps.is_object() && p16.is_object());
+  std::printf("  nl3_g64 ppl %.4f kld %.5f, int3_g64_sym ppl %.4f kld %.5f, nl3 + f16 norms + refit ppl %.4f\n",
+              pn["ppl"].get<double>(), pn["kld"].get<double>(), ps["ppl"].get<double>(), ps["kld"].get<double>(),
+              p16["ppl"].get<double>());
+  EXPECT_LT(pn["kld"].get<double>(), ps["kld"].get<double>());
+  EXPECT_LT(pn["ppl"].get<double>(), ps["ppl"].get<double>());
+  EXPECT_LT(p16["ppl"].get<double>(), 2 * pn["ppl"].get<double>());  // runs and stays in range
+  RunResult g = RunCommand(testing::BinDir() + "/nibble-generate -m " + n16 + " -p 'Once upon a time' -n 20 --temp 0 2>&1");
+  EXPECT_EQ(g.exit_code, 0) << g.out;
+}
+
 // --format f16: a 16-bit copy, no quantizer. The engine runs it at 16 bits;
 // fp16 rounding barely moves the fp32 model (measured: KLD 5.1e-7, top-1 99.97%).
 TEST_F(QuantizeE2E, F16CopyIsLosslessToRoundingAndHalfTheSize) {
