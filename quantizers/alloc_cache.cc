@@ -34,6 +34,78 @@ std::string AllocCacheKey(const LoadedModel& m, const std::string& calib_path, c
                          ec ? -1 : static_cast<int64_t>(size), settings);
 }
 
+namespace {
+
+bool ParseFormats(const nlohmann::json& a, std::vector<fmt::Format>* out) {
+  if (!a.is_array()) return false;
+  for (const auto& n : a) {
+    if (!n.is_string()) return false;
+    auto f = fmt::Format::Parse(n.get<std::string>());
+    if (!f) return false;
+    out->push_back(*f);
+  }
+  return true;
+}
+
+bool ParseOptions(const nlohmann::json& bits, const nlohmann::json& err, size_t n, std::vector<KnapsackOption>* out) {
+  if (!bits.is_array() || !err.is_array() || bits.size() != n || err.size() != n) return false;
+  for (size_t k = 0; k < n; ++k) {
+    if (!bits[k].is_number() || !err[k].is_number()) return false;
+    out->push_back({bits[k].get<double>(), err[k].get<double>()});
+  }
+  return true;
+}
+
+// [{name, formats, bits, err}] <-> AllocExtra.
+bool ParseExtras(const nlohmann::json& a, std::vector<AllocExtra>* out) {
+  if (!a.is_array()) return false;
+  for (const auto& x : a) {
+    AllocExtra ex;
+    if (!x.is_object() || !x.contains("name") || !x["name"].is_string() || !x.contains("formats") ||
+        !ParseFormats(x["formats"], &ex.formats) || !x.contains("bits") || !x.contains("err") ||
+        !ParseOptions(x["bits"], x["err"], ex.formats.size(), &ex.costs))
+      return false;
+    ex.name = x["name"].get<std::string>();
+    out->push_back(std::move(ex));
+  }
+  return true;
+}
+
+nlohmann::json DumpExtras(const std::vector<AllocExtra>& extras) {
+  nlohmann::json a = nlohmann::json::array();
+  for (const AllocExtra& x : extras) {
+    nlohmann::json jx;
+    jx["name"] = x.name;
+    jx["formats"] = nlohmann::json::array();
+    jx["bits"] = nlohmann::json::array();
+    jx["err"] = nlohmann::json::array();
+    for (const fmt::Format& f : x.formats) jx["formats"].push_back(f.Name());
+    for (const KnapsackOption& o : x.costs) {
+      jx["bits"].push_back(o.bits);
+      jx["err"].push_back(o.err);
+    }
+    a.push_back(std::move(jx));
+  }
+  return a;
+}
+
+absl::Status WriteJsonAtomically(const std::string& path, const nlohmann::json& j) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) return absl::PermissionDeniedError(absl::StrCat(tmp, ": cannot write the allocation cache"));
+    out << j.dump(1);
+    out.flush();
+    if (!out) return absl::DataLossError(absl::StrCat(tmp, ": write failed"));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot rename the allocation cache: ", ec.message()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<AllocCacheEntry> LoadAllocCache(const std::string& path, const std::string& key) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": no allocation cache"));
@@ -44,26 +116,7 @@ absl::StatusOr<AllocCacheEntry> LoadAllocCache(const std::string& path, const st
   if (j["key"].get<std::string>() != key) return absl::NotFoundError(absl::StrCat(path, ": cache is for other settings"));
   AllocCacheEntry e;
   e.key = key;
-  auto formats = [&](const nlohmann::json& a, std::vector<fmt::Format>* out) -> bool {
-    if (!a.is_array()) return false;
-    for (const auto& n : a) {
-      if (!n.is_string()) return false;
-      auto f = fmt::Format::Parse(n.get<std::string>());
-      if (!f) return false;
-      out->push_back(*f);
-    }
-    return true;
-  };
-  auto options = [](const nlohmann::json& bits, const nlohmann::json& err, size_t n,
-                    std::vector<KnapsackOption>* out) -> bool {
-    if (!bits.is_array() || !err.is_array() || bits.size() != n || err.size() != n) return false;
-    for (size_t k = 0; k < n; ++k) {
-      if (!bits[k].is_number() || !err[k].is_number()) return false;
-      out->push_back({bits[k].get<double>(), err[k].get<double>()});
-    }
-    return true;
-  };
-  if (!j.contains("candidates") || !formats(j["candidates"], &e.estimates.candidates)) return bad("candidates");
+  if (!j.contains("candidates") || !ParseFormats(j["candidates"], &e.estimates.candidates)) return bad("candidates");
   const size_t nc = e.estimates.candidates.size();
   if (!j.contains("tensors") || !j["tensors"].is_array()) return bad("tensors");
   for (const auto& t : j["tensors"]) {
@@ -80,21 +133,10 @@ absl::StatusOr<AllocCacheEntry> LoadAllocCache(const std::string& path, const st
           !b.contains("err"))
         return bad("block");
       rb.push_back({b["rows"][0].get<int64_t>(), b["rows"][1].get<int64_t>()});
-      if (!options(b["bits"], b["err"], nc, &costs.emplace_back())) return bad("block options");
+      if (!ParseOptions(b["bits"], b["err"], nc, &costs.emplace_back())) return bad("block options");
     }
   }
-  if (j.contains("extras")) {
-    if (!j["extras"].is_array()) return bad("extras");
-    for (const auto& x : j["extras"]) {
-      AllocExtra ex;
-      if (!x.is_object() || !x.contains("name") || !x["name"].is_string() || !x.contains("formats") ||
-          !formats(x["formats"], &ex.formats) || !x.contains("bits") || !x.contains("err") ||
-          !options(x["bits"], x["err"], ex.formats.size(), &ex.costs))
-        return bad("extra");
-      ex.name = x["name"].get<std::string>();
-      e.extras.push_back(std::move(ex));
-    }
-  }
+  if (j.contains("extras") && !ParseExtras(j["extras"], &e.extras)) return bad("extra");
   return e;
 }
 
@@ -123,29 +165,35 @@ absl::Status SaveAllocCache(const std::string& path, const AllocCacheEntry& e) {
     }
     j["tensors"].push_back(std::move(jt));
   }
-  j["extras"] = nlohmann::json::array();
-  for (const AllocExtra& x : e.extras) {
-    nlohmann::json jx;
-    jx["name"] = x.name;
-    for (const fmt::Format& f : x.formats) jx["formats"].push_back(f.Name());
-    for (const KnapsackOption& o : x.costs) {
-      jx["bits"].push_back(o.bits);
-      jx["err"].push_back(o.err);
-    }
-    j["extras"].push_back(std::move(jx));
+  j["extras"] = DumpExtras(e.extras);
+  return WriteJsonAtomically(path, j);
+}
+
+absl::StatusOr<SensitivityCacheEntry> LoadSensitivityCache(const std::string& path, const std::string& key) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": no sensitivity cache"));
+  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  auto bad = [&](const char* what) { return absl::DataLossError(absl::StrCat(path, ": sensitivity cache: bad ", what)); };
+  if (j.is_discarded() || !j.is_object()) return bad("JSON");
+  if (!j.contains("key") || !j["key"].is_string()) return bad("key");
+  if (j["key"].get<std::string>() != key) return absl::NotFoundError(absl::StrCat(path, ": cache is for other settings"));
+  SensitivityCacheEntry e;
+  e.key = key;
+  if (!j.contains("weights") || !j["weights"].is_array()) return bad("weights");
+  for (const auto& w : j["weights"]) {
+    if (!w.is_number()) return bad("weight");
+    e.weights.push_back(w.get<double>());
   }
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) return absl::PermissionDeniedError(absl::StrCat(tmp, ": cannot write the allocation cache"));
-    out << j.dump(1);
-    out.flush();
-    if (!out) return absl::DataLossError(absl::StrCat(tmp, ": write failed"));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot rename the allocation cache: ", ec.message()));
-  return absl::OkStatus();
+  if (j.contains("extras") && !ParseExtras(j["extras"], &e.extras)) return bad("extras");
+  return e;
+}
+
+absl::Status SaveSensitivityCache(const std::string& path, const SensitivityCacheEntry& e) {
+  nlohmann::json j;
+  j["key"] = e.key;
+  j["weights"] = e.weights;
+  j["extras"] = DumpExtras(e.extras);
+  return WriteJsonAtomically(path, j);
 }
 
 }  // namespace nibble

@@ -40,4 +40,19 @@ absl::StatusOr<AllocCacheEntry> LoadAllocCache(const std::string& path, const st
 // Writes atomically (temp file + rename). Errors name the path.
 absl::Status SaveAllocCache(const std::string& path, const AllocCacheEntry& e);
 
+// The half of the expensive work that does not depend on the candidate lists
+// or the estimate settings: the per-matrix sensitivity weights (KLD probes of
+// the full-precision model) and the measured embedding/head costs, per
+// format measured so far. Stored beside the allocation cache (its path +
+// ".sens.json") under a key without the candidate lists, so a run with other
+// candidates (or other GPTQ estimate settings) pays only its new estimates
+// and the embedding formats not measured yet.
+struct SensitivityCacheEntry {
+  std::string key;
+  std::vector<double> weights;     // per linear matrix, in allocation order
+  std::vector<AllocExtra> extras;  // per embedding/head: formats measured so far and their costs
+};
+absl::StatusOr<SensitivityCacheEntry> LoadSensitivityCache(const std::string& path, const std::string& key);
+absl::Status SaveSensitivityCache(const std::string& path, const SensitivityCacheEntry& e);
+
 }  // namespace nibble

@@ -8,6 +8,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <random>
@@ -17,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "engine/io/nibble_file.h"
 #include "engine/model/model_loader.h"
+#include "quantizers/alloc_cache.h"
 #include "quantizers/calibration.h"
 #include "quantizers/model_quantizer.h"
 #include "tests/test_util.h"
@@ -236,6 +239,73 @@ TEST_F(Stories260KAlloc, RejectsMissingHessianAndBadOptions) {
   ASSERT_FALSE(tiny.ok());
   EXPECT_EQ(tiny.status().code(), absl::StatusCode::kOutOfRange);
   EXPECT_NE(std::string(tiny.status().message()).find("infeasible"), std::string::npos) << tiny.status();
+}
+
+// The allocation cache and its sensitivity half: a second run with the same
+// settings takes everything from the cache and writes the same bytes; a run
+// with other candidates (the full cache's key differs) reuses the probes and
+// the embedding costs measured so far from the sensitivity cache, measures
+// only the new embedding format, and writes exactly what an uncached run
+// with those candidates writes.
+TEST(BitAllocE2E, CachesReuseProbesAcrossCandidateLists) {
+  LoadOptions lo;
+  lo.tokenizer_path = ::nibble::testing::Stories260KTokenizer();
+  const std::string dir = ::nibble::testing::MakeTempDir("alloccache");
+  auto run = [&](const std::vector<fmt::Format>& cands, const std::vector<fmt::Format>& embeds,
+                 const std::string& cache, LoadedModel* out) -> absl::StatusOr<QuantizeReport> {
+    auto m = LoadModel(::nibble::testing::Stories260KModel(), lo);
+    if (!m.ok()) return m.status();
+    QuantizeConfig cfg;
+    cfg.method = "gptq";
+    cfg.target_bpw = 4.0;
+    cfg.calib_path = ::nibble::testing::SharedDir() + "/data/tinystories-val.txt";
+    cfg.calib_tokens = 512;
+    cfg.alloc.candidates = cands;
+    cfg.alloc.embed_candidates = embeds;
+    cfg.alloc.probe_tokens = 128;
+    cfg.alloc.cache_path = cache;
+    cfg.n_threads = 1;
+    auto r = QuantizeModel(&*m, cfg);
+    *out = *std::move(m);
+    return r;
+  };
+  auto bytes = [](const LoadedModel& m) {
+    std::string all;
+    for (const LayerWeights& l : m.weights.layers)
+      for (LinearWeight w : kAllLinearWeights)
+        for (const QuantSegment& s : WeightOf(l, w).quant->segments)
+          all += s.format.Name() + std::string(s.data.begin(), s.data.end());
+    for (const QuantSegment& s : m.weights.tok_embeddings.quant->segments)
+      all += s.format.Name() + std::string(s.data.begin(), s.data.end());
+    return all;
+  };
+  const std::vector<fmt::Format> a = {F("int3_g64"), F("int4_g64_sym"), F("int8_g64")};
+  const std::vector<fmt::Format> b = {F("nl3_g64"), F("int4_g32"), F("int8_g64")};
+  const std::vector<fmt::Format> ea = {F("int4_g32"), F("int8_g32")}, eb = {F("int4_g32"), F("nl4_g32")};
+  const std::string cache = dir + "/c.json";
+  LoadedModel m1, m2, m3, m4;
+  auto r1 = run(a, ea, cache, &m1);
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  EXPECT_FALSE(r1->alloc_cache_hit);
+  ASSERT_TRUE(std::filesystem::exists(cache + ".sens.json"));
+  auto r2 = run(a, ea, cache, &m2);
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  EXPECT_TRUE(r2->alloc_cache_hit);
+  EXPECT_EQ(bytes(m1), bytes(m2));
+  auto r3 = run(b, eb, cache, &m3);  // other candidates: sensitivity cache only
+  ASSERT_TRUE(r3.ok()) << r3.status();
+  EXPECT_FALSE(r3->alloc_cache_hit);
+  auto r4 = run(b, eb, dir + "/fresh.json", &m4);  // the same, nothing cached
+  ASSERT_TRUE(r4.ok()) << r4.status();
+  EXPECT_EQ(r3->alloc_mix, r4->alloc_mix);
+  EXPECT_EQ(r3->alloc_embed, r4->alloc_embed);
+  EXPECT_EQ(bytes(m3), bytes(m4));
+  // The sensitivity cache now holds both embedding formats lists' union.
+  auto sc = LoadSensitivityCache(cache + ".sens.json", "no such key");
+  EXPECT_EQ(sc.status().code(), absl::StatusCode::kNotFound);
+  std::ifstream in(cache + ".sens.json");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  for (const char* f : {"\"int4_g32\"", "\"int8_g32\"", "\"nl4_g32\""}) EXPECT_NE(text.find(f), std::string::npos) << f;
 }
 
 // The driver at --bpw 3.5: meets the budget, writes multi-segment tensors

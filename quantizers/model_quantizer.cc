@@ -324,20 +324,56 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     if (!cached) {
       std::vector<double> weights(at.size(), 1.0);
       if (kld) {
-        // End-to-end sensitivity probes on the full-precision model.
+        // End-to-end sensitivity probes on the full-precision model, unless
+        // the sensitivity cache (no candidate lists in its key) has them.
         const auto ts = Clock::now();
-        auto chunks = CalibrationChunks(*fp_tokenizer, cfg.calib_path, cfg.alloc.probe_tokens, cfg.alloc.probe_ctx,
-                                        fp_model->config().max_seq_len);
-        if (!chunks.ok()) return chunks.status();
-        auto probe = KldProbe::Create(fp_model.get(), *std::move(chunks));
-        if (!probe.ok()) return probe.status();
+        SensitivityCacheEntry sc;
+        bool have_sc = false;
+        std::string sens_path;
+        if (!cfg.alloc.cache_path.empty()) {
+          sens_path = cfg.alloc.cache_path + ".sens.json";
+          sc.key = AllocCacheKey(
+              *m, cfg.calib_path,
+              absl::StrCat("sensitivity;probe=", cfg.alloc.probe_format.Name(), "/", cfg.alloc.probe_tokens, "/",
+                           cfg.alloc.probe_ctx, ";calib_tokens=", cfg.calib_tokens, ";calib_ctx=", cfg.calib_ctx,
+                           ";embed_method=", cfg.embed_method, "/", cfg.embed_percdamp, ";act_order=",
+                           cfg.gptq.act_order, ";refit=", cfg.gptq.refit_scales, ";norms=", cfg.norms_f16 ? "f16" : "f32",
+                           ";matrices=", at.size()));
+          auto c = LoadSensitivityCache(sens_path, sc.key);
+          if (c.ok() && c->weights.size() == at.size()) {
+            sc = *std::move(c);
+            have_sc = true;
+          } else if (!c.ok() && c.status().code() != absl::StatusCode::kNotFound) {
+            NIBBLE_LOG(WARNING) << c.status().message() << " (recomputing)";
+          }
+        }
+        std::unique_ptr<KldProbe> probe_holder;
+        auto get_probe = [&]() -> absl::StatusOr<KldProbe*> {
+          if (!probe_holder) {
+            auto chunks = CalibrationChunks(*fp_tokenizer, cfg.calib_path, cfg.alloc.probe_tokens,
+                                            cfg.alloc.probe_ctx, fp_model->config().max_seq_len);
+            if (!chunks.ok()) return chunks.status();
+            auto probe = KldProbe::Create(fp_model.get(), *std::move(chunks));
+            if (!probe.ok()) return probe.status();
+            probe_holder = *std::move(probe);
+          }
+          return probe_holder.get();
+        };
         ProbeProgress pp;
         if (progress) pp = [&](int d, int t, const std::string& what) { progress(d, t, absl::StrCat("probe ", what)); };
-        auto sens = LinearSensitivities(**probe, *fp_model, *stats, cfg.alloc.probe_format, cfg.n_threads, pp);
-        if (!sens.ok()) return sens.status();
-        size_t p = 0;
-        for (int l = 0; l < m->config.n_layers; ++l)
-          for (size_t k = 0; k < kAllLinearWeights.size(); ++k) weights[p++] = (*sens)[l][k];
+        if (have_sc) {
+          weights = sc.weights;
+        } else {
+          auto probe = get_probe();
+          if (!probe.ok()) return probe.status();
+          auto sens = LinearSensitivities(**probe, *fp_model, *stats, cfg.alloc.probe_format, cfg.n_threads, pp);
+          if (!sens.ok()) return sens.status();
+          size_t p = 0;
+          for (int l = 0; l < m->config.n_layers; ++l)
+            for (size_t k = 0; k < kAllLinearWeights.size(); ++k) weights[p++] = (*sens)[l][k];
+          sc.weights = weights;
+          sc.extras.clear();
+        }
         if (alloc_embed) {
           // The head (tied embedding or output matrix) is priced as it will be
           // quantized: by GPTQ with the head Hessian under embed_method gptq.
@@ -352,11 +388,35 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
           for (bool output : {false, true}) {
             if (output && m->config.tied_embeddings) continue;
             const bool is_head = output || m->config.tied_embeddings;
-            auto costs = EmbeddingCosts(**probe, *fp_model, cfg.alloc.embed_candidates, output, cfg.n_threads, pp,
-                                        is_head && head_factor ? &*head_factor : nullptr, head_gptq);
-            if (!costs.ok()) return costs.status();
-            entry.extras.push_back({output ? "output" : "token_embd", cfg.alloc.embed_candidates, *std::move(costs)});
+            const std::string name = output ? "output" : "token_embd";
+            // Costs measured before (sensitivity cache), then the missing formats.
+            AllocExtra* known = nullptr;
+            for (AllocExtra& x : sc.extras)
+              if (x.name == name) known = &x;
+            if (known == nullptr) known = &sc.extras.emplace_back(AllocExtra{name, {}, {}});
+            std::vector<fmt::Format> missing;
+            for (const fmt::Format& f : cfg.alloc.embed_candidates)
+              if (std::find(known->formats.begin(), known->formats.end(), f) == known->formats.end())
+                missing.push_back(f);
+            if (!missing.empty()) {
+              auto probe = get_probe();
+              if (!probe.ok()) return probe.status();
+              auto costs = EmbeddingCosts(**probe, *fp_model, missing, output, cfg.n_threads, pp,
+                                          is_head && head_factor ? &*head_factor : nullptr, head_gptq);
+              if (!costs.ok()) return costs.status();
+              known->formats.insert(known->formats.end(), missing.begin(), missing.end());
+              known->costs.insert(known->costs.end(), costs->begin(), costs->end());
+            }
+            AllocExtra chosen{name, cfg.alloc.embed_candidates, {}};
+            for (const fmt::Format& f : cfg.alloc.embed_candidates)
+              chosen.costs.push_back(
+                  known->costs[std::find(known->formats.begin(), known->formats.end(), f) - known->formats.begin()]);
+            entry.extras.push_back(std::move(chosen));
           }
+        }
+        if (!sens_path.empty()) {
+          if (auto st = SaveSensitivityCache(sens_path, sc); !st.ok())
+            NIBBLE_LOG(WARNING) << st.message() << " (continuing without a sensitivity cache)";
         }
         report.sensitivity_seconds = Seconds(ts);
       }
