@@ -711,13 +711,84 @@ void MatMulBF16Ref(const uint16_t* w, int64_t rows, int64_t cols, const float* x
   MatMulHalfRef(AsBf16(w), rows, cols, x, n_tokens, y);
 }
 
-void RmsNorm(const float* x, const float* weight, int64_t n, float eps, float* out) {
-  float ss = 0.0f;
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+// RmsNorm: the sum of squares in one canonical order on every ISA: 16 lane
+// chains, element i into lane i % 16 in index order, each step an fma
+// (acc = fma(x, x, acc)); then the lanes reduced pairwise (l + 8, l + 4,
+// l + 2, l + 1). The rest is elementwise: out = w * (s * x).
+namespace {
+
+inline float RmsScale(float ss, int64_t n, float eps) {
   ss /= static_cast<float>(n);
   ss += eps;
-  ss = 1.0f / std::sqrt(ss);
-  for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (ss * x[i]);
+  return 1.0f / std::sqrt(ss);
+}
+
+inline float Reduce16Lanes(float* a) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] = a[l] + a[l + w];
+  return a[0];
+}
+
+void RmsNormScalar(const float* x, const float* weight, int64_t n, float eps, float* out) {
+  float acc[16] = {};
+  for (int64_t i = 0; i < n; ++i) acc[i % 16] = std::fma(x[i], x[i], acc[i % 16]);
+  const float s = RmsScale(Reduce16Lanes(acc), n, eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (s * x[i]);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) void RmsNormAvx2(const float* x, const float* weight, int64_t n, float eps,
+                                                       float* out) {
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // lanes 0-7, 8-15
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    lo = _mm256_fmadd_ps(a, a, lo);
+    hi = _mm256_fmadd_ps(b, b, hi);
+  }
+  alignas(32) float acc[16];
+  _mm256_store_ps(acc, lo);
+  _mm256_store_ps(acc + 8, hi);
+  for (; i < n; ++i) acc[i % 16] = std::fma(x[i], x[i], acc[i % 16]);
+  const __m256 s = _mm256_set1_ps(RmsScale(Reduce16Lanes(acc), n, eps));
+  i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i), _mm256_mul_ps(s, _mm256_loadu_ps(x + i))));
+  const float sf = _mm256_cvtss_f32(s);
+  for (; i < n; ++i) out[i] = weight[i] * (sf * x[i]);
+}
+
+__attribute__((target("avx512f"))) void RmsNormAvx512(const float* x, const float* weight, int64_t n, float eps,
+                                                       float* out) {
+  __m512 a = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    a = _mm512_fmadd_ps(v, v, a);
+  }
+  alignas(64) float acc[16];
+  _mm512_store_ps(acc, a);
+  for (; i < n; ++i) acc[i % 16] = std::fma(x[i], x[i], acc[i % 16]);
+  const __m512 s = _mm512_set1_ps(RmsScale(Reduce16Lanes(acc), n, eps));
+  i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(weight + i), _mm512_mul_ps(s, _mm512_loadu_ps(x + i))));
+  const float sf = _mm512_cvtss_f32(s);
+  for (; i < n; ++i) out[i] = weight[i] * (sf * x[i]);
+}
+#endif
+
+}  // namespace
+
+void RmsNorm(const float* x, const float* weight, int64_t n, float eps, float* out) {
+#if defined(__x86_64__)
+  switch (GetIsa()) {
+    case Isa::kAvx512: return RmsNormAvx512(x, weight, n, eps, out);
+    case Isa::kAvx2: return RmsNormAvx2(x, weight, n, eps, out);
+    default: break;
+  }
+#endif
+  RmsNormScalar(x, weight, n, eps, out);
 }
 
 void Rope(float* v, int n_heads, int head_dim, int rope_dim, int pos, float theta, RopeStyle style) {

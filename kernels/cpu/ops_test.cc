@@ -263,6 +263,31 @@ uint32_t FloatBits(float f) {
   return b;
 }
 
+// RmsNorm's sum of squares has one order on every ISA (16 lane chains, a
+// fixed pairwise reduction): the same bits everywhere, and within float
+// rounding of a double-precision reference.
+TEST(OpsTest, RmsNormEveryIsaEqualsTheScalarReference) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  for (int64_t n : {1, 7, 16, 17, 64, 172, 576, 1000}) {
+    std::vector<float> x(n), w(n), ref(n);
+    for (int64_t i = 0; i < n; ++i) x[i] = nd(rng), w[i] = 1.0f + 0.1f * nd(rng);
+    ASSERT_TRUE(ForceIsaForTesting("scalar"));
+    RmsNorm(x.data(), w.data(), n, 1e-5f, ref.data());
+    for (const char* isa : {"avx2", "avx512"}) {
+      if (!ForceIsaForTesting(isa)) continue;
+      std::vector<float> out(n);
+      RmsNorm(x.data(), w.data(), n, 1e-5f, out.data());
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(FloatBits(out[i]), FloatBits(ref[i])) << isa << " n=" << n << " i=" << i;
+    }
+    ForceIsaForTesting("");
+    double ss = 0;
+    for (float v : x) ss += double(v) * v;
+    const double s = 1.0 / std::sqrt(ss / n + 1e-5);
+    for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(ref[i], w[i] * s * x[i], 1e-5 * std::fabs(w[i] * s * x[i]) + 1e-7);
+  }
+}
+
 // SwiGLU's exp is one fixed operation sequence (ops.cc): every ISA gives the
 // scalar reference's bits, and the result stays within a few ulp of SiLU by
 // std::exp over the whole float range that matters (and saturates cleanly).
