@@ -476,7 +476,7 @@ def write(nib, lla, md_path, png_path):
               "fp16 scale per group: the bytes of int{B} sym, about the error of int{B} asym one size up. They are",
               "among the allocator's default candidates (and the `auto` embedding candidates), so the stories260K",
               "`bpwB` rows (default candidates) use them; SmolLM2's budget rows pass an explicit candidate list",
-              "without them, except the `-nl` rows, which add nl2/nl3/nl4 at groups 64 and 128. The weight error",
+              "without them (a method tag `-nl` adds nl2/nl3/nl4 at groups 64 and 128; no such row yet). The weight error",
               "gain does not carry over everywhere: with GPTQ on SmolLM2 (whose reference weights are Q4_1's",
               "asymmetric 16-level grids, dequantized) nl3_g64 / nl2_g64 are worse than int3_g64 / int2_g64 one",
               "size up (PPL 49.1 vs 43.0, 1902 vs 743 at the time of writing), while on stories260K nl2_g64 beats",
