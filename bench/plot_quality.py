@@ -135,6 +135,17 @@ def gptq_vs_rtn(rows):
     return out, verdict
 
 
+def pairs_vs(rows, pairs):
+    """method_vs over several (method, base) pairs: the tables that have rows, and the summed wins/losses."""
+    out, wins, losses = [], 0, 0
+    for method, base in pairs:
+        v, w, l = method_vs(rows, method, base)
+        if w + l:
+            out += v + [""]
+            wins, losses = wins + w, losses + l
+    return out, wins, losses
+
+
 def method_vs(rows, method, base):
     """`method` beside `base` on the same model, format and embedding format."""
     out = [f"| model | format | embed | bpw_all | {base} PPL | {method} PPL | {base} KLD | {method} KLD | lower PPL |",
@@ -413,12 +424,7 @@ def write(nib, lla, md_path, png_path):
               "the file is no larger. Same calibration text, format and embedding format as the row beside it.", "",
               f"Rotated one-shot GPTQ has the lower PPL in {rw} of {rw + rl} pairs; rotated sequential GPTQ in "
               f"{rw2} of {rw2 + rl2}.", ""] + rv + [""] + rv2 + [""]
-    hv, hw, hl = [], 0, 0
-    for base in ("gptq", "gptq-seq", "gptq-seq-rot", "boa"):
-        v, w, l = method_vs(rows, base + "-hg", base)
-        if w + l:
-            hv += v + [""]
-            hw, hl = hw + w, hl + l
+    hv, hw, hl = pairs_vs(rows, [(base + "-hg", base) for base in ("gptq", "gptq-seq", "gptq-seq-rot", "boa")])
     if hw + hl:
         L += ["## Output head by GPTQ (`--embed-method gptq`, `-hg`) vs RTN", "",
               "The token embedding is tied to the output head. `-hg` rows quantize that matrix by GPTQ with the",
@@ -437,13 +443,8 @@ def write(nib, lla, md_path, png_path):
         L += ["## GPTQ settings at SmolLM2's lowest budgets", "",
               "Sequential, rotated GPTQ with the head by GPTQ, allocated at the budget, beside one setting changed.",
               "One evaluation each; the allocation (probes, estimates) is recomputed for each setting.", ""] + extra
-    fv, fw, fl = [], 0, 0
-    for base in ("gptq", "gptq-hg", "gptq-hg-c32k", "gptq-seq-rot-hg-c32k"):
-        meth = base + "-rf" if base == "gptq" else base.replace("-hg", "-hg-rf", 1)
-        v, w, l = method_vs(rows, meth, base)
-        if w + l:
-            fv += v + [""]
-            fw, fl = fw + w, fl + l
+    fv, fw, fl = pairs_vs(rows, [("gptq-rf", "gptq"), ("gptq-hg-rf", "gptq-hg"), ("gptq-hg-rf-c32k", "gptq-hg-c32k"),
+                                 ("gptq-seq-rot-hg-rf-c32k", "gptq-seq-rot-hg-c32k")])
     if fw + fl:
         L += ["## Scale refit after GPTQ (`--refit-scales`, `-rf`) vs none", "",
               "`--refit-scales` (quantizers/gptq.h): after GPTQ's column sweep of a row, all of the row's group scales",
