@@ -158,6 +158,11 @@ CONFIGS = (
     # The non-uniform 3- and 2-bit formats as uniform formats beside int3/int2 of the same or larger size.
     + [("stories260K", "gptq", f, E4) for f in ("nl3_g64", "nl2_g64")]
     + [("smollm2", "gptq", f, E8) for f in ("nl3_g64", "nl2_g64")]
+    # GPTQ's codes refined by coordinate descent on the output error (--cd-passes 4), alone and alternating with
+    # the scale refit, beside plain GPTQ and the refit alone.
+    + [("stories260K", m, f, E4) for m in ("gptq-cd", "gptq-rf-cd") for f in ("int4_g32", "int3_g64", "int2_g64")]
+    + [("smollm2", m, "int2_g64", E8) for m in ("gptq-cd", "gptq-rf-cd")]
+    + [("smollm2", m, "int3_g64", E8) for m in ("gptq-cd",)]
 )
 
 
@@ -279,9 +284,9 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     cfg = MODELS[name]
     settings = dict(cfg["settings"])
     qargs = []
-    # Method names: BASE[-seq][-rot][-hg][-ao][-rf][-n16][-b16][-nl][-c32k] (--sequential, --rotate, --embed-method
-    # gptq, --act-order, --refit-scales, --norm-format f16, --alloc-block-rows 16, the nl formats added to an explicit
-    # allocation candidate list, 32,768 calibration tokens) or dfmpc[-nocomp|-calib].
+    # Method names: BASE[-seq][-rot][-hg][-ao][-rf][-cd][-n16][-b16][-nl][-c32k] (--sequential, --rotate,
+    # --embed-method gptq, --act-order, --refit-scales, --cd-passes 4, --norm-format f16, --alloc-block-rows 16, the
+    # nl formats added to an explicit allocation candidate list, 32,768 calibration tokens) or dfmpc[-nocomp|-calib].
     parts = method.split("-")
     if parts[0] in ("gptq", "boa") or method == "dfmpc-calib" or fmt.startswith("bpw"):
         if cfg.get("base", name) == "stories260K":
@@ -310,6 +315,7 @@ def run_config(name, method, fmt, embed, args, doc, logits):
         # weights are another model: their own cache.)
         cache = (parts[0] + ("-rot" if "rot" in parts else "") + ("-hg" if "hg" in parts else "")
                  + ("-ao" if "ao" in parts else "") + ("-rf" if "rf" in parts else "")
+                 + ("-cd" if "cd" in parts else "")
                  + ("-n16" if "n16" in parts else "") + ("-b16" if "b16" in parts else "")
                  + ("-nl" if "nl" in parts else "")
                  + ("-c32k" if "c32k" in parts else "")
@@ -363,6 +369,10 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     if "rf" in parts:
         # GPTQ's group scales refit by least squares on the output error after each row's sweep.
         fargs.append("--refit-scales")
+    if "cd" in parts:
+        # GPTQ's codes refined by greedy coordinate descent on the output error after each row's sweep
+        # (alternating with the scale refit when -rf is also given).
+        fargs += ["--cd-passes", "4"]
     if "n16" in parts:
         # Norm weights stored as fp16 (16 bits each in the budget).
         fargs += ["--norm-format", "f16"]

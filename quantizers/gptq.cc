@@ -33,6 +33,8 @@ struct Scratch {
   std::vector<uint8_t> free;
   std::vector<float> nv;
   std::vector<fmt::GroupParams> np;
+  // CdRow's buffers.
+  std::vector<float> cd_g;
 };
 
 // Solves A x = b in place (b := x) for a symmetric positive definite n x n A
@@ -128,9 +130,20 @@ struct Sweep {
         }
       }
     }
-    if (opts.refit_scales && keep == nullptr && !factor.h.empty()) {
-      for (int64_t r = 0; r < R; ++r) RefitRow(r0 + r, s->q.data() + r * cols, s->atq.data() + r * cols,
-                                               s->params.data() + r * n_groups, s);
+    if (keep == nullptr && !factor.h.empty() && (opts.cd_passes > 0 || opts.refit_scales)) {
+      // Block coordinate descent on each row's output error: codes (cd, one
+      // pass) and group parameters (refit) in turn, cd_passes rounds at most.
+      for (int64_t r = 0; r < R; ++r) {
+        float* q = s->q.data() + r * cols;
+        float* atq = s->atq.data() + r * cols;
+        fmt::GroupParams* params = s->params.data() + r * n_groups;
+        const int rounds = std::max(1, opts.cd_passes);
+        for (int round = 0; round < rounds; ++round) {
+          const bool moved = opts.cd_passes > 0 && CdPass(r0 + r, q, atq, params, s);
+          if (opts.refit_scales) RefitRow(r0 + r, q, atq, params, s);
+          if (!moved && round > 0) break;
+        }
+      }
     }
     const int64_t block_bytes = f.BlockBytes();
     for (int64_t r = 0; r < R; ++r) {
@@ -142,6 +155,41 @@ struct Sweep {
       }
       if (chosen != nullptr) std::copy_n(s->q.data() + r * cols, cols, chosen + (r0 + r) * cols);
     }
+  }
+
+  // One pass of greedy coordinate descent on one row's values (GptqOptions::
+  // cd_passes); true if any value moved. q: the row's chosen values (original
+  // order), updated; atq: the values packing reads, set to each new value (a
+  // level, so it packs to its code).
+  bool CdPass(int64_t row, float* q, float* atq, const fmt::GroupParams* params, Scratch* s) const {
+    const float* H = factor.h.data();
+    const float ridge = static_cast<float>(opts.cd_percdamp * factor.mean_diag);
+    const float* src = w.data.data() + row * cols;
+    // g = A (w - v), recomputed every pass so round-off cannot accumulate.
+    std::vector<float>& g = s->cd_g;
+    g.assign(cols, 0.0f);
+    for (int64_t j = 0; j < cols; ++j) {
+      const float e = (factor.dead[j] ? 0.0f : src[j]) - q[j];
+      g[j] += ridge * e;
+      if (e != 0.0f) Axpy(g.data(), e, H + j * cols, cols);
+    }
+    bool moved = false;
+    for (int64_t j = 0; j < cols; ++j) {
+      if (factor.dead[j]) continue;
+      const float ajj = H[j * cols + j] + ridge;
+      if (!(ajj > 0.0f)) continue;
+      const float nv = fmt::QuantizeValueRef(f, params[j / group], q[j] + g[j] / ajj);
+      const float d = nv - q[j];
+      if (d == 0.0f || !std::isfinite(nv)) continue;
+      // Change of (w - v)^T A (w - v) when v_j moves by d.
+      const double df = -2.0 * static_cast<double>(d) * g[j] + static_cast<double>(d) * d * ajj;
+      if (!(df < -1e-12 * static_cast<double>(ajj) * d * d)) continue;
+      q[j] = atq[j] = nv;
+      Axpy(g.data(), -d, H + j * cols, cols);
+      g[j] -= d * ridge;
+      moved = true;
+    }
+    return moved;
   }
 
   // The least-squares refit of one row's group parameters (GptqOptions::
@@ -401,7 +449,8 @@ absl::StatusOr<GptqFactor> FactorHessian(const Hessian& h, const GptqOptions& op
   f.u.assign(u.begin(), u.end());
   f.importance.resize(n);
   for (int64_t i = 0; i < n; ++i) f.importance[i] = static_cast<float>(raw_diag[i] + damp);
-  if (opts.refit_scales) {
+  f.mean_diag = mean;
+  if (opts.refit_scales || opts.cd_passes > 0) {
     f.h.resize(static_cast<size_t>(n * n));
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j) f.h[i * n + j] = static_cast<float>(a[i * n + j]);

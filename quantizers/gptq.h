@@ -56,6 +56,16 @@ struct GptqOptions {
   // group parameters (v linear in them), rounded to fp16; kept only where it
   // lowers that error. Rows with a side-car (kept weights) are left as swept.
   bool refit_scales = false;
+  // After the column sweep (before any refit), this many passes of greedy
+  // coordinate descent on the row's chosen values with the group parameters
+  // fixed (as QuantEase/QuIP's greedy refinement): for each column j, move
+  // v_j to the format's level nearest the 1-D optimum v_j + g_j / A_jj of
+  // (w - v)^T A (w - v), g = A (w - v), and keep it only if that error drops;
+  // A = H + cd_percdamp * mean(diag H) * I (undamped H plus a ridge toward the
+  // original weights). Stops early when a pass changes nothing. Rows with a
+  // side-car are left as swept. 0: off.
+  int cd_passes = 0;
+  double cd_percdamp = 0.5;
   int n_threads = 0;       // <= 0: all cores
 };
 
@@ -68,7 +78,8 @@ struct GptqFactor {
   std::vector<uint8_t> dead;    // [cols] by original column: H_ii was 0
   std::vector<float> importance;  // [cols] original order: diag(H) + damp (dead: damp)
   double damp = 0.0;            // damping actually added to the diagonal
-  std::vector<float> h;         // [cols, cols] original order: H undamped, dead rows/columns 0 (diagonal 1); refit only
+  std::vector<float> h;         // [cols, cols] original order: H undamped, dead rows/columns 0 (diagonal 1); refit/cd only
+  double mean_diag = 0.0;       // mean of diag(H) after dead columns got 1 (cd's ridge unit)
 };
 
 // Errors: INVALID_ARGUMENT for a malformed/non-finite H, FAILED_PRECONDITION if

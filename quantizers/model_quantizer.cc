@@ -307,6 +307,7 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
       if (cfg.embed_method != "rtn")
         absl::StrAppend(&settings, ";embed_method=", cfg.embed_method, "/", cfg.embed_percdamp);
       if (cfg.norms_f16) absl::StrAppend(&settings, ";norms=f16");
+      if (cfg.gptq.cd_passes > 0) absl::StrAppend(&settings, ";cd=", cfg.gptq.cd_passes, "/", cfg.gptq.cd_percdamp);
       for (const fmt::Format& f : cfg.alloc.candidates.empty() ? DefaultAllocFormats() : cfg.alloc.candidates)
         absl::StrAppend(&settings, f.Name(), ",");
       absl::StrAppend(&settings, ";embed_candidates=");
@@ -338,7 +339,10 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
                            cfg.alloc.probe_ctx, ";calib_tokens=", cfg.calib_tokens, ";calib_ctx=", cfg.calib_ctx,
                            ";embed_method=", cfg.embed_method, "/", cfg.embed_percdamp, ";act_order=",
                            cfg.gptq.act_order, ";refit=", cfg.gptq.refit_scales, ";norms=", cfg.norms_f16 ? "f16" : "f32",
-                           ";matrices=", at.size()));
+                           ";matrices=", at.size(),
+                           cfg.gptq.cd_passes > 0
+                               ? absl::StrCat(";cd=", cfg.gptq.cd_passes, "/", cfg.gptq.cd_percdamp)
+                               : std::string()));
           auto c = LoadSensitivityCache(sens_path, sc.key);
           if (c.ok() && c->weights.size() == at.size()) {
             sc = *std::move(c);
@@ -624,6 +628,8 @@ absl::StatusOr<QuantizeReport> QuantizeModel(LoadedModel* m, const QuantizeConfi
     m->metadata["quant.gptq.percdamp"] = absl::StrCat(cfg.gptq.percdamp);
     m->metadata["quant.gptq.act_order"] = cfg.gptq.act_order ? "true" : "false";
     m->metadata["quant.gptq.refit_scales"] = cfg.gptq.refit_scales ? "true" : "false";
+    m->metadata["quant.gptq.cd_passes"] = absl::StrCat(cfg.gptq.cd_passes);
+    if (cfg.gptq.cd_passes > 0) m->metadata["quant.gptq.cd_percdamp"] = absl::StrCat(cfg.gptq.cd_percdamp);
     m->metadata["quant.gptq.block_size"] = absl::StrCat(cfg.gptq.block_size);
   }
   return report;

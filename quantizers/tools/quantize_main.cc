@@ -63,7 +63,8 @@ class Progress {
 int main(int argc, char** argv) {
   CLI::App app{"nibble-quantize: quantize a model into a nibble file"};
   std::string src, tokenizer_path, out, format_name, embed_name = "int8_g32", method = "rtn", calib, report_path;
-  int calib_tokens = 8192, calib_ctx = 256, threads = 0;
+  int calib_tokens = 8192, calib_ctx = 256, threads = 0, cd_passes = 0;
+  double cd_percdamp = 0.5;
   double percdamp = 0.01, outliers = 0.0;
   std::string outlier_type = "f16", saliency = "auto";
   bool act_order = false, refit_scales = false, list = false;
@@ -123,6 +124,15 @@ int main(int argc, char** argv) {
   app.add_flag("--refit-scales", refit_scales,
                "gptq: after each row's sweep, refit its group scales (and minima) jointly by least squares on the "
                "output error with the chosen codes fixed (kept where it lowers that error)");
+  app.add_option("--cd-passes", cd_passes,
+                 "gptq/boa: after each row's sweep, passes of greedy coordinate descent on the chosen codes "
+                 "(group parameters fixed), each kept only where it lowers the output error; 0 = off")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 100));
+  app.add_option("--cd-percdamp", cd_percdamp,
+                 "gptq: the coordinate descent's ridge toward the original weights, as a fraction of mean diag(H)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 10.0));
   app.add_option("--outliers", outliers,
                  "fraction of each linear layer's weights kept in a sparse side-car (e.g. 0.01; 0 = none)")
       ->capture_default_str();
@@ -292,6 +302,8 @@ int main(int argc, char** argv) {
   cfg.gptq.percdamp = percdamp;
   cfg.gptq.act_order = act_order;
   cfg.gptq.refit_scales = refit_scales;
+  cfg.gptq.cd_passes = cd_passes;
+  cfg.gptq.cd_percdamp = cd_percdamp;
   cfg.norms_f16 = norm_format == "f16";
   cfg.n_threads = threads;
   if (!(outliers >= 0.0 && outliers < 1.0))
