@@ -36,9 +36,11 @@ LLAMA_RESULTS = os.path.join(q.ROOT, "bench", "results", "llamacpp_heldout.json"
 # (model, nibble rows as in quality.CONFIGS, llama.cpp types): the budget wins that involved a choice.
 CHECKS = [
     ("stories260K", [("gptq-hg-c32k", "bpw4.98", "auto"), ("gptq-hg", "bpw4.98", "auto"),
-                     ("gptq-hg-rf-n16-c32k", "bpw4.5", "auto"), ("gptq-hg-ao-rf-n16-b16-c32k", "bpw4.5", "auto")],
+                     ("gptq-hg-rf-n16-c32k", "bpw4.5", "auto"), ("gptq-hg-ao-rf-n16-b16-c32k", "bpw4.5", "auto"),
+                     ("gptq-hg-ao-rf-cd-n16-b16-c32k", "bpw4.5", "auto")],
      ["IQ2_M+uimat", "Q3_K_M"]),
-    ("smollm2", [("gptq-seq-rot-hg-c32k", "bpw2.5", "auto-low")], ["IQ2_XXS+uimat"]),
+    ("smollm2", [("gptq-seq-rot-hg-c32k", "bpw2.5", "auto-low"), ("gptq-seq-rot-hg-cd-c32k", "bpw2.5", "auto-low")],
+     ["IQ2_XXS+uimat"]),
 ]
 
 

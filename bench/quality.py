@@ -163,6 +163,8 @@ CONFIGS = (
     + [("stories260K", m, f, E4) for m in ("gptq-cd", "gptq-rf-cd") for f in ("int4_g32", "int3_g64", "int2_g64")]
     + [("smollm2", m, "int2_g64", E8) for m in ("gptq-cd", "gptq-rf-cd")]
     + [("smollm2", m, "int3_g64", E8) for m in ("gptq-cd",)]
+    + [("stories260K", "gptq-hg-ao-rf-cd-n16-b16-c32k", f"bpw{b}", "auto") for b in ("4.98", "4.5", "4.0", "3.5", "2.5")]
+    + [("smollm2", "gptq-seq-rot-hg-cd-c32k", f"bpw{b}", "auto-low") for b in ("2.5", "2.0")]
 )
 
 
@@ -369,10 +371,10 @@ def run_config(name, method, fmt, embed, args, doc, logits):
     if "rf" in parts:
         # GPTQ's group scales refit by least squares on the output error after each row's sweep.
         fargs.append("--refit-scales")
-    if "cd" in parts:
-        # GPTQ's codes refined by greedy coordinate descent on the output error after each row's sweep
-        # (alternating with the scale refit when -rf is also given).
-        fargs += ["--cd-passes", "4"]
+    # GPTQ's codes refined by greedy coordinate descent on the output error after each row's sweep
+    # (alternating with the scale refit when -rf is also given): "-cd"; explicit either way, so rows keep
+    # their meaning whatever nibble-quantize's default is.
+    fargs += ["--cd-passes", "4" if "cd" in parts else "0"]
     if "n16" in parts:
         # Norm weights stored as fp16 (16 bits each in the budget).
         fargs += ["--norm-format", "f16"]

@@ -63,7 +63,7 @@ struct GptqOptions {
   // (w - v)^T A (w - v), g = A (w - v), and keep it only if that error drops;
   // A = H + cd_percdamp * mean(diag H) * I (undamped H plus a ridge toward the
   // original weights). Stops early when a pass changes nothing. Rows with a
-  // side-car are left as swept. 0: off.
+  // side-car are left as swept. 0: off (nibble-quantize's --cd-passes defaults to 4).
   int cd_passes = 0;
   double cd_percdamp = 0.5;
   int n_threads = 0;       // <= 0: all cores

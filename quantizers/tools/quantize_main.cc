@@ -63,7 +63,7 @@ class Progress {
 int main(int argc, char** argv) {
   CLI::App app{"nibble-quantize: quantize a model into a nibble file"};
   std::string src, tokenizer_path, out, format_name, embed_name = "int8_g32", method = "rtn", calib, report_path;
-  int calib_tokens = 8192, calib_ctx = 256, threads = 0, cd_passes = 0;
+  int calib_tokens = 8192, calib_ctx = 256, threads = 0, cd_passes = 4;
   double cd_percdamp = 0.5;
   double percdamp = 0.01, outliers = 0.0;
   std::string outlier_type = "f16", saliency = "auto";
@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
                "output error with the chosen codes fixed (kept where it lowers that error)");
   app.add_option("--cd-passes", cd_passes,
                  "gptq/boa: after each row's sweep, passes of greedy coordinate descent on the chosen codes "
-                 "(group parameters fixed), each kept only where it lowers the output error; 0 = off")
+                 "(group parameters fixed), each move kept only where it lowers the output error; 0 = off (plain GPTQ)")
       ->capture_default_str()
       ->check(CLI::Range(0, 100));
   app.add_option("--cd-percdamp", cd_percdamp,
