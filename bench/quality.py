@@ -164,7 +164,8 @@ CONFIGS = (
     + [("smollm2", m, "int2_g64", E8) for m in ("gptq-cd", "gptq-rf-cd")]
     + [("smollm2", m, "int3_g64", E8) for m in ("gptq-cd",)]
     + [("stories260K", "gptq-hg-ao-rf-cd-n16-b16-c32k", f"bpw{b}", "auto") for b in ("4.98", "4.5", "4.0", "3.5", "2.5")]
-    + [("smollm2", "gptq-seq-rot-hg-cd-c32k", f"bpw{b}", "auto-low") for b in ("2.5", "2.0")]
+    + [("smollm2", "gptq-seq-rot-hg-cd-c32k", f"bpw{b}", "auto-low") for b in ("2.5", "2.0", "3.0", "3.5")]
+    + [("smollm2", "gptq-cd", "int4_g64", E4)]
 )
 
 
