@@ -131,8 +131,8 @@ NOTES = [
     "~3 ms decode step that ran serially at 2 threads. nl4_g32 (non-uniform 4-bit, an fp16 scale per 32 codes: "
     "exactly Q4_0's bytes, lower weight error than int4_g32_sym) decodes through a byte-shuffle lookup into the "
     "int8 path, at about int4 speed.",
-    "Bandwidth misses, profiled on the AMD EPYC: at 1 thread int4_g32, int8 and int4_g64_sym reach the "
-    "70% target in this run (int4_g64_sym at 60-79% across runs), int2_g64 59-61%: int2 streams fewer "
+    "Bandwidth misses, profiled on the AMD EPYC: at 1 thread int4_g32, nl4_g32, int8, fp32 and f16 reach the "
+    "70% target in most runs (int4_g32 77-96% across runs; int4_g64_sym 60-79%), int2_g64 53-61%: int2 streams fewer "
     "bytes per weight while the per-weight work is the same, so its decode tile is compute-bound (~18 GB/s "
     "in cache; 2 rows x 64 weights take ~18 vector instructions: unpack, header convert and scale, two "
     "permutes, two dot products, two converts, three fmas, at half rate for zmm on this core). Closing it "
