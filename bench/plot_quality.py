@@ -457,7 +457,7 @@ def write(nib, lla, md_path, png_path):
               "documents than the evaluated ones) it helps, while on SmolLM2 (calibrated on tinystories, evaluated on",
               "wikitext-2) int2_g64 got worse (742.6 -> 826.9; with the 1 %-damped Hessian in the refit, 820.3, not",
               "kept). So it stays opt-in.", ""] + fv
-    cv, cw, cl = pairs_vs(rows, [("gptq-cd", "gptq"), ("gptq-rf-cd", "gptq-rf"),
+    cv, cw, cl = pairs_vs(rows, [("gptq-cd", "gptq"), ("gptq-rf-cd", "gptq-rf"), ("boa-cd", "boa"),
                                  ("gptq-seq-rot-hg-cd-c32k", "gptq-seq-rot-hg-c32k"),
                                  ("gptq-hg-ao-rf-cd-n16-b16-c32k", "gptq-hg-ao-rf-n16-b16-c32k")])
     if cw + cl:

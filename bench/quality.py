@@ -166,6 +166,8 @@ CONFIGS = (
     + [("stories260K", "gptq-hg-ao-rf-cd-n16-b16-c32k", f"bpw{b}", "auto") for b in ("4.98", "4.5", "4.0", "3.5", "2.5")]
     + [("smollm2", "gptq-seq-rot-hg-cd-c32k", f"bpw{b}", "auto-low") for b in ("2.5", "2.0", "3.0", "3.5")]
     + [("smollm2", "gptq-cd", "int4_g64", E4)]
+    + [("stories260K", "boa-cd", f, E4) for f in ("int4_g32", "int3_g64", "int2_g64")]
+    + [("smollm2", "gptq-cd", f"bpw{b}", "auto") for b in ("4.5", "4.98")]
 )
 
 
