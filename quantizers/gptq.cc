@@ -33,7 +33,7 @@ struct Scratch {
   std::vector<uint8_t> free;
   std::vector<float> nv;
   std::vector<fmt::GroupParams> np;
-  // CdRow's buffers.
+  // CdPass's buffer.
   std::vector<float> cd_g;
 };
 
@@ -141,7 +141,8 @@ struct Sweep {
         for (int round = 0; round < rounds; ++round) {
           const bool moved = opts.cd_passes > 0 && CdPass(r0 + r, q, atq, params, s);
           if (opts.refit_scales) RefitRow(r0 + r, q, atq, params, s);
-          if (!moved && round > 0) break;
+          // Nothing moved: done, unless the first refit changed the levels.
+          if (!moved && (round > 0 || !opts.refit_scales)) break;
         }
       }
     }
